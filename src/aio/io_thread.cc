@@ -1,0 +1,42 @@
+#include "aio/io_thread.h"
+
+#include <pthread.h>
+
+#include "base/fatal.h"
+
+namespace spindle::aio {
+
+IoThread::IoThread(std::string name, Context::PollParams params)
+    : context_(Context::create(std::move(name))) {
+  context_->set_poll_params(params);
+  std::atomic<bool> started{false};
+  thread_ = std::thread([this, &started] { run(started); });
+  started.wait(false, std::memory_order_acquire);
+}
+
+IoThread::~IoThread() { stop(); }
+
+void IoThread::run(std::atomic<bool>& started) {
+  const std::string thread_name = context_->name().substr(0, 15);
+  pthread_setname_np(pthread_self(), thread_name.c_str());
+  thread_id_ = std::this_thread::get_id();
+  detail::CurrentContextScope bind(context_.get());
+  started.store(true, std::memory_order_release);
+  started.notify_all();
+  while (!stopping_) context_->poll(true);
+  while (context_->poll(false)) {  // finish work queued before the stop callback ran
+  }
+}
+
+void IoThread::stop() {
+  if (std::this_thread::get_id() == thread_id_) {
+    stopping_ = true;  // called from inside the loop: it ends after this iteration
+    return;
+  }
+  if (joined_) return;
+  context_->run_soon([this] { stopping_ = true; });
+  thread_.join();
+  joined_ = true;
+}
+
+}  // namespace spindle::aio

@@ -1,0 +1,47 @@
+// IoThread: a thread that owns a Context and polls it until stopped.
+//
+// Thread-safety: construct, stop() and destroy from any thread other than the IoThread itself
+// (stop() from inside the loop is allowed too: it ends the loop after the current iteration
+// without joining). context() may be used from any thread. Stopping is a callback run inside the
+// loop (never a flag poked from outside: reference/qemu-aio.md §5.6), so it cannot race with
+// the loop going to sleep. `stopping_` is touched only by the IoThread's own thread.
+#pragma once
+
+#include <atomic>
+#include <string>
+#include <thread>
+
+#include "aio/context.h"
+
+namespace spindle::aio {
+
+class IoThread {
+ public:
+  // QEMU's IOThread default: busy-poll up to 32 us before sleeping.
+  static constexpr Context::PollParams kDefaultPollParams{32768, 0, 0};
+
+  // Starts the thread and returns once its Context is being polled.
+  explicit IoThread(std::string name = "iothread", Context::PollParams params = kDefaultPollParams);
+  ~IoThread();  // stop() + join
+  IoThread(const IoThread&) = delete;
+  IoThread& operator=(const IoThread&) = delete;
+
+  Context& context() const noexcept { return *context_; }
+  ContextRef context_ref() const noexcept { return context_; }
+  std::thread::id thread_id() const noexcept { return thread_id_; }
+
+  // Ends the loop: work already queued is still run, then the thread exits and is joined.
+  // Idempotent.
+  void stop();
+
+ private:
+  void run(std::atomic<bool>& started);
+
+  ContextRef context_;
+  std::thread thread_;
+  std::thread::id thread_id_;
+  bool stopping_ = false;
+  bool joined_ = false;
+};
+
+}  // namespace spindle::aio
