@@ -61,7 +61,11 @@ Context* current_context() noexcept {
 }
 
 Context& main_context() noexcept {
-  static Context* const main = new Context("main");  // never destroyed: other statics use it
+  static Context* const main = [] {
+    auto* context = new Context("main");  // never destroyed: other statics may still use it
+    context->dedicated_thread_.store(true, std::memory_order_release);
+    return context;
+  }();
   return *main;
 }
 
@@ -122,6 +126,10 @@ void Context::notify() noexcept {
   if (queue_.armed() && queue_.try_disarm()) kick();
 }
 
+void Context::reevaluate() noexcept {
+  if (queue_.armed() && queue_.try_disarm()) kick();
+}
+
 void Context::post(WorkItem* item) noexcept {
   if (is_current()) {
     local_.push_back(item);
@@ -136,7 +144,7 @@ void Context::set_poll_params(PollParams params) noexcept {
   poll_max_ns_.store(std::max<std::int64_t>(params.max_ns, 0), std::memory_order_relaxed);
   poll_grow_.store(std::max<std::int64_t>(params.grow, 0), std::memory_order_relaxed);
   poll_shrink_.store(std::max<std::int64_t>(params.shrink, 0), std::memory_order_relaxed);
-  notify();
+  reevaluate();
 }
 
 Context::PollParams Context::poll_params() const noexcept {
@@ -161,7 +169,6 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
       ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
       fd_handler_count_.fetch_sub(1, std::memory_order_relaxed);
     }
-    notify();
     return;
   }
   auto* handler = new FdHandler{fd, std::move(on_readable), std::move(on_writable)};
@@ -174,8 +181,8 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
     base::fatal("context '{}': epoll_ctl(fd {}): {}", name_, fd, std::strerror(errno));
   }
   handlers_.emplace(fd, handler);
+  // No kick needed: epoll_wait() sees interest-list changes made while it sleeps.
   if (!old) fd_handler_count_.fetch_add(1, std::memory_order_relaxed);
-  notify();
 }
 
 void Context::free_deleted_handlers() noexcept {
@@ -267,7 +274,7 @@ void Timer::arm_at(std::int64_t deadline_ns) noexcept {
                                                                 std::memory_order_release);
   }
   // A sleeping poll() computed its timeout from the old earliest deadline: make it recompute.
-  if (became_earliest && !context_.is_current()) context_.notify();
+  if (became_earliest && !context_.is_current()) context_.reevaluate();
 }
 
 void Timer::cancel() noexcept {

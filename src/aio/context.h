@@ -93,6 +93,11 @@ class Context {
   const std::string& name() const noexcept { return name_; }
   // True in the home thread (inside its poll(), in its IoThread, or main thread for main).
   bool is_current() const noexcept;
+  // True if a dedicated thread polls this context (an IoThread's, or the main thread for
+  // main_context()); false for a private context driven by whoever calls poll().
+  bool has_dedicated_thread() const noexcept {
+    return dedicated_thread_.load(std::memory_order_acquire);
+  }
 
   void ref() noexcept { refcount_.fetch_add(1, std::memory_order_relaxed); }
   void unref() noexcept;
@@ -100,6 +105,7 @@ class Context {
  private:
   friend class BottomHalf;
   friend class Timer;
+  friend class IoThread;
   friend Context& main_context() noexcept;
   struct FdHandler;
   template <typename Fn>
@@ -118,6 +124,9 @@ class Context {
   bool run_timers() noexcept;
   void adapt_poll_window(std::int64_t blocked_ns) noexcept;
   void kick() noexcept;
+  // Wakes a sleeping poll() so it re-reads its inputs (timer deadlines, poll parameters)
+  // without that counting as a notify(): it goes back to sleep if nothing is due.
+  void reevaluate() noexcept;
   void free_deleted_handlers() noexcept;
 
   void register_bottom_half(BottomHalf* bh);
@@ -134,7 +143,8 @@ class Context {
 
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
-  std::atomic<const void*> poller_{nullptr};  // thread currently inside poll(), for misuse checks
+  std::atomic<const void*> poller_{nullptr};
+  std::atomic<bool> dedicated_thread_{false};  // thread currently inside poll(), for misuse checks
   int poll_depth_ = 0;
 
   std::atomic<std::int64_t> poll_max_ns_{0};

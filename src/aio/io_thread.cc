@@ -9,6 +9,7 @@ namespace spindle::aio {
 IoThread::IoThread(std::string name, Context::PollParams params)
     : context_(Context::create(std::move(name))) {
   context_->set_poll_params(params);
+  context_->dedicated_thread_.store(true, std::memory_order_release);
   std::atomic<bool> started{false};
   thread_ = std::thread([this, &started] { run(started); });
   started.wait(false, std::memory_order_acquire);
@@ -37,6 +38,11 @@ void IoThread::stop() {
   context_->run_soon([this] { stopping_ = true; });
   thread_.join();
   joined_ = true;
+  context_->dedicated_thread_.store(false, std::memory_order_release);
+  // If the loop had already ended itself, our stop callback (and anything else posted since)
+  // is still queued: run it here rather than leak it.
+  while (context_->poll(false)) {
+  }
 }
 
 }  // namespace spindle::aio

@@ -31,7 +31,7 @@ class IoThread {
   std::thread::id thread_id() const noexcept { return thread_id_; }
 
   // Ends the loop: work already queued is still run, then the thread exits and is joined.
-  // Idempotent.
+  // Work posted after the loop ended runs in the joining thread. Idempotent.
   void stop();
 
  private:

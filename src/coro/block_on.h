@@ -2,11 +2,13 @@
 // result — the blocking wrapper that synchronous callers (tools, tests, main()) use.
 //
 // Thread-safety: call it from a thread that is not running a coroutine. If `context` is the
-// calling thread's current context, block_on polls it until the task is done (other work on it
-// keeps running meanwhile). Otherwise `context` must be polled by another thread (an IoThread):
-// the task runs there and the caller sleeps on a condition variable until it finishes.
+// calling thread's current context, or a private context with no dedicated thread, block_on
+// polls it until the task is done (other work on it keeps running meanwhile). If another thread
+// polls it (an IoThread, or the main thread for main_context()), the task runs there and the
+// caller sleeps on a condition variable until it finishes.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 
@@ -19,20 +21,26 @@ namespace spindle::coro {
 
 namespace detail {
 struct BlockOnWaiter {
-  bool done = false;
-  bool other_thread = false;
+  aio::Context* context = nullptr;
+  bool other_thread = false;  // the caller sleeps on `finished` instead of polling `context`
+  std::atomic<bool> done{false};
   std::mutex mutex;
   std::condition_variable finished;
 
   static void on_finish(void* argument) noexcept {
     auto* waiter = static_cast<BlockOnWaiter*>(argument);
-    if (!waiter->other_thread) {
-      waiter->done = true;
+    if (waiter->other_thread) {
+      std::lock_guard lock(waiter->mutex);  // notify under the lock: the waiter may free us next
+      waiter->done.store(true, std::memory_order_release);
+      waiter->finished.notify_one();
       return;
     }
-    std::lock_guard lock(waiter->mutex);  // notify under the lock: the waiter may free us next
-    waiter->done = true;
-    waiter->finished.notify_one();
+    // The caller polls `context`. The task may have finished elsewhere (it moved to another
+    // context), in which case the caller may be asleep in poll() and needs a notify().
+    aio::Context* context = waiter->context;
+    const bool wake_caller = !context->is_current();
+    waiter->done.store(true, std::memory_order_release);  // `waiter` may be gone after this
+    if (wake_caller) context->notify();
   }
 };
 }  // namespace detail
@@ -41,15 +49,16 @@ template <typename T>
 T block_on(aio::Context& context, Task<T> task) {
   if (in_coroutine()) base::fatal("block_on() called from a coroutine: co_await the task instead");
   detail::BlockOnWaiter waiter;
-  waiter.other_thread = !context.is_current();
+  waiter.context = &context;
+  waiter.other_thread = !context.is_current() && context.has_dedicated_thread();
   auto& promise = task.handle().promise();
   promise.set_finish_hook(&detail::BlockOnWaiter::on_finish, &waiter);
   schedule(context, &promise, "block_on");
   if (waiter.other_thread) {
     std::unique_lock lock(waiter.mutex);
-    waiter.finished.wait(lock, [&] { return waiter.done; });
+    waiter.finished.wait(lock, [&] { return waiter.done.load(std::memory_order_acquire); });
   } else {
-    while (!waiter.done) context.poll(true);
+    while (!waiter.done.load(std::memory_order_acquire)) context.poll(true);
   }
   return promise.take_result();  // `task` frees the frame when it goes out of scope
 }

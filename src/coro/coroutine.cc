@@ -128,8 +128,8 @@ void schedule(aio::Context& context, Coroutine* co, const char* who) noexcept {
 void wake(Coroutine* co, const char* who) noexcept {
   aio::Context* home = co->home();
   if (home == nullptr) {
-    base::fatal("{}: coroutine {} has never run, so it has no home context (start it with "
-                "spawn(), schedule() or enter())",
+    base::fatal("{}: coroutine {} has no home context (it was created on a thread without "
+                "one; start it with spawn(), schedule() or enter())",
                 who, static_cast<void*>(co));
   }
   if (home->is_current()) {
@@ -149,6 +149,7 @@ Coroutine* create(Task<void>&& task) noexcept {
   auto frame = task.release();
   Coroutine* co = &frame.promise();
   co->detached_ = true;
+  co->home_.store(aio::current_context(), std::memory_order_relaxed);
   return co;
 }
 

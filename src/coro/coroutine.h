@@ -95,7 +95,8 @@ bool in_coroutine() noexcept;
 // await_suspend before publishing the coroutine to anyone, then touch nothing of the frame.
 Coroutine* park(std::coroutine_handle<> leaf) noexcept;
 
-// Turns `task` into a detached root (freed when it finishes) that has not started yet.
+// Turns `task` into a detached root (freed when it finishes) that has not started yet. Its home
+// is the creating thread's current context until it first runs.
 Coroutine* create(Task<void>&& task) noexcept;
 // create() + schedule(context, ...): the task starts during a later poll of `context`.
 Coroutine* spawn(aio::Context& context, Task<void>&& task) noexcept;

@@ -1,0 +1,608 @@
+// Spindle runtime micro-benchmarks, each paired with standalone Asio 1.22 doing the same work in
+// the same binary (same compiler, flags and machine state).
+//
+// Rows; the summary's ns/op is wall time per the operation in brackets:
+//  1. coroutine lifecycle [one coroutine]: create, run and finish an empty coroutine.
+//       Spindle: enter(create(empty_task())).   Asio: co_spawn() + io_context::poll().
+//  2. yield round trip [one suspend + resume], single thread:
+//       Spindle/yield/resume_suspend: a root loops on co_await suspend() and the benchmark loop
+//         enter()s it (QEMU's /perf/yield).
+//       Spindle/yield/via_loop: co_await yield() on a private Context; the loop calls poll(false).
+//       Asio/yield/post_run_one: co_await post(executor, use_awaitable); the loop calls run_one().
+//  3. await chain [one whole chain]: recursive Task<int> / awaitable<int> depth(1000) started and
+//     run to completion; the console also shows ns_per_await.
+//  4. posted callback [one schedule + run]: Spindle BottomHalf::schedule() + poll(false) and
+//     run_soon() + poll(false); Asio post() + poll(). Posted from outside the loop's own run.
+//  5. timer [one arm + cancel] of a 1 s one-shot timer; Asio must also run the aborted handler.
+//  6. cross-thread ping-pong [one round trip]: a coroutine hops to a second event-loop thread and
+//     back, both threads busy-polling ("target_polls") or sleeping in the kernel
+//     ("target_asleep").
+//  7. fan-in [one item]: 2 producer threads post 20000 callbacks each to one event-loop thread.
+//
+// Run:   build-bench/bench/spindle-runtime-bench                     (about 20 s on 2 cores)
+//        ... --benchmark_min_time=0.05                               quicker, noisier
+//        ... --benchmark_filter=pingpong                             a subset
+// Google Benchmark flags pass through. Without --benchmark_min_time (or BENCHMARK_MIN_TIME in
+// the environment) every row runs for at least 0.2 s. At the end a summary table pairs each
+// Spindle row with its Asio row and checks the goals. Every benchmark verifies that it did the
+// work it claims; the exit status is 1 if one of those checks failed.
+#include <benchmark/benchmark.h>
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <future>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "aio/bottom_half.h"
+#include "aio/context.h"
+#include "aio/io_thread.h"
+#include "aio/timer.h"
+#include "coro/block_on.h"
+#include "coro/coroutine.h"
+#include "coro/task.h"
+
+// Asio 1.22 enables co_await for clang only with <experimental/coroutine> (libc++); with
+// libstdc++ clang has the standard <coroutine>, which Asio then uses (ASIO_HAS_STD_COROUTINE).
+#if defined(__clang__) && !defined(ASIO_HAS_CO_AWAIT)
+#define ASIO_HAS_CO_AWAIT 1
+#endif
+#include <asio.hpp>
+
+namespace {
+
+namespace aio = spindle::aio;
+namespace coro = spindle::coro;
+using namespace std::chrono_literals;
+using SteadyClock = std::chrono::steady_clock;
+
+constexpr int kChainDepth = 1000;
+constexpr int kRoundTripsWhenPolling = 1000;
+constexpr int kRoundTripsWhenAsleep = 200;
+constexpr int kProducers = 2;
+constexpr int kItemsPerProducer = 20000;
+
+// ---- helpers ------------------------------------------------------------------------------
+
+// Adds a console counter `name` = wall ns per operation, for rows that batch many operations
+// into one benchmark iteration (the summary computes the same figure from the reported time).
+void set_ns_per_operation(benchmark::State& state, SteadyClock::time_point loop_start,
+                          double operations_per_iteration, const char* name) {
+  const double elapsed_ns =
+      std::chrono::duration<double, std::nano>(SteadyClock::now() - loop_start).count();
+  state.counters[name] =
+      elapsed_ns / (static_cast<double>(state.iterations()) * operations_per_iteration);
+}
+
+void check(benchmark::State& state, bool ok, const char* what) {
+  if (!ok) state.SkipWithError(what);
+}
+
+// Threads a ping-pong coroutine ran on, recorded once per benchmark to prove each hop really
+// changed thread (null during the timed runs).
+using HopLog = std::vector<std::thread::id>;
+void log_hop(HopLog* log) {
+  if (log) log->push_back(std::this_thread::get_id());
+}
+bool hops_alternate(const HopLog& log, std::thread::id home, std::thread::id peer) {
+  return log == HopLog{home, peer, home, peer, home};
+}
+
+// An Asio event-loop thread, the counterpart of aio::IoThread. Busy-polling runs
+// `while (!stop) io.poll();`; sleeping runs io.run(), which blocks when idle. A work guard keeps
+// the io_context from stopping when it runs out of handlers.
+class AsioThread {
+ public:
+  enum class Mode { busy_poll, sleep };
+
+  explicit AsioThread(Mode mode)
+      : work_guard_(asio::make_work_guard(io_)), thread_([this, mode] { run(mode); }) {}
+  ~AsioThread() {
+    stop_.store(true, std::memory_order_release);
+    work_guard_.reset();
+    thread_.join();
+  }
+  AsioThread(const AsioThread&) = delete;
+  AsioThread& operator=(const AsioThread&) = delete;
+
+  asio::io_context& io() noexcept { return io_; }
+  std::thread::id thread_id() const noexcept { return thread_.get_id(); }
+
+ private:
+  void run(Mode mode) {
+    if (mode == Mode::busy_poll) {
+      while (!stop_.load(std::memory_order_acquire)) io_.poll();
+    }
+    io_.run();  // drains what is left; returns once the guard is gone and no work remains
+  }
+
+  asio::io_context io_;
+  asio::executor_work_guard<asio::io_context::executor_type> work_guard_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// ---- 1. coroutine lifecycle ---------------------------------------------------------------
+
+coro::Task<void> empty_task() { co_return; }
+
+void spindle_coroutine_lifecycle(benchmark::State& state) {
+  // The benchmark thread is the main thread, whose current context is main_context().
+  for (auto _ : state) coro::enter(coro::create(empty_task()));
+}
+
+asio::awaitable<void> asio_empty_task() { co_return; }
+
+// The cheapest honest Asio equivalent: co_spawn() runs the entry point until it dispatches the
+// body to the io_context, and poll() runs the body and the completion handler. A concurrency
+// hint of 1 is Asio's single-thread fast path; the work guard saves a restart() per iteration.
+void asio_coroutine_lifecycle(benchmark::State& state) {
+  asio::io_context io(1);
+  auto work_guard = asio::make_work_guard(io);
+  std::int64_t finished = 0;
+  for (auto _ : state) {
+    asio::co_spawn(io, asio_empty_task(), [&finished](std::exception_ptr) { ++finished; });
+    io.poll();
+  }
+  check(state, finished == state.iterations(), "not every coroutine finished within its poll()");
+}
+
+// ---- 2. yield round trip ------------------------------------------------------------------
+
+coro::Task<void> suspend_loop(const bool& stop, std::int64_t& resumes) {
+  for (;;) {
+    co_await coro::suspend();
+    if (stop) co_return;
+    ++resumes;
+  }
+}
+
+void spindle_yield_resume_suspend(benchmark::State& state) {
+  bool stop = false;
+  std::int64_t resumes = 0;
+  coro::Coroutine* co = coro::create(suspend_loop(stop, resumes));
+  coro::enter(co);  // runs to the first suspend
+  for (auto _ : state) coro::enter(co);
+  stop = true;
+  coro::enter(co);  // finishes and frees the detached root
+  check(state, resumes == state.iterations(), "resume count mismatch");
+}
+
+coro::Task<void> yield_loop(const bool& stop, std::int64_t& yields) {
+  while (!stop) {
+    co_await coro::yield();
+    ++yields;
+  }
+}
+
+void spindle_yield_via_loop(benchmark::State& state) {
+  aio::ContextRef context = aio::Context::create("bench-yield");
+  bool stop = false;
+  std::int64_t yields = 0;
+  coro::spawn(*context, yield_loop(stop, yields));
+  context->poll(false);  // starts it; it yields once
+  for (auto _ : state) context->poll(false);
+  stop = true;
+  while (context->poll(false)) {  // the last resume sees `stop` and finishes
+  }
+  check(state, yields == state.iterations() + 1, "one poll(false) must run exactly one yield");
+}
+
+asio::awaitable<void> asio_post_loop(const bool& stop, std::int64_t& posts) {
+  auto executor = co_await asio::this_coro::executor;
+  while (!stop) {
+    co_await asio::post(executor, asio::use_awaitable);
+    ++posts;
+  }
+}
+
+void asio_yield_post_run_one(benchmark::State& state) {
+  asio::io_context io(1);
+  auto work_guard = asio::make_work_guard(io);
+  bool stop = false;
+  bool finished = false;
+  std::int64_t posts = 0;
+  asio::co_spawn(io, asio_post_loop(stop, posts), [&finished](std::exception_ptr) {
+    finished = true;
+  });
+  while (posts == 0) io.run_one();  // past co_spawn's own dispatch, into the loop
+  const std::int64_t posts_before = posts;
+  for (auto _ : state) io.run_one();
+  const std::int64_t posts_timed = posts - posts_before;
+  stop = true;
+  while (!finished) io.run_one();
+  check(state, posts_timed == state.iterations(), "one run_one() must run exactly one post");
+}
+
+// ---- 3. chain of nested awaits ------------------------------------------------------------
+
+coro::Task<int> spindle_depth(int n) {
+  if (n == 0) co_return 0;
+  co_return co_await spindle_depth(n - 1) + 1;
+}
+
+void spindle_await_chain(benchmark::State& state) {
+  int result = 0;
+  const auto loop_start = SteadyClock::now();
+  // block_on() on the main thread's own context (main_context()) polls it until done.
+  for (auto _ : state) result = coro::block_on(spindle_depth(kChainDepth));
+  set_ns_per_operation(state, loop_start, kChainDepth, "ns_per_await");
+  check(state, result == kChainDepth, "wrong chain result");
+}
+
+asio::awaitable<int> asio_depth(int n) {
+  if (n == 0) co_return 0;
+  co_return co_await asio_depth(n - 1) + 1;
+}
+
+void asio_await_chain(benchmark::State& state) {
+  asio::io_context io(1);
+  auto work_guard = asio::make_work_guard(io);
+  int result = 0;
+  std::int64_t finished = 0;
+  const auto loop_start = SteadyClock::now();
+  for (auto _ : state) {
+    asio::co_spawn(io, asio_depth(kChainDepth), [&](std::exception_ptr, int value) {
+      result = value;
+      ++finished;
+    });
+    io.poll();
+  }
+  set_ns_per_operation(state, loop_start, kChainDepth, "ns_per_await");
+  check(state, finished == state.iterations() && result == kChainDepth, "chain did not finish");
+}
+
+// ---- 4. posted callback (bottom half) -----------------------------------------------------
+
+void spindle_bh_schedule_poll(benchmark::State& state) {
+  aio::ContextRef context = aio::Context::create("bench-bh");
+  std::int64_t runs = 0;
+  aio::BottomHalf* bh = aio::BottomHalf::create(*context, [&runs] { ++runs; }, "bench-bh");
+  for (auto _ : state) {
+    bh->schedule();
+    context->poll(false);
+  }
+  bh->destroy();
+  check(state, runs == state.iterations(), "bottom half run count mismatch");
+}
+
+void spindle_bh_run_soon_poll(benchmark::State& state) {
+  aio::ContextRef context = aio::Context::create("bench-run-soon");
+  std::int64_t runs = 0;
+  for (auto _ : state) {
+    context->run_soon([&runs] { ++runs; });
+    context->poll(false);
+  }
+  check(state, runs == state.iterations(), "run_soon run count mismatch");
+}
+
+void asio_bh_post_poll(benchmark::State& state) {
+  asio::io_context io(1);
+  auto work_guard = asio::make_work_guard(io);  // else poll() stops io and needs restart()
+  std::int64_t runs = 0;
+  for (auto _ : state) {
+    asio::post(io, [&runs] { ++runs; });
+    io.poll();
+  }
+  check(state, runs == state.iterations(), "post run count mismatch");
+}
+
+// ---- 5. timer arm + cancel ----------------------------------------------------------------
+
+void spindle_timer_arm_cancel(benchmark::State& state) {
+  // main_context() is the benchmark thread's own context: arming from the home thread, the
+  // common case (a coroutine arming its own timeout), skips the cross-thread notify().
+  std::int64_t fired = 0;
+  aio::Timer timer(aio::main_context(), aio::Clock::monotonic, [&fired] { ++fired; });
+  for (auto _ : state) {
+    timer.arm_in(1s);
+    timer.cancel();
+  }
+  check(state, fired == 0 && !timer.armed(), "timer fired or stayed armed");
+}
+
+void asio_timer_arm_cancel(benchmark::State& state) {
+  asio::io_context io(1);
+  auto work_guard = asio::make_work_guard(io);
+  asio::steady_timer timer(io);
+  std::int64_t aborted = 0;
+  for (auto _ : state) {
+    timer.expires_after(1s);
+    timer.async_wait([&aborted](const std::error_code& error) {
+      if (error == asio::error::operation_aborted) ++aborted;
+    });
+    timer.cancel();
+    // Unlike Spindle's cancel(), Asio's owes the waiter a completion: the aborted handler must
+    // run (and be paid for) before the timer is idle again.
+    io.poll();
+  }
+  check(state, aborted == state.iterations(), "aborted handler count mismatch");
+}
+
+// ---- 6. cross-thread ping-pong ------------------------------------------------------------
+
+coro::Task<void> spindle_pingpong(aio::Context& home, aio::Context& peer, int round_trips,
+                                  HopLog* log) {
+  log_hop(log);
+  for (int i = 0; i < round_trips; ++i) {
+    co_await coro::switch_to(peer);
+    log_hop(log);
+    co_await coro::switch_to(home);
+    log_hop(log);
+  }
+}
+
+void spindle_pingpong_bench(benchmark::State& state, aio::Context::PollParams poll_params,
+                            int round_trips) {
+  aio::IoThread home("bench-ping", poll_params);
+  aio::IoThread peer("bench-pong", poll_params);
+  HopLog log;
+  coro::block_on(home.context(), spindle_pingpong(home.context(), peer.context(), 2, &log));
+  if (!hops_alternate(log, home.thread_id(), peer.thread_id())) {
+    state.SkipWithError("switch_to() did not alternate threads");
+    return;
+  }
+  const auto loop_start = SteadyClock::now();
+  for (auto _ : state) {
+    coro::block_on(home.context(),
+                   spindle_pingpong(home.context(), peer.context(), round_trips, nullptr));
+  }
+  set_ns_per_operation(state, loop_start, round_trips, "ns_per_roundtrip");
+}  // ~IoThread stops and joins both threads before their contexts go away
+
+// Asio 1.22 has no switch_to(): binding use_awaitable to another executor makes post() complete
+// there, and the completion resumes the coroutine in the thread that runs it (checked below).
+// post(peer_executor, use_awaitable) would NOT do it: the completion still runs on the
+// coroutine's own executor, so the body never leaves home.
+asio::awaitable<void> asio_pingpong(asio::io_context& home, asio::io_context& peer,
+                                    int round_trips, HopLog* log) {
+  log_hop(log);
+  for (int i = 0; i < round_trips; ++i) {
+    co_await asio::post(asio::bind_executor(peer, asio::use_awaitable));
+    log_hop(log);
+    co_await asio::post(asio::bind_executor(home, asio::use_awaitable));
+    log_hop(log);
+  }
+}
+
+void asio_pingpong_bench(benchmark::State& state, AsioThread::Mode mode, int round_trips) {
+  AsioThread home(mode);
+  AsioThread peer(mode);
+  HopLog log;
+  asio::co_spawn(home.io(), asio_pingpong(home.io(), peer.io(), 2, &log), asio::use_future)
+      .get();
+  if (!hops_alternate(log, home.thread_id(), peer.thread_id())) {
+    state.SkipWithError("Asio hops did not alternate threads");
+    return;
+  }
+  const auto loop_start = SteadyClock::now();
+  for (auto _ : state) {
+    asio::co_spawn(home.io(), asio_pingpong(home.io(), peer.io(), round_trips, nullptr),
+                   asio::use_future)
+        .get();
+  }
+  set_ns_per_operation(state, loop_start, round_trips, "ns_per_roundtrip");
+}
+
+// ---- 7. N->1 cross-thread fan-in ----------------------------------------------------------
+
+// Starts kProducers threads that each call post_one() kItemsPerProducer times, joins them, then
+// waits until the target has run everything (a last item, queued after all others, says so).
+// Thread start-up (tens of us) is timed too: under 1% of an iteration.
+template <typename PostOne, typename PostLast>
+void run_fan_in(PostOne post_one, PostLast post_last) {
+  std::vector<std::thread> producers;
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&post_one] {
+      for (int i = 0; i < kItemsPerProducer; ++i) post_one();
+    });
+  }
+  for (auto& producer : producers) producer.join();
+  std::promise<void> drained;
+  post_last([&drained] { drained.set_value(); });
+  drained.get_future().wait();
+}
+
+constexpr std::int64_t kItemsPerFanIn = std::int64_t{kProducers} * kItemsPerProducer;
+
+void spindle_fan_in(benchmark::State& state) {
+  aio::IoThread target("bench-target");
+  std::int64_t received = 0;  // touched only by the target's thread until it is drained
+  aio::Context& context = target.context();
+  for (auto _ : state) {
+    run_fan_in([&] { context.run_soon([&received] { ++received; }); },
+               [&](auto last) { context.run_soon(std::move(last)); });
+  }
+  state.SetItemsProcessed(state.iterations() * kItemsPerFanIn);
+  check(state, received == state.iterations() * kItemsPerFanIn, "lost items");
+}
+
+void asio_fan_in(benchmark::State& state) {
+  AsioThread target(AsioThread::Mode::sleep);  // io.run(): Asio's usual consumer thread
+  std::int64_t received = 0;
+  asio::io_context& io = target.io();
+  for (auto _ : state) {
+    run_fan_in([&] { asio::post(io, [&received] { ++received; }); },
+               [&](auto last) { asio::post(io, std::move(last)); });
+  }
+  state.SetItemsProcessed(state.iterations() * kItemsPerFanIn);
+  check(state, received == state.iterations() * kItemsPerFanIn, "lost items");
+}
+
+// ---- registration and summary -------------------------------------------------------------
+
+// Operations one iteration of each benchmark performs; the summary reports time per operation.
+std::map<std::string, double, std::less<>>& operations_per_iteration() {
+  static std::map<std::string, double, std::less<>> table;
+  return table;
+}
+
+template <typename Function, typename... Args>
+benchmark::internal::Benchmark* add(const std::string& name, double operations,
+                                    Function function, Args... args) {
+  operations_per_iteration()[name] = operations;
+  return benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& state) {
+    function(state, args...);
+  });
+}
+
+void register_benchmarks() {
+  // Spindle and Asio alternate row by row, so both see similar machine conditions.
+  add("Spindle/coroutine_lifecycle", 1, spindle_coroutine_lifecycle);
+  add("Asio/coroutine_lifecycle", 1, asio_coroutine_lifecycle);
+  add("Spindle/yield/resume_suspend", 1, spindle_yield_resume_suspend);
+  add("Spindle/yield/via_loop", 1, spindle_yield_via_loop);
+  add("Asio/yield/post_run_one", 1, asio_yield_post_run_one);
+  add("Spindle/await_chain_1000", 1, spindle_await_chain);
+  add("Asio/await_chain_1000", 1, asio_await_chain);
+  add("Spindle/bh/schedule_poll", 1, spindle_bh_schedule_poll);
+  add("Spindle/bh/run_soon_poll", 1, spindle_bh_run_soon_poll);
+  add("Asio/bh/post_poll", 1, asio_bh_post_poll);
+  add("Spindle/timer/arm_cancel", 1, spindle_timer_arm_cancel);
+  add("Asio/timer/arm_cancel", 1, asio_timer_arm_cancel);
+
+  // The caller sleeps in block_on()/future::get() while two other threads work: wall time.
+  constexpr aio::Context::PollParams kBusyPoll{1'000'000, 0, 0};
+  constexpr aio::Context::PollParams kNoPoll{0, 0, 0};
+  add("Spindle/pingpong/target_polls", kRoundTripsWhenPolling, spindle_pingpong_bench, kBusyPoll,
+      kRoundTripsWhenPolling)
+      ->UseRealTime();
+  add("Asio/pingpong/target_polls", kRoundTripsWhenPolling, asio_pingpong_bench,
+      AsioThread::Mode::busy_poll, kRoundTripsWhenPolling)
+      ->UseRealTime();
+  add("Spindle/pingpong/target_asleep", kRoundTripsWhenAsleep, spindle_pingpong_bench, kNoPoll,
+      kRoundTripsWhenAsleep)
+      ->UseRealTime();
+  add("Asio/pingpong/target_asleep", kRoundTripsWhenAsleep, asio_pingpong_bench,
+      AsioThread::Mode::sleep, kRoundTripsWhenAsleep)
+      ->UseRealTime();
+  add("Spindle/fan_in/2_producers", kItemsPerFanIn, spindle_fan_in)->UseRealTime();
+  add("Asio/fan_in/2_producers", kItemsPerFanIn, asio_fan_in)->UseRealTime();
+}
+
+struct SummaryRow {
+  const char* label;
+  const char* spindle;
+  const char* asio;
+  std::optional<double> goal_ns;  // absolute goal for the Spindle row, besides "<= Asio"
+};
+
+constexpr SummaryRow kSummaryRows[] = {
+    {"coroutine lifecycle", "Spindle/coroutine_lifecycle", "Asio/coroutine_lifecycle", 60},
+    {"yield: resume+suspend", "Spindle/yield/resume_suspend", "Asio/yield/post_run_one", 10},
+    {"yield: via loop", "Spindle/yield/via_loop", "Asio/yield/post_run_one", {}},
+    {"await chain x1000 (per chain)", "Spindle/await_chain_1000", "Asio/await_chain_1000", {}},
+    {"BH schedule+poll", "Spindle/bh/schedule_poll", "Asio/bh/post_poll", {}},
+    {"run_soon+poll", "Spindle/bh/run_soon_poll", "Asio/bh/post_poll", {}},
+    {"timer arm+cancel", "Spindle/timer/arm_cancel", "Asio/timer/arm_cancel", {}},
+    {"ping-pong, target polls", "Spindle/pingpong/target_polls", "Asio/pingpong/target_polls",
+     1000},
+    {"ping-pong, target asleep", "Spindle/pingpong/target_asleep", "Asio/pingpong/target_asleep",
+     {}},
+    {"fan-in 2->1 (per item)", "Spindle/fan_in/2_producers", "Asio/fan_in/2_producers", {}},
+};
+
+// The usual console output, plus wall time per operation of every benchmark for the summary.
+class SummaryReporter : public benchmark::ConsoleReporter {
+ public:
+  explicit SummaryReporter(OutputOptions options) : ConsoleReporter(options) {}
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs) {
+      if (run.error_occurred) {
+        failed_ = true;
+        continue;
+      }
+      if (run.run_type != Run::RT_Iteration) continue;  // repetitions: accumulate raw runs
+      Totals& totals = totals_[run.run_name.function_name];
+      totals.seconds += run.real_accumulated_time;
+      totals.iterations += static_cast<double>(run.iterations);
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+
+  bool failed() const noexcept { return failed_; }
+
+  std::optional<double> ns_per_operation(std::string_view name) const {
+    const auto found = totals_.find(name);
+    const auto operations = operations_per_iteration().find(name);
+    if (found == totals_.end() || found->second.iterations == 0 ||
+        operations == operations_per_iteration().end()) {
+      return std::nullopt;
+    }
+    return found->second.seconds * 1e9 / (found->second.iterations * operations->second);
+  }
+
+  void print_summary() const {
+    if (totals_.empty()) return;
+    fmt::print("\nSummary (wall ns per operation; ratio = Asio / Spindle, > 1 means Spindle "
+               "is faster)\n");
+    fmt::print("{:<30} | {:>12} | {:>12} | {:>7} | {:<17} | {}\n", "row", "Spindle ns/op",
+               "Asio ns/op", "ratio", "goal", "met?");
+    fmt::print("{:-<30}-+-{:-<12}-+-{:-<12}-+-{:-<7}-+-{:-<17}-+-{:-<4}\n", "", "", "", "", "",
+               "");
+    for (const SummaryRow& row : kSummaryRows) {
+      const std::optional<double> spindle = ns_per_operation(row.spindle);
+      const std::optional<double> asio = ns_per_operation(row.asio);
+      if (!spindle && !asio) continue;  // filtered out
+      const std::string goal =
+          row.goal_ns ? fmt::format("<= {:g} ns, <= Asio", *row.goal_ns) : "<= Asio";
+      std::string met = "n/a";
+      if (spindle && asio) {
+        const bool ok = *spindle <= *asio && (!row.goal_ns || *spindle <= *row.goal_ns);
+        met = ok ? "yes" : "NO";
+      }
+      fmt::print("{:<30} | {:>12} | {:>12} | {:>7} | {:<17} | {}\n", row.label,
+                 format_ns(spindle), format_ns(asio),
+                 spindle && asio ? fmt::format("{:.2f}", *asio / *spindle) : "-", goal, met);
+    }
+  }
+
+ private:
+  struct Totals {
+    double seconds = 0;
+    double iterations = 0;
+  };
+  static std::string format_ns(std::optional<double> ns) {
+    return ns ? fmt::format("{:.1f}", *ns) : "-";
+  }
+
+  std::map<std::string, Totals, std::less<>> totals_;
+  bool failed_ = false;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Default to a short minimum time per row unless the user chose one (flag or environment).
+  std::vector<char*> arguments(argv, argv + argc);
+  std::string default_min_time = "--benchmark_min_time=0.2";
+  bool min_time_given = std::getenv("BENCHMARK_MIN_TIME") != nullptr;
+  for (int i = 1; i < argc; ++i) {
+    min_time_given |= std::string_view(argv[i]).starts_with("--benchmark_min_time");
+  }
+  if (!min_time_given) arguments.push_back(default_min_time.data());
+  int argument_count = static_cast<int>(arguments.size());
+  arguments.push_back(nullptr);
+
+  benchmark::Initialize(&argument_count, arguments.data());
+  if (benchmark::ReportUnrecognizedArguments(argument_count, arguments.data())) return 1;
+  register_benchmarks();
+
+  SummaryReporter reporter(::isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Color
+                                                   : benchmark::ConsoleReporter::OO_None);
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  reporter.print_summary();
+  benchmark::Shutdown();
+  return reporter.failed() ? 1 : 0;
+}
