@@ -8,7 +8,8 @@
 //       Spindle/yield/resume_suspend: a root loops on co_await suspend() and the benchmark loop
 //         enter()s it (QEMU's /perf/yield).
 //       Spindle/yield/via_loop: co_await yield() on a private Context; the loop calls poll(false).
-//       Asio/yield/post_run_one: co_await post(executor, use_awaitable); the loop calls run_one().
+//       Asio/yield/post_run_one: co_await post(use_awaitable) to its own io_context; the loop
+//         calls run_one().
 //  3. await chain [one whole chain]: recursive Task<int> / awaitable<int> depth(1000) started and
 //     run to completion; the console also shows ns_per_await.
 //  4. posted callback [one schedule + run]: Spindle BottomHalf::schedule() + poll(false) and
@@ -65,6 +66,13 @@ namespace aio = spindle::aio;
 namespace coro = spindle::coro;
 using namespace std::chrono_literals;
 using SteadyClock = std::chrono::steady_clock;
+
+// Asio coroutines use the io_context's own executor type rather than the default type-erased
+// any_io_executor: that is legitimate Asio and 30-40% faster, so Asio shows its best here.
+using AsioExecutor = asio::io_context::executor_type;
+template <typename T>
+using AsioTask = asio::awaitable<T, AsioExecutor>;
+constexpr asio::use_awaitable_t<AsioExecutor> kUseAwaitable{};
 
 constexpr int kChainDepth = 1000;
 constexpr int kRoundTripsWhenPolling = 1000;
@@ -141,7 +149,7 @@ void spindle_coroutine_lifecycle(benchmark::State& state) {
   for (auto _ : state) coro::enter(coro::create(empty_task()));
 }
 
-asio::awaitable<void> asio_empty_task() { co_return; }
+AsioTask<void> asio_empty_task() { co_return; }
 
 // The cheapest honest Asio equivalent: co_spawn() runs the entry point until it dispatches the
 // body to the io_context, and poll() runs the body and the completion handler. A concurrency
@@ -198,10 +206,10 @@ void spindle_yield_via_loop(benchmark::State& state) {
   check(state, yields == state.iterations() + 1, "one poll(false) must run exactly one yield");
 }
 
-asio::awaitable<void> asio_post_loop(const bool& stop, std::int64_t& posts) {
-  auto executor = co_await asio::this_coro::executor;
+// post(token) completes on the token's associated executor: the coroutine's own io_context.
+AsioTask<void> asio_post_loop(const bool& stop, std::int64_t& posts) {
   while (!stop) {
-    co_await asio::post(executor, asio::use_awaitable);
+    co_await asio::post(kUseAwaitable);
     ++posts;
   }
 }
@@ -240,7 +248,7 @@ void spindle_await_chain(benchmark::State& state) {
   check(state, result == kChainDepth, "wrong chain result");
 }
 
-asio::awaitable<int> asio_depth(int n) {
+AsioTask<int> asio_depth(int n) {
   if (n == 0) co_return 0;
   co_return co_await asio_depth(n - 1) + 1;
 }
@@ -362,15 +370,15 @@ void spindle_pingpong_bench(benchmark::State& state, aio::Context::PollParams po
 
 // Asio 1.22 has no switch_to(): binding use_awaitable to another executor makes post() complete
 // there, and the completion resumes the coroutine in the thread that runs it (checked below).
-// post(peer_executor, use_awaitable) would NOT do it: the completion still runs on the
+// post(peer_executor, use_awaitable) would NOT do it: the completion is still dispatched to the
 // coroutine's own executor, so the body never leaves home.
-asio::awaitable<void> asio_pingpong(asio::io_context& home, asio::io_context& peer,
-                                    int round_trips, HopLog* log) {
+AsioTask<void> asio_pingpong(asio::io_context& home, asio::io_context& peer, int round_trips,
+                             HopLog* log) {
   log_hop(log);
   for (int i = 0; i < round_trips; ++i) {
-    co_await asio::post(asio::bind_executor(peer, asio::use_awaitable));
+    co_await asio::post(asio::bind_executor(peer, kUseAwaitable));
     log_hop(log);
-    co_await asio::post(asio::bind_executor(home, asio::use_awaitable));
+    co_await asio::post(asio::bind_executor(home, kUseAwaitable));
     log_hop(log);
   }
 }
@@ -547,10 +555,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     if (totals_.empty()) return;
     fmt::print("\nSummary (wall ns per operation; ratio = Asio / Spindle, > 1 means Spindle "
                "is faster)\n");
-    fmt::print("{:<30} | {:>12} | {:>12} | {:>7} | {:<17} | {}\n", "row", "Spindle ns/op",
-               "Asio ns/op", "ratio", "goal", "met?");
-    fmt::print("{:-<30}-+-{:-<12}-+-{:-<12}-+-{:-<7}-+-{:-<17}-+-{:-<4}\n", "", "", "", "", "",
-               "");
+    constexpr std::string_view kLine = "{:<30} | {:>13} | {:>13} | {:>6} | {:<19} | {}\n";
+    fmt::print(kLine, "row", "Spindle ns/op", "Asio ns/op", "ratio", "goal", "met?");
+    fmt::print(kLine, std::string(30, '-'), std::string(13, '-'), std::string(13, '-'),
+               std::string(6, '-'), std::string(19, '-'), "----");
     for (const SummaryRow& row : kSummaryRows) {
       const std::optional<double> spindle = ns_per_operation(row.spindle);
       const std::optional<double> asio = ns_per_operation(row.asio);
@@ -562,8 +570,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         const bool ok = *spindle <= *asio && (!row.goal_ns || *spindle <= *row.goal_ns);
         met = ok ? "yes" : "NO";
       }
-      fmt::print("{:<30} | {:>12} | {:>12} | {:>7} | {:<17} | {}\n", row.label,
-                 format_ns(spindle), format_ns(asio),
+      fmt::print(kLine, row.label, format_ns(spindle), format_ns(asio),
                  spindle && asio ? fmt::format("{:.2f}", *asio / *spindle) : "-", goal, met);
     }
   }

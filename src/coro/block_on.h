@@ -38,9 +38,14 @@ struct BlockOnWaiter {
     // The caller polls `context`. The task may have finished elsewhere (it moved to another
     // context), in which case the caller may be asleep in poll() and needs a notify().
     aio::Context* context = waiter->context;
-    const bool wake_caller = !context->is_current();
+    if (context->is_current()) {
+      waiter->done.store(true, std::memory_order_release);
+      return;
+    }
+    // Once `done` is set the caller may return and drop its context: keep it alive for notify.
+    aio::ContextRef keep_alive(context);
     waiter->done.store(true, std::memory_order_release);  // `waiter` may be gone after this
-    if (wake_caller) context->notify();
+    context->notify();
   }
 };
 }  // namespace detail

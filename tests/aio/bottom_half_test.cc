@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/thread_identity.h"
+
 #include <thread>
 
 #include "aio/context.h"
@@ -145,14 +147,14 @@ TEST_F(BottomHalfTest, CancelThenRescheduleRuns) {
 
 TEST_F(BottomHalfTest, ScheduleFromAnotherThreadWakesBlockingPoll) {
   std::thread::id ran_on;
-  BottomHalf* bh = BottomHalf::create(*ctx, [&] { ran_on = std::this_thread::get_id(); });
+  BottomHalf* bh = BottomHalf::create(*ctx, [&] { ran_on = testing_support::this_thread_id(); });
   std::thread other([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     bh->schedule();
   });
   EXPECT_TRUE(ctx->poll(true));  // sleeps until the other thread's schedule kicks it
   other.join();
-  EXPECT_EQ(ran_on, std::this_thread::get_id());
+  EXPECT_EQ(ran_on, testing_support::this_thread_id());
   bh->destroy();
 }
 

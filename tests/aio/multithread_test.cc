@@ -2,6 +2,8 @@
 // storm of cross-thread coroutine schedules with the 2023 per-context stop protocol.
 #include <gtest/gtest.h>
 
+#include "support/thread_identity.h"
+
 #include <array>
 #include <atomic>
 #include <memory>
@@ -20,13 +22,16 @@ using namespace std::chrono_literals;
 
 constexpr int kContexts = 5;
 thread_local int t_id = -1;  // which of the five IoThreads this is
+// Out of line, so that a coroutine never reuses a thread-local address computed on another
+// thread before a co_await (clang may cache it across suspension points).
+[[gnu::noinline]] int& current_id() { return t_id; }
 
 class MultiThreadTest : public testing::Test {
  protected:
   void SetUp() override {
     for (int i = 0; i < kContexts; ++i) {
       threads_[i] = std::make_unique<IoThread>("multi-" + std::to_string(i));
-      run_in(i, [i] { t_id = i; });
+      run_in(i, [i] { current_id() = i; });
     }
   }
   void TearDown() override {
@@ -52,7 +57,7 @@ class MultiThreadTest : public testing::Test {
 TEST_F(MultiThreadTest, Lifecycle) {
   for (int i = 0; i < kContexts; ++i) {
     int seen = -1;
-    run_in(i, [&] { seen = t_id; });
+    run_in(i, [&] { seen = current_id(); });
     EXPECT_EQ(seen, i);
   }
 }
@@ -73,7 +78,7 @@ class ScheduleStorm {
       retry.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
-    (n == t_id ? here : other).fetch_add(1, std::memory_order_relaxed);
+    (n == current_id() ? here : other).fetch_add(1, std::memory_order_relaxed);
     coro::schedule(context_of(n), co);
     return true;
   }
@@ -90,8 +95,8 @@ class ScheduleStorm {
   };
 
   coro::Task<void> entry() {
-    std::minstd_rand random(std::hash<std::thread::id>{}(std::this_thread::get_id()));
-    const int id = t_id;
+    std::minstd_rand random(std::hash<std::thread::id>{}(testing_support::this_thread_id()));
+    const int id = current_id();
     EXPECT_EQ(slot[id].load(), nullptr);
     while (!stop[id]) {
       // QEMU picks one random slot; an empty one (its coroutine is running) loses the wake-up,
@@ -103,7 +108,7 @@ class ScheduleStorm {
         if (n != id && schedule_next(n)) break;
       }
       co_await ParkInSlot{slot[id]};
-      EXPECT_EQ(t_id, id);  // woken on its own context, whoever scheduled it
+      EXPECT_EQ(current_id(), id);  // woken on its own context, whoever scheduled it
       EXPECT_EQ(slot[id].load(), nullptr);
     }
     running.fetch_sub(1);

@@ -4,6 +4,8 @@
 // SPINDLE_STRESS_SECONDS overrides the duration (default 2).
 #include <gtest/gtest.h>
 
+#include "support/thread_identity.h"
+
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -39,7 +41,7 @@ Task<void> wander(Shared& shared, unsigned seed) {
   while (!shared.stop.load(std::memory_order_relaxed)) {
     const int target = static_cast<int>(random() % kThreads);
     co_await switch_to(shared.threads[target]->context());
-    if (std::this_thread::get_id() != shared.thread_ids[target] ||
+    if (testing_support::this_thread_id() != shared.thread_ids[target] ||
         self()->home() != &shared.threads[target]->context()) {
       shared.wrong_thread.fetch_add(1, std::memory_order_relaxed);
     }
@@ -59,7 +61,7 @@ TEST(StressTest, TenThousandCoroutinesWanderAmongFiveIoThreads) {
     shared.threads[i] = std::make_unique<aio::IoThread>("wander-" + std::to_string(i),
                                                         aio::Context::PollParams{0, 0, 0});
     shared.thread_ids[i] = block_on(shared.threads[i]->context(), []() -> Task<std::thread::id> {
-      co_return std::this_thread::get_id();
+      co_return testing_support::this_thread_id();
     }());
   }
   shared.live = kCoroutines;

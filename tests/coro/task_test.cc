@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/thread_identity.h"
+
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -105,9 +107,9 @@ TEST(TaskTest, MillionSynchronousAwaitsUseBoundedStack) {
 
 TEST(TaskTest, BlockOnAnIoThreadFromTheMainThread) {
   aio::IoThread io("block-on");
-  const auto caller = std::this_thread::get_id();
+  const auto caller = testing_support::this_thread_id();
   auto ran_on = block_on(io.context(), []() -> Task<std::thread::id> {
-    co_return std::this_thread::get_id();
+    co_return testing_support::this_thread_id();
   }());
   EXPECT_NE(ran_on, caller);
 }

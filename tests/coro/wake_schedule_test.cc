@@ -3,6 +3,8 @@
 // abort naming both parties, thread identity after moving).
 #include <gtest/gtest.h>
 
+#include "support/thread_identity.h"
+
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -90,7 +92,7 @@ TEST(WakeTest, WorkerThreadWakeSchedulesOnTheHomeContext) {
   bool ran = false;
   Coroutine* co = create([](std::thread::id& where, bool& flag) -> Task<void> {
     co_await suspend();
-    where = std::this_thread::get_id();
+    where = testing_support::this_thread_id();
     flag = true;
   }(ran_on, ran));
   enter(co);
@@ -99,7 +101,7 @@ TEST(WakeTest, WorkerThreadWakeSchedulesOnTheHomeContext) {
   EXPECT_FALSE(ran);
   EXPECT_TRUE(aio::main_context().poll(true));
   EXPECT_TRUE(ran);
-  EXPECT_EQ(ran_on, std::this_thread::get_id());
+  EXPECT_EQ(ran_on, testing_support::this_thread_id());
   EXPECT_FALSE(aio::main_context().poll(false));
 }
 
@@ -145,14 +147,14 @@ TEST(ScheduleTest, CoroutinesScheduledAcrossThreadsRunInFifoOrderPerProducer) {
 
 Task<void> hop(Context& target, std::thread::id& after, Context*& home_after) {
   co_await switch_to(target);
-  after = std::this_thread::get_id();
+  after = testing_support::this_thread_id();
   home_after = self()->home();
 }
 
 TEST(ScheduleTest, SwitchToRunsOnTheTargetThreadAndMakesItHome) {
   IoThread io("switch-io");
   std::thread::id io_thread_id;
-  io.context().run_soon([&] { io_thread_id = std::this_thread::get_id(); });
+  io.context().run_soon([&] { io_thread_id = testing_support::this_thread_id(); });
   std::thread::id after;
   Context* home_after = nullptr;
   block_on(io.context(), [&]() -> Task<void> { co_return; }());  // io_thread_id is set now
@@ -166,9 +168,9 @@ Task<void> bounce_between(Context& a, Context& b, int rounds, std::thread::id a_
                           std::thread::id b_id, int& verified) {
   for (int i = 0; i < rounds; ++i) {
     co_await switch_to(b);
-    EXPECT_EQ(std::this_thread::get_id(), b_id);
+    EXPECT_EQ(testing_support::this_thread_id(), b_id);
     co_await switch_to(a);
-    EXPECT_EQ(std::this_thread::get_id(), a_id);
+    EXPECT_EQ(testing_support::this_thread_id(), a_id);
     ++verified;
   }
 }
@@ -177,11 +179,11 @@ TEST(ScheduleTest, ThreadIdentityHoldsAfterEveryMove) {
   IoThread a("identity-a"), b("identity-b");
   std::thread::id a_id, b_id;
   block_on(a.context(), [&]() -> Task<void> {
-    a_id = std::this_thread::get_id();
+    a_id = testing_support::this_thread_id();
     co_return;
   }());
   block_on(b.context(), [&]() -> Task<void> {
-    b_id = std::this_thread::get_id();
+    b_id = testing_support::this_thread_id();
     co_return;
   }());
   int verified = 0;
