@@ -11,6 +11,8 @@
 #include <thread>
 
 #include "aio/bottom_half.h"
+#include "aio/thread_pool.h"
+#include "base/cpu_relax.h"
 #include "base/fatal.h"
 
 namespace spindle::aio {
@@ -29,14 +31,6 @@ const std::thread::id g_main_thread = std::this_thread::get_id();
 
 constexpr std::int64_t kInitialPollWindowNs = 4000;
 constexpr std::size_t kMaxEventsPerWait = 64;
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 }  // namespace
 
@@ -85,7 +79,13 @@ Context::Context(std::string name) : name_(std::move(name)) {
   }
 }
 
+ThreadPool& Context::thread_pool() {
+  if (!thread_pool_) thread_pool_ = std::make_unique<ThreadPool>(*this);
+  return *thread_pool_;
+}
+
 Context::~Context() {
+  thread_pool_.reset();  // waits for its workers; aborts if jobs have not completed
   WorkFifo pending;
   pending.append(local_);
   pending.append(batch_);
@@ -351,7 +351,7 @@ std::int64_t Context::blocking_timeout_ns(bool& armed) noexcept {
     for (unsigned iteration = 0;; ++iteration) {
       if (has_pending_work()) return 0;
       if ((iteration & 15) == 15 && now_ns(Clock::monotonic) >= spin_end) break;
-      cpu_relax();
+      base::cpu_relax();
     }
     timeout = timer_timeout_ns();
     if (timeout == 0) return 0;

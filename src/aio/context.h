@@ -18,6 +18,7 @@
 //      handlers_ ...     fd_mutex_ (map, graveyard); handler `deleted` flag is atomic
 //      timer heaps       timer_mutex_; earliest_deadline_ mirrors the heads for a lock-free check
 //      bottom halves     bh_registry_mutex_ (the registry list only; see bottom_half.h)
+//      thread_pool_      home thread only (created on first use)
 //      refcount_         atomic
 //  * Lifetime: reference counted (ContextRef). When the last reference goes, pending work items
 //    or undestroyed bottom halves are a fatal error that names them.
@@ -26,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -43,6 +45,7 @@ namespace spindle::aio {
 
 class BottomHalf;
 class ContextRef;
+class ThreadPool;
 
 class Context {
  public:
@@ -84,6 +87,9 @@ class Context {
   // removal while the handler is being dispatched takes effect after it returns.
   void set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable);
   void remove_fd_handler(int fd) { set_fd_handler(fd, {}, {}); }
+
+  // This context's thread pool, created on first use (home thread only).
+  ThreadPool& thread_pool();
 
   void set_poll_params(PollParams params) noexcept;
   PollParams poll_params() const noexcept;
@@ -165,6 +171,8 @@ class Context {
 
   std::mutex bh_registry_mutex_;
   BottomHalf* bh_registry_ = nullptr;
+
+  std::unique_ptr<ThreadPool> thread_pool_;  // home thread only
 };
 
 template <typename Fn>

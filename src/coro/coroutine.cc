@@ -78,6 +78,13 @@ void root_finished(Coroutine* co, std::coroutine_handle<> frame) noexcept {
   }
 }
 
+void claim(Coroutine* co, const char* who) noexcept { co->claim(who); }
+
+void post_claimed(aio::Context& context, Coroutine* co) noexcept {
+  co->home_.store(&context, std::memory_order_release);
+  context.post(CoroutineAccess::as_item(co));
+}
+
 }  // namespace detail
 
 using detail::CoroutineAccess;
@@ -108,6 +115,8 @@ Coroutine* park(std::coroutine_handle<> leaf) noexcept {
   return co;
 }
 
+void unpark(Coroutine* co) noexcept { co->running_.store(true, std::memory_order_relaxed); }
+
 void enter(Coroutine* co, const char* who) noexcept {
   if (const char* by = co->scheduled_by_.load(std::memory_order_acquire)) {
     base::fatal("{}: entering coroutine {} that was already scheduled by '{}'", who,
@@ -121,8 +130,7 @@ void enter(Coroutine* co, const char* who) noexcept {
 
 void schedule(aio::Context& context, Coroutine* co, const char* who) noexcept {
   co->claim(who);
-  co->home_.store(&context, std::memory_order_release);
-  context.post(CoroutineAccess::as_item(co));
+  detail::post_claimed(context, co);
 }
 
 void wake(Coroutine* co, const char* who) noexcept {
@@ -143,6 +151,17 @@ void wake(Coroutine* co, const char* who) noexcept {
     return;
   }
   schedule(*home, co, who);
+}
+
+void wake_later(Coroutine* co, const char* who) noexcept {
+  if (detail::t_running == nullptr) {
+    aio::Context* home = co->home();
+    if (home != nullptr && home->is_current()) {
+      schedule(*home, co, who);
+      return;
+    }
+  }
+  wake(co, who);
 }
 
 Coroutine* create(Task<void>&& task) noexcept {

@@ -37,6 +37,8 @@ struct CoroutineAccess;
 class PromiseBase;
 std::coroutine_handle<> transfer_to(std::coroutine_handle<> next) noexcept;
 void root_finished(Coroutine* co, std::coroutine_handle<> frame) noexcept;
+void claim(Coroutine* co, const char* who) noexcept;
+void post_claimed(aio::Context& context, Coroutine* co) noexcept;
 }  // namespace detail
 
 class Coroutine : private aio::WorkItem {
@@ -61,10 +63,16 @@ class Coroutine : private aio::WorkItem {
   friend std::coroutine_handle<> detail::transfer_to(std::coroutine_handle<> next) noexcept;
   friend void detail::root_finished(Coroutine* co, std::coroutine_handle<> frame) noexcept;
   friend Coroutine* park(std::coroutine_handle<> leaf) noexcept;
+  friend void unpark(Coroutine* co) noexcept;
+// Undoes park() for an awaiter that finds, after parking, that it need not suspend after all
+// (await_suspend returns false). Only valid if nobody else can have seen the coroutine.
+void unpark(Coroutine* co) noexcept;
   friend void enter(Coroutine* co, const char* who) noexcept;
   friend void schedule(aio::Context& context, Coroutine* co, const char* who) noexcept;
   friend void wake(Coroutine* co, const char* who) noexcept;
   friend Coroutine* create(Task<void>&& task) noexcept;
+  friend void detail::claim(Coroutine* co, const char* who) noexcept;
+  friend void detail::post_claimed(aio::Context& context, Coroutine* co) noexcept;
 
   static bool run_scheduled(aio::WorkItem* item) noexcept;
   void claim(const char* who) noexcept;
@@ -86,6 +94,12 @@ void schedule(aio::Context& context, Coroutine* co, const char* who = __builtin_
 // Resumes a suspended `co` in its home context (see the table at the top of this file).
 void wake(Coroutine* co, const char* who = __builtin_FUNCTION()) noexcept;
 
+// Like wake(), but never resumes `co` on the caller's stack: called outside coroutines on the
+// home thread, it queues `co` on the home context instead of entering it. Synchronization
+// primitives use it so that a waker holding a lock cannot be re-entered by the woken coroutine
+// (reference/qemu-aio.md §5.19).
+void wake_later(Coroutine* co, const char* who = __builtin_FUNCTION()) noexcept;
+
 // The running root coroutine of this thread, or null outside coroutines.
 Coroutine* self() noexcept;
 bool in_coroutine() noexcept;
@@ -94,12 +108,23 @@ bool in_coroutine() noexcept;
 // await_suspend) and returns it, so that a later wake()/schedule() resumes it there. Call it in
 // await_suspend before publishing the coroutine to anyone, then touch nothing of the frame.
 Coroutine* park(std::coroutine_handle<> leaf) noexcept;
+// Undoes park() for an awaiter that finds, after parking, that it need not suspend after all
+// (await_suspend returns false). Only valid if nobody else can have seen the coroutine.
+void unpark(Coroutine* co) noexcept;
 
 // Turns `task` into a detached root (freed when it finishes) that has not started yet. Its home
 // is the creating thread's current context until it first runs.
 Coroutine* create(Task<void>&& task) noexcept;
 // create() + schedule(context, ...): the task starts during a later poll of `context`.
 Coroutine* spawn(aio::Context& context, Task<void>&& task) noexcept;
+
+namespace detail {
+// For awaiters that own a coroutine's resumption themselves (sleep): claim() takes the right to
+// resume it, so that any other wake()/schedule() meanwhile aborts naming `who`; post_claimed()
+// later queues it on `context`, which releases the claim as it resumes it.
+void claim(Coroutine* co, const char* who) noexcept;
+void post_claimed(aio::Context& context, Coroutine* co) noexcept;
+}  // namespace detail
 
 // detail::transfer_to(next): symmetric transfer with a bounded inline depth. It returns `next`,
 // or, once a budget of consecutive inline transfers is spent, parks the running root at `next`
