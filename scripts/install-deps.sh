@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   cmake ninja-build g++ clang libclang-rt-14-dev   # toolchains (clang for the sanitizer builds)
+  pkg-config liburing-dev                          # io_uring
   libfmt-dev                                       # formatting
   libgtest-dev libbenchmark-dev                    # tests and micro-benchmarks
   libasio-dev                                      # peer in the runtime benchmark

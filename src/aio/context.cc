@@ -12,6 +12,7 @@
 
 #include "aio/bottom_half.h"
 #include "aio/thread_pool.h"
+#include "aio/uring.h"
 #include "base/cpu_relax.h"
 #include "base/fatal.h"
 
@@ -84,7 +85,16 @@ ThreadPool& Context::thread_pool() {
   return *thread_pool_;
 }
 
+Uring* Context::uring() {
+  if (!uring_probed_) {
+    uring_probed_ = true;
+    uring_ = Uring::create(*this);
+  }
+  return uring_.get();
+}
+
 Context::~Context() {
+  uring_.reset();
   thread_pool_.reset();  // waits for its workers; aborts if jobs have not completed
   WorkFifo pending;
   pending.append(local_);
@@ -433,6 +443,7 @@ bool Context::poll(bool blocking) {
   bool progress = false;
   epoll_event events[kMaxEventsPerWait];
   for (;;) {
+    if (uring_) uring_->flush();  // I/O prepared since the last iteration goes out before we wait
     const bool measure = blocking && poll_max_ns_.load(std::memory_order_relaxed) > 0;
     const std::int64_t start_ns = measure ? now_ns(Clock::monotonic) : 0;
     bool armed = false;

@@ -18,7 +18,7 @@
 //      handlers_ ...     fd_mutex_ (map, graveyard); handler `deleted` flag is atomic
 //      timer heaps       timer_mutex_; earliest_deadline_ mirrors the heads for a lock-free check
 //      bottom halves     bh_registry_mutex_ (the registry list only; see bottom_half.h)
-//      thread_pool_      home thread only (created on first use)
+//      thread_pool_, uring_  home thread only (created on first use)
 //      refcount_         atomic
 //  * Lifetime: reference counted (ContextRef). When the last reference goes, pending work items
 //    or undestroyed bottom halves are a fatal error that names them.
@@ -46,6 +46,7 @@ namespace spindle::aio {
 class BottomHalf;
 class ContextRef;
 class ThreadPool;
+class Uring;
 
 class Context {
  public:
@@ -90,6 +91,9 @@ class Context {
 
   // This context's thread pool, created on first use (home thread only).
   ThreadPool& thread_pool();
+  // This context's io_uring, created on first use (home thread only); null if io_uring is
+  // unavailable on this system.
+  Uring* uring();
 
   void set_poll_params(PollParams params) noexcept;
   PollParams poll_params() const noexcept;
@@ -173,6 +177,8 @@ class Context {
   BottomHalf* bh_registry_ = nullptr;
 
   std::unique_ptr<ThreadPool> thread_pool_;  // home thread only
+  std::unique_ptr<Uring> uring_;             // home thread only
+  bool uring_probed_ = false;                // home thread only
 };
 
 template <typename Fn>

@@ -1,0 +1,41 @@
+// File I/O for coroutines: positioned reads and writes, vectored variants, fsync/fdatasync and
+// fallocate on plain file descriptors. Each operation runs on the calling coroutine's home
+// context's io_uring, or — when io_uring is unavailable or switched off — as a blocking call on
+// that context's thread pool. Either way the coroutine resumes in its home context with the
+// result: the byte count (reads may be short, 0 at end of file) or -errno. An offset of -1
+// means the file's current position (for pipes and other unseekable files).
+//
+// The backend is a process-wide switch: set_file_backend(), or the environment variable
+// SPINDLE_AIO=io_uring|threads read at first use. "automatic" prefers io_uring.
+//
+// Thread-safety: the operations are called from coroutines on any context (each uses its own
+// context's ring and pool); set_file_backend() from any thread (takes effect for later calls).
+#pragma once
+
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <span>
+
+#include "coro/task.h"
+
+namespace spindle::aio {
+
+enum class FileBackend { automatic, io_uring, threads };
+
+void set_file_backend(FileBackend backend) noexcept;
+FileBackend file_backend() noexcept;
+// The backend the calling thread's context would use right now ("io_uring" or "threads"), or
+// "unavailable" if io_uring is forced but missing.
+const char* active_file_backend();
+
+coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset);
+coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset);
+coro::Task<ssize_t> preadv(int fd, std::span<const iovec> vectors, off_t offset);
+coro::Task<ssize_t> pwritev(int fd, std::span<const iovec> vectors, off_t offset);
+coro::Task<int> fsync(int fd);
+coro::Task<int> fdatasync(int fd);
+coro::Task<int> fallocate(int fd, int mode, off_t offset, off_t length);
+
+}  // namespace spindle::aio
