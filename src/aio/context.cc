@@ -27,8 +27,12 @@ namespace {
 thread_local Context* t_current = nullptr;
 thread_local char t_thread_marker;  // its address identifies the thread for misuse checks
 
-// Captured during static initialization, which runs on the process's main thread.
-const std::thread::id g_main_thread = std::this_thread::get_id();
+// Static initialization runs on the process's main thread: make main_context() its current
+// context there (and nowhere else), so current_context() is a single thread-local load.
+const bool g_main_thread_bound = [] {
+  t_current = &main_context();
+  return true;
+}();
 
 constexpr std::int64_t kInitialPollWindowNs = 4000;
 constexpr std::size_t kMaxEventsPerWait = 64;
@@ -49,11 +53,7 @@ detail::CurrentContextScope::CurrentContextScope(Context* context) noexcept : sa
 }
 detail::CurrentContextScope::~CurrentContextScope() { t_current = saved_; }
 
-Context* current_context() noexcept {
-  if (t_current) return t_current;
-  if (std::this_thread::get_id() == g_main_thread) return &main_context();
-  return nullptr;
-}
+Context* current_context() noexcept { return t_current; }
 
 Context& main_context() noexcept {
   static Context* const main = [] {
@@ -164,7 +164,8 @@ Context::PollParams Context::poll_params() const noexcept {
 
 // ---- fd handlers --------------------------------------------------------------------------
 
-void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable) {
+void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable,
+                             Trigger trigger) {
   std::lock_guard lock(fd_mutex_);
   auto found = handlers_.find(fd);
   FdHandler* old = found == handlers_.end() ? nullptr : found->second;
@@ -185,7 +186,8 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
   handler->live.store(true, std::memory_order_release);
   epoll_event event{};
   event.events = (handler->on_readable ? EPOLLIN | EPOLLRDHUP : 0u) |
-                 (handler->on_writable ? EPOLLOUT : 0u);
+                 (handler->on_writable ? EPOLLOUT : 0u) |
+                 (trigger == Trigger::edge ? EPOLLET : 0u);
   event.data.ptr = handler;
   if (::epoll_ctl(epoll_fd_, old ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &event) < 0) {
     base::fatal("context '{}': epoll_ctl(fd {}): {}", name_, fd, std::strerror(errno));

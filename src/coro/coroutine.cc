@@ -36,7 +36,10 @@ struct CoroutineAccess {
     }
     t_running = co;
     t_transfer_budget = kInlineTransferBudget;
-    co->home_.store(aio::current_context(), std::memory_order_release);
+    aio::Context* const here = aio::current_context();
+    if (co->home_.load(std::memory_order_relaxed) != here) {
+      co->home_.store(here, std::memory_order_release);
+    }
     co->running_.store(true, std::memory_order_relaxed);
     co->resume_point_.resume();  // `co` may be gone (or running elsewhere) once this returns
   }
@@ -179,9 +182,9 @@ Coroutine* spawn(aio::Context& context, Task<void>&& task) noexcept {
 }
 
 void YieldAwaiter::await_suspend(std::coroutine_handle<> handle) const noexcept {
-  Coroutine* co = park(handle);
   aio::Context* here = aio::current_context();
-  schedule(*here, co, "yield");
+  if (here == nullptr) base::fatal("yield(): this thread has no context to yield to");
+  schedule(*here, park(handle), "yield");
 }
 
 void SwitchAwaiter::await_suspend(std::coroutine_handle<> handle) const noexcept {

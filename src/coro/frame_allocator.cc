@@ -19,7 +19,8 @@ namespace {
 
 constexpr std::size_t kGranule = 64;
 constexpr std::size_t kClasses = 16;  // frames up to 1 KiB are pooled
-constexpr std::size_t kMaxCachedPerClass = 256;
+// Each size class caches up to 1 MiB of frames per thread (deep await chains reuse them all).
+constexpr std::size_t kCacheBytesPerClass = 1 << 20;
 
 struct FreeFrame {
   FreeFrame* next;
@@ -61,7 +62,7 @@ void* allocate_frame(std::size_t size) {
 void free_frame(void* frame, std::size_t size) noexcept {
   if (SPINDLE_FRAME_POOL && size != 0 && size_class(size) < kClasses) {
     const std::size_t cls = size_class(size);
-    if (t_pool.counts[cls] < kMaxCachedPerClass) {
+    if (t_pool.counts[cls] < kCacheBytesPerClass / ((cls + 1) * kGranule)) {
       auto* node = static_cast<FreeFrame*>(frame);
       node->next = t_pool.heads[cls];
       t_pool.heads[cls] = node;

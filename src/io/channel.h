@@ -1,0 +1,100 @@
+// Channel: a byte stream over a file descriptor (TCP or Unix socket, pipe, file) with coroutine
+// operations. A coroutine blocked in a channel waits for readiness on the Context the channel
+// is attached to and resumes *there*: attaching a channel to another IoThread moves its
+// waiting coroutines with it (the seed's "qio_channel_yield aware of AioContexts", in the
+// follow-the-channel form). Partial reads never block a loop; EOF, ECONNRESET and EPIPE come
+// back as negative errno values, never as signals (SIGPIPE is ignored, sends use MSG_NOSIGNAL).
+//
+// Readiness protocol, per direction (`readable_`, `writable_`: one atomic word each):
+//   0            idle
+//   kReady       the fd became ready while nobody waited (an edge not to lose)
+//   Coroutine*   that coroutine waits for this direction
+// An operation always tries the syscall first and waits only after EAGAIN: it parks, then
+// CASes 0 -> itself; finding kReady instead, it clears it and retries without suspending.
+// The edge-triggered fd handler CASes Coroutine* -> 0 and enters that coroutine, or 0 -> kReady.
+// Exactly one party wins each CAS, so a wake-up is neither lost nor doubled.
+//
+// Thread-safety: at most one coroutine reads and one writes at a time (any context). attach(),
+// detach() and close() from any thread; destroy the channel only when no coroutine uses it and
+// from the attached context's thread (or after detach()).
+#pragma once
+
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "aio/context.h"
+#include "coro/coroutine.h"
+#include "coro/task.h"
+
+namespace spindle::io {
+
+class Channel {
+ public:
+  // Takes ownership of `fd` and makes it non-blocking; attaches to `context` if given.
+  explicit Channel(int fd, aio::Context* context = aio::current_context());
+  ~Channel();
+  Channel(const Channel&) = delete;
+  Channel& operator=(const Channel&) = delete;
+
+  // Reads what is available (waiting for at least one byte): >0 bytes, 0 at end of stream,
+  // or -errno.
+  coro::Task<ssize_t> read_some(void* buffer, std::size_t size);
+  // Fills the whole buffer: 0, -ECONNRESET if the stream ended first, or -errno.
+  coro::Task<int> read_exact(void* buffer, std::size_t size);
+  // Writes everything: 0 or -errno (-EPIPE if the peer is gone).
+  coro::Task<int> write_all(const void* buffer, std::size_t size);
+  coro::Task<int> writev_all(std::span<const iovec> vectors);
+
+  // Ends the write direction (the peer reads EOF); sockets only. 0 or -errno.
+  int shutdown_write() noexcept;
+  // Closes the fd; coroutines waiting in the channel resume with -ECANCELED.
+  void close() noexcept;
+  bool closed() const noexcept { return fd_.load(std::memory_order_acquire) < 0; }
+
+  void attach(aio::Context& context);
+  void detach();
+  aio::Context* context() const noexcept { return context_.load(std::memory_order_acquire); }
+  int fd() const noexcept { return fd_.load(std::memory_order_acquire); }
+
+  // Waits until the fd is readable (or writable) without transferring data.
+  class ReadinessAwaiter;
+  ReadinessAwaiter readable() noexcept;
+  ReadinessAwaiter writable() noexcept;
+
+ private:
+  static constexpr std::uintptr_t kReady = 1;
+  static constexpr std::uintptr_t kClosed = 2;
+
+  static void signal_ready(std::atomic<std::uintptr_t>& direction) noexcept;
+  ssize_t try_read(void* buffer, std::size_t size) noexcept;
+  ssize_t try_writev(const iovec* vectors, int count) noexcept;
+
+  std::atomic<int> fd_;
+  bool is_socket_ = false;
+  std::atomic<aio::Context*> context_{nullptr};
+  std::atomic<std::uintptr_t> readable_{0};
+  std::atomic<std::uintptr_t> writable_{0};
+};
+
+class Channel::ReadinessAwaiter {
+ public:
+  explicit ReadinessAwaiter(std::atomic<std::uintptr_t>& direction) noexcept
+      : direction_(direction) {}
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<> handle) noexcept;
+  // False if the channel was closed while waiting.
+  bool await_resume() const noexcept {
+    return direction_.load(std::memory_order_acquire) != kClosed;
+  }
+
+ private:
+  std::atomic<std::uintptr_t>& direction_;
+};
+
+}  // namespace spindle::io
