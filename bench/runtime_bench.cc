@@ -1,28 +1,28 @@
 // Spindle runtime micro-benchmarks, each paired with standalone Asio 1.22 doing the same work in
-// the same binary (same compiler, flags and machine state).
-//
-// Rows; the summary's ns/op is wall time per the operation in brackets:
-//  1. coroutine lifecycle [one coroutine]: create, run and finish an empty coroutine.
+// the same binary (same compiler, flags and machine state). Rows, named Spindle/<Row> and
+// Asio/<Row>; the summary's ns/op is wall time per the operation in brackets:
+//  1. Lifecycle [one coroutine]: create, run and finish an empty coroutine.
 //       Spindle: enter(create(empty_task())).   Asio: co_spawn() + io_context::poll().
-//  2. yield round trip [one suspend + resume], single thread:
-//       Spindle/yield/resume_suspend: a root loops on co_await suspend() and the benchmark loop
+//  2. Yield round trip [one suspend + resume], single thread:
+//       Spindle/Yield/ResumeSuspend: a root loops on co_await suspend() and the benchmark loop
 //         enter()s it (QEMU's /perf/yield).
-//       Spindle/yield/via_loop: co_await yield() on a private Context; the loop calls poll(false).
-//       Asio/yield/post_run_one: co_await post(use_awaitable) to its own io_context; the loop
+//       Spindle/Yield/ViaLoop: co_await yield() on a private Context; the loop calls poll(false).
+//       Asio/Yield/PostRunOne: co_await post(use_awaitable) to its own io_context; the loop
 //         calls run_one().
-//  3. await chain [one whole chain]: recursive Task<int> / awaitable<int> depth(1000) started and
-//     run to completion; the console also shows ns_per_await.
-//  4. posted callback [one schedule + run]: Spindle BottomHalf::schedule() + poll(false) and
-//     run_soon() + poll(false); Asio post() + poll(). Posted from outside the loop's own run.
-//  5. timer [one arm + cancel] of a 1 s one-shot timer; Asio must also run the aborted handler.
-//  6. cross-thread ping-pong [one round trip]: a coroutine hops to a second event-loop thread and
-//     back, both threads busy-polling ("target_polls") or sleeping in the kernel
-//     ("target_asleep").
-//  7. fan-in [one item]: 2 producer threads post 20000 callbacks each to one event-loop thread.
+//  3. AwaitChain1000 [one whole chain]: recursive Task<int> / awaitable<int> depth(1000) started
+//     and run to completion; the console also shows ns_per_await.
+//  4. BH [one schedule + run]: Spindle BottomHalf::schedule() + poll(false) (SchedulePoll) and
+//     run_soon() + poll(false) (RunSoonPoll); Asio post() + poll(). Posted from outside a poll.
+//  5. Timer/ArmCancel [one arm + cancel] of a 1 s timer; Asio must also run the aborted handler.
+//  6. PingPong [one round trip]: a coroutine hops to a second event-loop thread and back, both
+//     threads busy-polling (TargetPolls) or sleeping in the kernel when idle (TargetAsleep).
+//  7. FanIn/2Producers [one item]: 2 producer threads post 20000 callbacks each to one
+//     event-loop thread.
 //
-// Run:   build-bench/bench/spindle-runtime-bench                     (about 20 s on 2 cores)
-//        ... --benchmark_min_time=0.05                               quicker, noisier
-//        ... --benchmark_filter=pingpong                             a subset
+// Run:   build-bench/bench/spindle-runtime-bench          about 8 s on the 2-core VM
+//        ... --benchmark_min_time=0.05                    quicker, noisier
+//        ... --benchmark_filter=PingPong                  a subset (regex, case-sensitive)
+//        ... --benchmark_repetitions=3                    the summary then uses the means
 // Google Benchmark flags pass through. Without --benchmark_min_time (or BENCHMARK_MIN_TIME in
 // the environment) every row runs for at least 0.2 s. At the end a summary table pairs each
 // Spindle row with its Asio row and checks the goals. Every benchmark verifies that it did the
@@ -308,8 +308,8 @@ void asio_bh_post_poll(benchmark::State& state) {
 // ---- 5. timer arm + cancel ----------------------------------------------------------------
 
 void spindle_timer_arm_cancel(benchmark::State& state) {
-  // main_context() is the benchmark thread's own context: arming from the home thread, the
-  // common case (a coroutine arming its own timeout), skips the cross-thread notify().
+  // main_context() is the benchmark thread's own context. Arming from the home thread is the
+  // common case (a coroutine arming its own timeout) and needs no wake-up of a sleeping poll().
   std::int64_t fired = 0;
   aio::Timer timer(aio::main_context(), aio::Clock::monotonic, [&fired] { ++fired; });
   for (auto _ : state) {
@@ -466,36 +466,36 @@ benchmark::internal::Benchmark* add(const std::string& name, double operations,
 
 void register_benchmarks() {
   // Spindle and Asio alternate row by row, so both see similar machine conditions.
-  add("Spindle/coroutine_lifecycle", 1, spindle_coroutine_lifecycle);
-  add("Asio/coroutine_lifecycle", 1, asio_coroutine_lifecycle);
-  add("Spindle/yield/resume_suspend", 1, spindle_yield_resume_suspend);
-  add("Spindle/yield/via_loop", 1, spindle_yield_via_loop);
-  add("Asio/yield/post_run_one", 1, asio_yield_post_run_one);
-  add("Spindle/await_chain_1000", 1, spindle_await_chain);
-  add("Asio/await_chain_1000", 1, asio_await_chain);
-  add("Spindle/bh/schedule_poll", 1, spindle_bh_schedule_poll);
-  add("Spindle/bh/run_soon_poll", 1, spindle_bh_run_soon_poll);
-  add("Asio/bh/post_poll", 1, asio_bh_post_poll);
-  add("Spindle/timer/arm_cancel", 1, spindle_timer_arm_cancel);
-  add("Asio/timer/arm_cancel", 1, asio_timer_arm_cancel);
+  add("Spindle/Lifecycle", 1, spindle_coroutine_lifecycle);
+  add("Asio/Lifecycle", 1, asio_coroutine_lifecycle);
+  add("Spindle/Yield/ResumeSuspend", 1, spindle_yield_resume_suspend);
+  add("Spindle/Yield/ViaLoop", 1, spindle_yield_via_loop);
+  add("Asio/Yield/PostRunOne", 1, asio_yield_post_run_one);
+  add("Spindle/AwaitChain1000", 1, spindle_await_chain);
+  add("Asio/AwaitChain1000", 1, asio_await_chain);
+  add("Spindle/BH/SchedulePoll", 1, spindle_bh_schedule_poll);
+  add("Spindle/BH/RunSoonPoll", 1, spindle_bh_run_soon_poll);
+  add("Asio/BH/PostPoll", 1, asio_bh_post_poll);
+  add("Spindle/Timer/ArmCancel", 1, spindle_timer_arm_cancel);
+  add("Asio/Timer/ArmCancel", 1, asio_timer_arm_cancel);
 
   // The caller sleeps in block_on()/future::get() while two other threads work: wall time.
   constexpr aio::Context::PollParams kBusyPoll{1'000'000, 0, 0};
   constexpr aio::Context::PollParams kNoPoll{0, 0, 0};
-  add("Spindle/pingpong/target_polls", kRoundTripsWhenPolling, spindle_pingpong_bench, kBusyPoll,
+  add("Spindle/PingPong/TargetPolls", kRoundTripsWhenPolling, spindle_pingpong_bench, kBusyPoll,
       kRoundTripsWhenPolling)
       ->UseRealTime();
-  add("Asio/pingpong/target_polls", kRoundTripsWhenPolling, asio_pingpong_bench,
+  add("Asio/PingPong/TargetPolls", kRoundTripsWhenPolling, asio_pingpong_bench,
       AsioThread::Mode::busy_poll, kRoundTripsWhenPolling)
       ->UseRealTime();
-  add("Spindle/pingpong/target_asleep", kRoundTripsWhenAsleep, spindle_pingpong_bench, kNoPoll,
+  add("Spindle/PingPong/TargetAsleep", kRoundTripsWhenAsleep, spindle_pingpong_bench, kNoPoll,
       kRoundTripsWhenAsleep)
       ->UseRealTime();
-  add("Asio/pingpong/target_asleep", kRoundTripsWhenAsleep, asio_pingpong_bench,
+  add("Asio/PingPong/TargetAsleep", kRoundTripsWhenAsleep, asio_pingpong_bench,
       AsioThread::Mode::sleep, kRoundTripsWhenAsleep)
       ->UseRealTime();
-  add("Spindle/fan_in/2_producers", kItemsPerFanIn, spindle_fan_in)->UseRealTime();
-  add("Asio/fan_in/2_producers", kItemsPerFanIn, asio_fan_in)->UseRealTime();
+  add("Spindle/FanIn/2Producers", kItemsPerFanIn, spindle_fan_in)->UseRealTime();
+  add("Asio/FanIn/2Producers", kItemsPerFanIn, asio_fan_in)->UseRealTime();
 }
 
 struct SummaryRow {
@@ -506,18 +506,18 @@ struct SummaryRow {
 };
 
 constexpr SummaryRow kSummaryRows[] = {
-    {"coroutine lifecycle", "Spindle/coroutine_lifecycle", "Asio/coroutine_lifecycle", 60},
-    {"yield: resume+suspend", "Spindle/yield/resume_suspend", "Asio/yield/post_run_one", 10},
-    {"yield: via loop", "Spindle/yield/via_loop", "Asio/yield/post_run_one", {}},
-    {"await chain x1000 (per chain)", "Spindle/await_chain_1000", "Asio/await_chain_1000", {}},
-    {"BH schedule+poll", "Spindle/bh/schedule_poll", "Asio/bh/post_poll", {}},
-    {"run_soon+poll", "Spindle/bh/run_soon_poll", "Asio/bh/post_poll", {}},
-    {"timer arm+cancel", "Spindle/timer/arm_cancel", "Asio/timer/arm_cancel", {}},
-    {"ping-pong, target polls", "Spindle/pingpong/target_polls", "Asio/pingpong/target_polls",
+    {"coroutine lifecycle", "Spindle/Lifecycle", "Asio/Lifecycle", 60},
+    {"yield: resume+suspend", "Spindle/Yield/ResumeSuspend", "Asio/Yield/PostRunOne", 10},
+    {"yield: via loop", "Spindle/Yield/ViaLoop", "Asio/Yield/PostRunOne", {}},
+    {"await chain x1000 (per chain)", "Spindle/AwaitChain1000", "Asio/AwaitChain1000", {}},
+    {"BH schedule+poll", "Spindle/BH/SchedulePoll", "Asio/BH/PostPoll", {}},
+    {"run_soon+poll", "Spindle/BH/RunSoonPoll", "Asio/BH/PostPoll", {}},
+    {"timer arm+cancel", "Spindle/Timer/ArmCancel", "Asio/Timer/ArmCancel", {}},
+    {"ping-pong, target polls", "Spindle/PingPong/TargetPolls", "Asio/PingPong/TargetPolls",
      1000},
-    {"ping-pong, target asleep", "Spindle/pingpong/target_asleep", "Asio/pingpong/target_asleep",
+    {"ping-pong, target asleep", "Spindle/PingPong/TargetAsleep", "Asio/PingPong/TargetAsleep",
      {}},
-    {"fan-in 2->1 (per item)", "Spindle/fan_in/2_producers", "Asio/fan_in/2_producers", {}},
+    {"fan-in 2->1 (per item)", "Spindle/FanIn/2Producers", "Asio/FanIn/2Producers", {}},
 };
 
 // The usual console output, plus wall time per operation of every benchmark for the summary.
@@ -531,10 +531,14 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         failed_ = true;
         continue;
       }
-      if (run.run_type != Run::RT_Iteration) continue;  // repetitions: accumulate raw runs
       Totals& totals = totals_[run.run_name.function_name];
-      totals.seconds += run.real_accumulated_time;
-      totals.iterations += static_cast<double>(run.iterations);
+      if (run.run_type == Run::RT_Iteration) {
+        totals.seconds += run.real_accumulated_time;
+        totals.iterations += static_cast<double>(run.iterations);
+      } else if (run.aggregate_name == "mean") {  // --benchmark_repetitions: use the mean
+        totals.mean_ns_per_iteration =
+            run.GetAdjustedRealTime() * 1e9 / benchmark::GetTimeUnitMultiplier(run.time_unit);
+      }
     }
     ConsoleReporter::ReportRuns(runs);
   }
@@ -544,17 +548,19 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   std::optional<double> ns_per_operation(std::string_view name) const {
     const auto found = totals_.find(name);
     const auto operations = operations_per_iteration().find(name);
-    if (found == totals_.end() || found->second.iterations == 0 ||
-        operations == operations_per_iteration().end()) {
+    if (found == totals_.end() || operations == operations_per_iteration().end()) {
       return std::nullopt;
     }
-    return found->second.seconds * 1e9 / (found->second.iterations * operations->second);
+    const Totals& totals = found->second;
+    if (totals.mean_ns_per_iteration) return *totals.mean_ns_per_iteration / operations->second;
+    if (totals.iterations == 0) return std::nullopt;
+    return totals.seconds * 1e9 / (totals.iterations * operations->second);
   }
 
   void print_summary() const {
     if (totals_.empty()) return;
-    fmt::print("\nSummary (wall ns per operation; ratio = Asio / Spindle, > 1 means Spindle "
-               "is faster)\n");
+    fmt::print("\nSummary (wall ns per operation, the mean over repetitions if any; ratio = "
+               "Asio / Spindle, > 1 means Spindle is faster)\n");
     constexpr std::string_view kLine = "{:<30} | {:>13} | {:>13} | {:>6} | {:<19} | {}\n";
     fmt::print(kLine, "row", "Spindle ns/op", "Asio ns/op", "ratio", "goal", "met?");
     fmt::print(kLine, std::string(30, '-'), std::string(13, '-'), std::string(13, '-'),
@@ -579,6 +585,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   struct Totals {
     double seconds = 0;
     double iterations = 0;
+    std::optional<double> mean_ns_per_iteration;
   };
   static std::string format_ns(std::optional<double> ns) {
     return ns ? fmt::format("{:.1f}", *ns) : "-";

@@ -1,7 +1,9 @@
 #include "aio/context.h"
 
 #include <sys/epoll.h>
+#include <linux/futex.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -19,7 +21,7 @@
 namespace spindle::aio {
 
 namespace detail {
-thread_local bool t_running_coroutine = false;
+constinit thread_local bool t_running_coroutine = false;
 }  // namespace detail
 
 namespace {
@@ -125,10 +127,28 @@ bool Context::is_current() const noexcept { return current_context() == this; }
 
 // ---- cross-thread entry points ------------------------------------------------------------
 
+// The sleeper chose its primitive before arming (the arm CAS publishes that choice to whoever
+// replaces the armed tag). A stale choice only costs a spurious wake-up.
 void Context::kick() noexcept {
+  if (sleeping_on_futex_.load(std::memory_order_acquire)) {
+    futex_word_.fetch_add(1, std::memory_order_release);
+    ::syscall(SYS_futex, &futex_word_, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+    return;
+  }
   const std::uint64_t one = 1;
   while (::write(wake_fd_, &one, sizeof one) < 0 && errno == EINTR) {
   }
+}
+
+void Context::sleep_on_futex(std::uint32_t observed, std::int64_t timeout_ns) noexcept {
+  timespec relative{};
+  if (timeout_ns >= 0) {
+    relative.tv_sec = static_cast<time_t>(timeout_ns / 1'000'000'000);
+    relative.tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000);
+  }
+  // Returns at once if a kick changed the word since `observed` was read (EAGAIN).
+  ::syscall(SYS_futex, &futex_word_, FUTEX_WAIT_PRIVATE, observed,
+            timeout_ns >= 0 ? &relative : nullptr, nullptr, 0);
 }
 
 void Context::notify() noexcept {
@@ -193,8 +213,9 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
     base::fatal("context '{}': epoll_ctl(fd {}): {}", name_, fd, std::strerror(errno));
   }
   handlers_.emplace(fd, handler);
-  // No kick needed: epoll_wait() sees interest-list changes made while it sleeps.
-  if (!old) fd_handler_count_.fetch_add(1, std::memory_order_relaxed);
+  // epoll_wait() sees interest-list changes made while it sleeps, but a context with no fds
+  // sleeps on a futex instead: make it re-evaluate when it gets its first fd.
+  if (!old && fd_handler_count_.fetch_add(1, std::memory_order_relaxed) == 0) reevaluate();
 }
 
 void Context::free_deleted_handlers() noexcept {
@@ -448,14 +469,21 @@ bool Context::poll(bool blocking) {
     if (uring_) uring_->flush();  // I/O prepared since the last iteration goes out before we wait
     const bool measure = blocking && poll_max_ns_.load(std::memory_order_relaxed) > 0;
     const std::int64_t start_ns = measure ? now_ns(Clock::monotonic) : 0;
+    // With no fd registered a blocking wait sleeps on a futex, which wakes faster than an
+    // eventfd through epoll; the choice must be visible before the queue is armed.
+    const bool has_fds = fd_handler_count_.load(std::memory_order_relaxed) > 0;
+    const std::uint32_t futex_observed = futex_word_.load(std::memory_order_acquire);
+    if (blocking && !has_fds) sleeping_on_futex_.store(true, std::memory_order_relaxed);
     bool armed = false;
     const std::int64_t timeout = blocking ? blocking_timeout_ns(armed) : 0;
 
     std::size_t ready = 0;
-    // With no fd of its own registered and no reason to sleep, skip the syscall entirely.
-    if (timeout != 0 || fd_handler_count_.load(std::memory_order_relaxed) > 0) {
+    if (timeout != 0 && !has_fds) {
+      sleep_on_futex(futex_observed, timeout);
+    } else if (timeout != 0 || has_fds) {  // no fds and no reason to sleep: no syscall at all
       ready = wait_for_events(timeout, events, kMaxEventsPerWait);
     }
+    if (blocking && !has_fds) sleeping_on_futex_.store(false, std::memory_order_relaxed);
     if (armed) queue_.try_disarm();
     const bool notified = notified_.exchange(false, std::memory_order_acq_rel);
     if (measure) adapt_poll_window(now_ns(Clock::monotonic) - start_ns);

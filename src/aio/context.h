@@ -12,6 +12,7 @@
 //  * No lock is held while a callback runs. Fields and what protects them:
 //      queue_            lock-free MPSC (remote_queue.h protocol), any thread pushes
 //      notified_         atomic, Dekker pair with queue_.arm() (see notify())
+//      futex_word_, sleeping_on_futex_  atomics; the home thread's choice of sleep primitive
 //      local_, batch_    home thread only (work posted from the home thread, the batch being run)
 //      poll_window_ns_   home thread only
 //      poll_max_ns_ ...  atomics, relaxed: a stale value used once is harmless
@@ -138,6 +139,7 @@ class Context {
   bool run_timers() noexcept;
   void adapt_poll_window(std::int64_t blocked_ns) noexcept;
   void kick() noexcept;
+  void sleep_on_futex(std::uint32_t observed, std::int64_t timeout_ns) noexcept;
   // Wakes a sleeping poll() so it re-reads its inputs (timer deadlines, poll parameters)
   // without that counting as a notify(): it goes back to sleep if nothing is due.
   void reevaluate() noexcept;
@@ -157,6 +159,10 @@ class Context {
 
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
+  // A context without fds sleeps on futex_word_ instead of epoll (sleeping_on_futex_ says
+  // which, for the kicker); both are atomics written by the home thread.
+  std::atomic<std::uint32_t> futex_word_{0};
+  std::atomic<bool> sleeping_on_futex_{false};
   std::atomic<const void*> poller_{nullptr};
   std::atomic<bool> dedicated_thread_{false};  // thread currently inside poll(), for misuse checks
   int poll_depth_ = 0;
@@ -249,7 +255,7 @@ class CurrentContextScope {
 };
 
 // Set by the coroutine layer while a coroutine runs on this thread, so poll() can refuse it.
-extern thread_local bool t_running_coroutine;
+extern constinit thread_local bool t_running_coroutine;
 }  // namespace detail
 
 }  // namespace spindle::aio

@@ -20,9 +20,9 @@ struct Trampoline {
   Trampoline* outer;
 };
 
-thread_local Coroutine* t_running = nullptr;
-thread_local Trampoline* t_trampoline = nullptr;
-thread_local int t_transfer_budget = kInlineTransferBudget;
+constinit thread_local Coroutine* t_running = nullptr;
+constinit thread_local Trampoline* t_trampoline = nullptr;
+constinit thread_local int t_transfer_budget = kInlineTransferBudget;
 
 struct CoroutineAccess {
   static Coroutine* from_item(aio::WorkItem* item) noexcept { return static_cast<Coroutine*>(item); }
