@@ -269,6 +269,24 @@ TEST(ChannelTest, CloseWakesABlockedReader) {
   ::close(pair.theirs);
 }
 
+coro::Task<std::string> read_to_end(Channel& channel);
+
+TEST(ChannelTest, PlainFileReadsToEndOfFile) {
+  aio::IoThread io("file-channel");
+  char path[] = "/tmp/spindle-channel-file-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::unlink(path);
+  const std::string content(10000, 'f');
+  ASSERT_EQ(::write(fd, content.data(), content.size()), static_cast<ssize_t>(content.size()));
+  ASSERT_EQ(::lseek(fd, 0, SEEK_SET), 0);
+  const std::string read_back = coro::block_on(io.context(), [](int f) -> coro::Task<std::string> {
+    Channel file(f);
+    co_return co_await read_to_end(file);
+  }(fd));
+  EXPECT_EQ(read_back, content);
+}
+
 coro::Task<std::string> read_to_end(Channel& channel) {
   std::string all;
   char buffer[256];
