@@ -184,8 +184,8 @@ Context::PollParams Context::poll_params() const noexcept {
 
 // ---- fd handlers --------------------------------------------------------------------------
 
-void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable,
-                             Trigger trigger) {
+int Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable,
+                            Trigger trigger) {
   std::lock_guard lock(fd_mutex_);
   auto found = handlers_.find(fd);
   FdHandler* old = found == handlers_.end() ? nullptr : found->second;
@@ -200,7 +200,7 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
       ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
       fd_handler_count_.fetch_sub(1, std::memory_order_relaxed);
     }
-    return;
+    return 0;
   }
   auto* handler = new FdHandler{fd, std::move(on_readable), std::move(on_writable)};
   handler->live.store(true, std::memory_order_release);
@@ -210,12 +210,19 @@ void Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writa
                  (trigger == Trigger::edge ? EPOLLET : 0u);
   event.data.ptr = handler;
   if (::epoll_ctl(epoll_fd_, old ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &event) < 0) {
-    base::fatal("context '{}': epoll_ctl(fd {}): {}", name_, fd, std::strerror(errno));
+    const int error = errno;
+    if (old) {
+      ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+      fd_handler_count_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    delete handler;
+    return -error;
   }
   handlers_.emplace(fd, handler);
   // epoll_wait() sees interest-list changes made while it sleeps, but a context with no fds
   // sleeps on a futex instead: make it re-evaluate when it gets its first fd.
   if (!old && fd_handler_count_.fetch_add(1, std::memory_order_relaxed) == 0) reevaluate();
+  return 0;
 }
 
 void Context::free_deleted_handlers() noexcept {

@@ -88,10 +88,11 @@ class Context {
   // covers readable/hang-up/error, write interest writable/error. Level-triggered by default;
   // edge-triggered handlers run once per readiness change (io::Channel uses them: it always
   // tries the syscall first and waits only after EAGAIN). Any thread; removal while the
-  // handler is being dispatched takes effect after it returns.
+  // handler is being dispatched takes effect after it returns. Returns 0, or -errno if the fd
+  // cannot be watched (EPERM for regular files, EBADF).
   enum class Trigger { level, edge };
-  void set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable,
-                      Trigger trigger = Trigger::level);
+  int set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writable,
+                     Trigger trigger = Trigger::level);
   void remove_fd_handler(int fd) { set_fd_handler(fd, {}, {}); }
 
   // This context's thread pool, created on first use (home thread only).

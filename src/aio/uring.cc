@@ -46,7 +46,9 @@ Uring::Uring(Context& context, unsigned entries, unsigned flags, bool deferred)
   if (int error = io_uring_register_eventfd(&ring_, completions_.fd()); error < 0) {
     base::fatal("io_uring eventfd registration: {}", std::strerror(-error));
   }
-  context_.set_fd_handler(completions_.fd(), [this] { reap(); }, {});
+  if (int error = context_.set_fd_handler(completions_.fd(), [this] { reap(); }, {}); error < 0) {
+    base::fatal("io_uring: cannot watch the completion eventfd: {}", std::strerror(-error));
+  }
 }
 
 Uring::~Uring() {

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "aio/file_io.h"
 #include "base/fatal.h"
 
 namespace spindle::io {
@@ -28,7 +29,10 @@ Channel::Channel(int fd, aio::Context* context) : fd_(fd) {
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags >= 0 && !(flags & O_NONBLOCK)) ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
   struct stat info;
-  is_socket_ = ::fstat(fd, &info) == 0 && S_ISSOCK(info.st_mode);
+  if (::fstat(fd, &info) == 0) {
+    is_socket_ = S_ISSOCK(info.st_mode);
+    pollable_ = !S_ISREG(info.st_mode) && !S_ISBLK(info.st_mode);
+  }
   if (context) attach(*context);
 }
 
@@ -37,7 +41,7 @@ Channel::~Channel() { close(); }
 void Channel::attach(aio::Context& context) {
   detach();
   const int fd = fd_.load(std::memory_order_acquire);
-  if (fd < 0) return;
+  if (fd < 0 || !pollable_) return;  // files complete through aio file I/O instead
   context_.store(&context, std::memory_order_release);
   // Adding the fd reports its current readiness once, so a coroutine already waiting when
   // the channel moves is woken by its new context.
@@ -115,6 +119,10 @@ ssize_t Channel::try_writev(const iovec* vectors, int count) noexcept {
 }
 
 coro::Task<ssize_t> Channel::read_some(void* buffer, std::size_t size) {
+  if (!pollable_) {
+    if (closed()) co_return -ECANCELED;
+    co_return co_await aio::pread(fd(), buffer, size, -1);  // at the file position
+  }
   for (;;) {
     if (closed()) co_return -ECANCELED;
     const ssize_t n = try_read(buffer, size);
@@ -151,7 +159,9 @@ coro::Task<int> Channel::writev_all(std::span<const iovec> vectors) {
     }
     if (closed()) co_return -ECANCELED;
     const int count = static_cast<int>(std::min<std::size_t>(pending.size() - first, IOV_MAX));
-    ssize_t n = try_writev(&pending[first], count);
+    ssize_t n = pollable_ ? try_writev(&pending[first], count)
+                          : co_await aio::pwritev(fd(), std::span<const iovec>(&pending[first],
+                                                                              count), -1);
     if (n == -EINTR) continue;
     if (n == -EAGAIN) {
       if (!co_await writable()) co_return -ECANCELED;

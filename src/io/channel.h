@@ -14,6 +14,9 @@
 // The edge-triggered fd handler CASes Coroutine* -> 0 and enters that coroutine, or 0 -> kReady.
 // Exactly one party wins each CAS, so a wake-up is neither lost nor doubled.
 //
+// Regular files and block devices cannot be polled: a channel over one reads and writes at the
+// file position through aio file I/O (io_uring or the thread pool), so it never blocks a loop.
+//
 // Thread-safety: at most one coroutine reads and one writes at a time (any context). attach(),
 // detach() and close() from any thread; destroy the channel only when no coroutine uses it and
 // from the attached context's thread (or after detach()).
@@ -77,6 +80,7 @@ class Channel {
 
   std::atomic<int> fd_;
   bool is_socket_ = false;
+  bool pollable_ = true;  // false for regular files and block devices
   std::atomic<aio::Context*> context_{nullptr};
   std::atomic<std::uintptr_t> readable_{0};
   std::atomic<std::uintptr_t> writable_{0};
