@@ -1,0 +1,256 @@
+#include "block/block_backend.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "base/fatal.h"
+#include "coro/block_on.h"
+
+namespace spindle::block {
+
+BlockBackend::BlockBackend(BlockNodeRef root)
+    : root_(std::move(root)),
+      alignment_(std::max<std::uint32_t>(root_->limits().request_alignment, 1)),
+      max_transfer_(root_->limits().max_transfer) {
+  if ((alignment_ & (alignment_ - 1)) != 0) {
+    base::fatal("block node '{}' has a request alignment that is not a power of two",
+                root_->driver_name());
+  }
+}
+
+BlockBackend::~BlockBackend() {
+  std::lock_guard lock(state_mutex_);
+  if (in_flight_ != 0) base::fatal("BlockBackend destroyed with {} requests in flight", in_flight_);
+}
+
+int BlockBackend::check_request(std::uint64_t offset, std::uint64_t bytes) const noexcept {
+  constexpr std::uint64_t kMax = std::numeric_limits<std::int64_t>::max();
+  if (offset > kMax || bytes > kMax || offset + bytes > kMax) return -EINVAL;
+  if (offset + bytes > size()) return -EIO;
+  return 0;
+}
+
+// ---- in-flight tracking and drain ---------------------------------------------------------
+
+coro::Task<void> BlockBackend::enter_request() {
+  state_mutex_.lock();
+  while (quiesce_ > 0) co_await quiesced_.wait(state_mutex_);
+  ++in_flight_;
+  state_mutex_.unlock();
+}
+
+void BlockBackend::leave_request() noexcept {
+  std::lock_guard lock(state_mutex_);
+  if (--in_flight_ == 0) idle_waiters_.restart_all();
+}
+
+class BlockBackend::InFlight {
+ public:
+  explicit InFlight(BlockBackend& backend) noexcept : backend_(backend) {}
+  ~InFlight() { backend_.leave_request(); }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  BlockBackend& backend_;
+};
+
+coro::Task<void> BlockBackend::drained_begin() {
+  state_mutex_.lock();
+  ++quiesce_;
+  while (in_flight_ > 0) co_await idle_waiters_.wait(state_mutex_);
+  state_mutex_.unlock();
+}
+
+void BlockBackend::drained_end() {
+  std::lock_guard lock(state_mutex_);
+  if (quiesce_ <= 0) base::fatal("BlockBackend::drained_end() without drained_begin()");
+  if (--quiesce_ == 0) quiesced_.restart_all();
+}
+
+coro::Task<void> BlockBackend::drain() {
+  co_await drained_begin();
+  drained_end();
+}
+
+std::int64_t BlockBackend::in_flight() const {
+  std::lock_guard lock(state_mutex_);
+  return in_flight_;
+}
+
+// ---- serialising tracked requests ---------------------------------------------------------
+
+coro::Task<void> BlockBackend::track(Tracked& request) {
+  auto conflicts = [&] {
+    for (Tracked* other = tracked_; other; other = other->next) {
+      const bool overlap = other->start < request.end && request.start < other->end;
+      if (overlap && (other->serialising || request.serialising)) return true;
+    }
+    return false;
+  };
+  tracked_mutex_.lock();
+  while (conflicts()) co_await tracked_waiters_.wait(tracked_mutex_);
+  request.next = tracked_;
+  tracked_ = &request;
+  tracked_mutex_.unlock();
+}
+
+void BlockBackend::untrack(Tracked& request) noexcept {
+  std::lock_guard lock(tracked_mutex_);
+  for (Tracked** link = &tracked_; *link; link = &(*link)->next) {
+    if (*link == &request) {
+      *link = request.next;
+      break;
+    }
+  }
+  tracked_waiters_.restart_all();
+}
+
+// ---- data path ----------------------------------------------------------------------------
+
+coro::Task<int> BlockBackend::read_aligned(std::uint64_t offset, std::span<std::byte> buffer,
+                                           std::uint32_t flags) {
+  while (!buffer.empty()) {
+    std::size_t length = buffer.size();
+    if (max_transfer_ != 0) length = std::min<std::size_t>(length, max_transfer_);
+    if (int result = co_await root_->read(offset, buffer.first(length), flags); result < 0) {
+      co_return result;
+    }
+    offset += length;
+    buffer = buffer.subspan(length);
+  }
+  co_return 0;
+}
+
+coro::Task<int> BlockBackend::write_aligned(std::uint64_t offset,
+                                            std::span<const std::byte> buffer,
+                                            std::uint32_t flags) {
+  while (!buffer.empty()) {
+    std::size_t length = buffer.size();
+    if (max_transfer_ != 0) length = std::min<std::size_t>(length, max_transfer_);
+    if (int result = co_await root_->write(offset, buffer.first(length), flags); result < 0) {
+      co_return result;
+    }
+    offset += length;
+    buffer = buffer.subspan(length);
+  }
+  co_return 0;
+}
+
+coro::Task<int> BlockBackend::read(std::uint64_t offset, std::span<std::byte> buffer,
+                                   std::uint32_t flags) {
+  if (int error = check_request(offset, buffer.size()); error < 0) co_return error;
+  co_await enter_request();
+  InFlight in_flight(*this);
+  if (offset % alignment_ == 0 && buffer.size() % alignment_ == 0) {
+    co_return co_await read_aligned(offset, buffer, flags);
+  }
+  const std::uint64_t start = offset / alignment_ * alignment_;
+  const std::uint64_t end = (offset + buffer.size() + alignment_ - 1) / alignment_ * alignment_;
+  std::vector<std::byte> bounce(end - start);
+  const int result = co_await read_aligned(start, bounce, flags);
+  if (result == 0) std::memcpy(buffer.data(), bounce.data() + (offset - start), buffer.size());
+  co_return result;
+}
+
+coro::Task<int> BlockBackend::write_unaligned(std::uint64_t offset,
+                                              std::span<const std::byte> buffer,
+                                              std::uint32_t flags) {
+  const std::uint64_t start = offset / alignment_ * alignment_;
+  const std::uint64_t end = (offset + buffer.size() + alignment_ - 1) / alignment_ * alignment_;
+  Tracked request{start, end, /*serialising=*/true};
+  co_await track(request);
+  std::vector<std::byte> bounce(end - start);
+  // Read the partial head and tail blocks, then overlay the new bytes.
+  int result = co_await read_aligned(start, std::span(bounce.data(), alignment_), 0);
+  if (result == 0 && end - start > alignment_) {
+    result = co_await read_aligned(end - alignment_,
+                                   std::span(bounce.data() + (end - start - alignment_), alignment_),
+                                   0);
+  }
+  if (result == 0) {
+    std::memcpy(bounce.data() + (offset - start), buffer.data(), buffer.size());
+    result = co_await write_aligned(start, bounce, flags);
+  }
+  untrack(request);
+  co_return result;
+}
+
+coro::Task<int> BlockBackend::write(std::uint64_t offset, std::span<const std::byte> buffer,
+                                    std::uint32_t flags) {
+  if (read_only()) co_return -EROFS;
+  if (int error = check_request(offset, buffer.size()); error < 0) co_return error;
+  co_await enter_request();
+  InFlight in_flight(*this);
+  if (offset % alignment_ != 0 || buffer.size() % alignment_ != 0) {
+    co_return co_await write_unaligned(offset, buffer, flags);
+  }
+  if (alignment_ == 1) co_return co_await write_aligned(offset, buffer, flags);
+  // Aligned writes still wait for an overlapping read-modify-write in progress.
+  Tracked request{offset, offset + buffer.size(), /*serialising=*/false};
+  co_await track(request);
+  const int result = co_await write_aligned(offset, buffer, flags);
+  untrack(request);
+  co_return result;
+}
+
+coro::Task<int> BlockBackend::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                                           std::uint32_t flags) {
+  if (read_only()) co_return -EROFS;
+  if (int error = check_request(offset, bytes); error < 0) co_return error;
+  if (offset % alignment_ != 0 || bytes % alignment_ != 0) {  // rare: zero through RMW
+    const std::vector<std::byte> zeros(bytes);
+    co_return co_await write(offset, zeros, flags & kFua);
+  }
+  co_await enter_request();
+  InFlight in_flight(*this);
+  co_return co_await root_->write_zeroes(offset, bytes, flags);
+}
+
+coro::Task<int> BlockBackend::discard(std::uint64_t offset, std::uint64_t bytes) {
+  if (read_only()) co_return -EROFS;
+  if (int error = check_request(offset, bytes); error < 0) co_return error;
+  // Discard is advisory: shrink to whole aligned blocks.
+  const std::uint64_t start = (offset + alignment_ - 1) / alignment_ * alignment_;
+  const std::uint64_t end = (offset + bytes) / alignment_ * alignment_;
+  if (end <= start) co_return 0;
+  co_await enter_request();
+  InFlight in_flight(*this);
+  co_return co_await root_->discard(start, end - start);
+}
+
+coro::Task<int> BlockBackend::flush() {
+  co_await enter_request();
+  InFlight in_flight(*this);
+  co_return co_await root_->flush();
+}
+
+coro::Task<BlockStatus> BlockBackend::block_status(std::uint64_t offset, std::uint64_t bytes) {
+  const std::uint64_t image_size = size();
+  if (offset >= image_size) co_return BlockStatus{kStatusEof, 0, 0};
+  bytes = std::min(bytes, image_size - offset);
+  co_await enter_request();
+  InFlight in_flight(*this);
+  BlockStatus status = co_await root_->block_status(offset, bytes);
+  status.bytes = std::min(std::max<std::uint64_t>(status.bytes, 1), bytes);
+  co_return status;
+}
+
+// ---- blocking wrappers --------------------------------------------------------------------
+
+int BlockBackend::read_blocking(std::uint64_t offset, std::span<std::byte> buffer,
+                                std::uint32_t flags) {
+  return coro::block_on(read(offset, buffer, flags));
+}
+
+int BlockBackend::write_blocking(std::uint64_t offset, std::span<const std::byte> buffer,
+                                 std::uint32_t flags) {
+  return coro::block_on(write(offset, buffer, flags));
+}
+
+int BlockBackend::flush_blocking() { return coro::block_on(flush()); }
+
+}  // namespace spindle::block

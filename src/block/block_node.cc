@@ -1,0 +1,34 @@
+#include "block/block_node.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <vector>
+
+namespace spindle::block {
+
+coro::Task<int> BlockNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                                        std::uint32_t flags) {
+  if (flags & kNoFallback) co_return -ENOTSUP;
+  constexpr std::uint64_t kChunk = 1 << 20;
+  const std::uint32_t alignment = limits().request_alignment;
+  const std::vector<std::byte> zeros(std::min<std::uint64_t>(bytes, kChunk));
+  while (bytes > 0) {
+    std::uint64_t length = std::min<std::uint64_t>(bytes, zeros.size());
+    if (length < bytes) length -= length % alignment;  // keep the pieces aligned
+    const int result = co_await write(offset, std::span(zeros.data(), length), flags & kFua);
+    if (result < 0) co_return result;
+    offset += length;
+    bytes -= length;
+  }
+  co_return 0;
+}
+
+coro::Task<BlockStatus> BlockNode::block_status(std::uint64_t offset, std::uint64_t bytes) {
+  BlockStatus status;
+  status.flags = kStatusData | kStatusAllocated;
+  status.bytes = bytes;
+  if (offset + bytes >= size()) status.flags |= kStatusEof;
+  co_return status;
+}
+
+}  // namespace spindle::block

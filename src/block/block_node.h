@@ -1,0 +1,82 @@
+// BlockNode: one node of the block graph — a format driver (raw, qed), a protocol driver
+// (file, null, nbd) or a filter (blkdebug, throttle). Every data path entry point is a
+// coroutine returning 0 (or a value) on success and -errno on failure.
+//
+// Requests arriving here are already checked and aligned by BlockBackend: offsets and lengths
+// are multiples of limits().request_alignment, within size() (except where a driver says it
+// grows), and no longer than limits().max_transfer. Drivers run on the calling coroutine's
+// context; file I/O goes through that context's io_uring or thread pool.
+//
+// Thread-safety: a node may be called from coroutines on several contexts at once; each driver
+// documents what protects its own state (metadata caches, allocation). Graph edges (children)
+// are set at open time and immutable afterwards.
+#pragma once
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "coro/task.h"
+
+namespace spindle::block {
+
+// Request flags (values as QEMU's BdrvRequestFlags).
+enum RequestFlag : std::uint32_t {
+  kMayUnmap = 0x4,     // write_zeroes may deallocate (punch a hole)
+  kFua = 0x10,         // the write is durable when it completes
+  kNoFallback = 0x100  // write_zeroes: fail with -ENOTSUP rather than write zero buffers
+};
+
+// Block status flags (values as QEMU's BDRV_BLOCK_*).
+enum StatusFlag : std::uint32_t {
+  kStatusData = 0x01,         // the range holds data (read it)
+  kStatusZero = 0x02,         // the range reads as zeros
+  kStatusOffsetValid = 0x04,  // `file_offset` says where the data lives in the child
+  kStatusAllocated = 0x10,    // this node (not a backing file) decides the content
+  kStatusEof = 0x20,          // the range reaches the end of the node
+};
+
+struct BlockStatus {
+  std::uint32_t flags = 0;
+  std::uint64_t bytes = 0;  // length of the run with these flags, starting at the query offset
+  std::uint64_t file_offset = 0;
+};
+
+struct BlockLimits {
+  std::uint32_t request_alignment = 1;  // power of two
+  std::uint64_t max_transfer = 0;       // 0: unlimited
+};
+
+class BlockNode {
+ public:
+  virtual ~BlockNode() = default;
+
+  virtual const char* driver_name() const noexcept = 0;
+  virtual std::string filename() const { return {}; }
+  virtual std::uint64_t size() const noexcept = 0;
+  virtual BlockLimits limits() const noexcept { return {}; }
+  virtual bool read_only() const noexcept { return false; }
+
+  virtual coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
+                               std::uint32_t flags) = 0;
+  virtual coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
+                                std::uint32_t flags) = 0;
+  virtual coro::Task<int> flush() { co_return 0; }
+  // Default: writes a zero buffer (unless kNoFallback).
+  virtual coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                                       std::uint32_t flags);
+  // Default: nothing (discard is advisory).
+  virtual coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) { co_return 0; }
+  // Default: all data, allocated here.
+  virtual coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes);
+  virtual coro::Task<int> truncate(std::uint64_t new_size) { co_return -ENOTSUP; }
+  // Writes back cached metadata and marks the image clean (called before closing).
+  virtual coro::Task<int> close() { co_return co_await flush(); }
+};
+
+using BlockNodeRef = std::shared_ptr<BlockNode>;
+
+}  // namespace spindle::block
