@@ -63,8 +63,11 @@ class MemoryNode final : public BlockNode {
   coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer, std::uint32_t) override {
     check(offset, buffer.size());
     if (delay_.count()) co_await coro::sleep(delay_);
-    std::lock_guard lock(mutex_);
-    std::memcpy(buffer.data(), data_.data() + offset, buffer.size());
+    {
+      std::lock_guard lock(mutex_);
+      std::memcpy(buffer.data(), data_.data() + offset, buffer.size());
+    }
+    co_await coro::yield();  // widen the window between an RMW's read and its write
     co_return 0;
   }
   coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
@@ -75,7 +78,6 @@ class MemoryNode final : public BlockNode {
       std::lock_guard lock(mutex_);
       std::memcpy(data_.data() + offset, buffer.data(), buffer.size());
     }
-    co_await coro::yield();  // widen the window between an RMW's read and its write
     co_return 0;
   }
   void check(std::uint64_t offset, std::size_t length) {
