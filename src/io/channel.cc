@@ -127,7 +127,10 @@ coro::Task<ssize_t> Channel::read_some(void* buffer, std::size_t size) {
     if (closed()) co_return -ECANCELED;
     const ssize_t n = try_read(buffer, size);
     if (n >= 0 || (n != -EAGAIN && n != -EINTR)) co_return n;
-    if (n == -EAGAIN && !co_await readable()) co_return -ECANCELED;
+    if (n == -EAGAIN) {
+      const bool ready = co_await readable();
+      if (!ready) co_return -ECANCELED;
+    }
   }
 }
 
@@ -164,7 +167,8 @@ coro::Task<int> Channel::writev_all(std::span<const iovec> vectors) {
                                                                               count), -1);
     if (n == -EINTR) continue;
     if (n == -EAGAIN) {
-      if (!co_await writable()) co_return -ECANCELED;
+      const bool ready = co_await writable();
+      if (!ready) co_return -ECANCELED;
       continue;
     }
     if (n < 0) co_return static_cast<int>(n);
@@ -184,6 +188,12 @@ int Channel::shutdown_write() noexcept {
   const int fd = fd_.load(std::memory_order_acquire);
   if (!is_socket_) return -ENOTSOCK;
   return ::shutdown(fd, SHUT_WR) < 0 ? -errno : 0;
+}
+
+int Channel::shutdown_read() noexcept {
+  const int fd = fd_.load(std::memory_order_acquire);
+  if (!is_socket_) return -ENOTSOCK;
+  return ::shutdown(fd, SHUT_RD) < 0 ? -errno : 0;
 }
 
 void Channel::close() noexcept {

@@ -56,6 +56,9 @@ class Channel {
 
   // Ends the write direction (the peer reads EOF); sockets only. 0 or -errno.
   int shutdown_write() noexcept;
+  // Ends the read direction: a read blocked in the channel (from any thread) returns 0 (EOF),
+  // and so do later ones; sockets only. 0 or -errno.
+  int shutdown_read() noexcept;
   // Closes the fd; coroutines waiting in the channel resume with -ECANCELED.
   void close() noexcept;
   bool closed() const noexcept { return fd_.load(std::memory_order_acquire) < 0; }

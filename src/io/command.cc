@@ -98,7 +98,8 @@ coro::Task<int> Command::wait() {
         reaped_ = true;
         co_return info.si_code == CLD_EXITED ? info.si_status : 128 + info.si_status;
       }
-      if (!co_await exit_watch.readable()) co_return -ECANCELED;
+      const bool exited = co_await exit_watch.readable();
+      if (!exited) co_return -ECANCELED;
     }
   }
   // No pidfd (old kernel): block a pool thread in waitpid instead of this context.

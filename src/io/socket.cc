@@ -65,7 +65,8 @@ base::Result<std::unique_ptr<Listener>> listen_on(int fd, int backlog, std::uint
 
 // Finishes a non-blocking connect on `fd`: waits for writability, then reads SO_ERROR.
 coro::Task<int> complete_connect(Channel& channel) {
-  if (!co_await channel.writable()) co_return ECANCELED;
+  const bool ready = co_await channel.writable();
+  if (!ready) co_return ECANCELED;
   int error = 0;
   socklen_t length = sizeof error;
   if (::getsockopt(channel.fd(), SOL_SOCKET, SO_ERROR, &error, &length) < 0) co_return errno;
@@ -149,6 +150,21 @@ base::Result<std::unique_ptr<Listener>> Listener::unix_socket(const std::string&
   });
 }
 
+base::Result<std::unique_ptr<Listener>> Listener::adopt(int fd) {
+  int listening = 0;
+  socklen_t length = sizeof listening;
+  if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) < 0 || !listening) {
+    return base::Result<std::unique_ptr<Listener>>::failure(EINVAL);
+  }
+  sockaddr_storage bound{};
+  socklen_t bound_length = sizeof bound;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_length);
+  std::uint16_t port = 0;
+  if (bound.ss_family == AF_INET) port = ntohs(reinterpret_cast<sockaddr_in&>(bound).sin_port);
+  if (bound.ss_family == AF_INET6) port = ntohs(reinterpret_cast<sockaddr_in6&>(bound).sin6_port);
+  return std::unique_ptr<Listener>(new Listener(fd, port));
+}
+
 coro::Task<ChannelResult> Listener::accept() {
   for (;;) {
     if (channel_.closed()) co_return ChannelResult::failure(ECANCELED);
@@ -164,8 +180,9 @@ coro::Task<ChannelResult> Listener::accept() {
     }
     const int error = errno;
     if (error == EAGAIN || error == EINTR || error == ECONNABORTED) {
-      if (error == EAGAIN && !co_await channel_.readable()) {
-        co_return ChannelResult::failure(ECANCELED);
+      if (error == EAGAIN) {
+        const bool ready = co_await channel_.readable();
+        if (!ready) co_return ChannelResult::failure(ECANCELED);
       }
       continue;
     }

@@ -27,6 +27,9 @@ class Listener {
   static base::Result<std::unique_ptr<Listener>> unix_socket(const std::string& path,
                                                              int backlog = SOMAXCONN);
 
+  // Takes over an already listening socket (socket activation). EINVAL if it is not one.
+  static base::Result<std::unique_ptr<Listener>> adopt(int fd);
+
   // Waits for the next connection. -ECANCELED once the listener is closed.
   coro::Task<base::Result<std::unique_ptr<Channel>>> accept();
 

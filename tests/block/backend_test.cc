@@ -138,7 +138,8 @@ TEST(BlockBackendTest, ConcurrentReadModifyWritesOfOneBlockLoseNothing) {
     coro::spawn(ctx, [](BlockBackend& bk, int index, std::atomic<int>& finished,
                         std::atomic<int>& failed) -> coro::Task<void> {
       std::vector<std::byte> bytes(8, static_cast<std::byte>(index + 1));
-      if (co_await bk.write(static_cast<std::uint64_t>(500 + index * 8), bytes) != 0) {
+      const int written = co_await bk.write(static_cast<std::uint64_t>(500 + index * 8), bytes);
+      if (written != 0) {
         failed.fetch_add(1);
       }
       finished.fetch_add(1);

@@ -32,7 +32,8 @@ coro::Task<void> echo_session(std::unique_ptr<Channel> channel) {
   for (;;) {
     const ssize_t n = co_await channel->read_some(buffer, sizeof buffer);
     if (n <= 0) break;
-    if (co_await channel->write_all(buffer, static_cast<std::size_t>(n)) != 0) break;
+    const int written = co_await channel->write_all(buffer, static_cast<std::size_t>(n));
+    if (written != 0) break;
   }
 }
 
@@ -167,7 +168,8 @@ TEST(ChannelTest, ReaderMovedBetweenIoThreadsMidStreamLosesAndDuplicatesNothing)
                               coro::Event& done) -> coro::Task<void> {
     for (int expected = 0; expected < kValues; ++expected) {
       int value;
-      if (co_await ch.read_exact(&value, sizeof value) != 0) break;
+      const int got = co_await ch.read_exact(&value, sizeof value);
+      if (got != 0) break;
       if (value != expected) bad.fetch_add(1);
       if (was_moved.load()) {
         (testing_support::this_thread_id() == b_thread ? on_b : elsewhere).fetch_add(1);

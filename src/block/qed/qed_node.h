@@ -1,0 +1,154 @@
+// QedNode: the QED image format driver (reference/qed.md §1–§2), a BlockNode over a child node
+// holding the image bytes, with an optional backing node (raw or QED) for unallocated clusters.
+// open_qed() validates everything before touching a table; QedNode::check() is the consistency
+// check/repair; create_qed() (create.h) formats a new image.
+//
+// Requests: reads map each contiguous run of clusters (never crossing an L2 table) to zeros,
+// the backing node, or the child. Writes to allocated clusters go to the child in place.
+// Writes to unallocated or zero clusters allocate at the end of the file, copy the rest of the
+// cluster from the backing node (or zeros), then link the clusters: data (+ flush with a
+// backing file), then a new L2 table (+ flush) and its L1 entry, or the changed slice of an
+// existing L2 table. Without a backing file the NEED_CHECK bit is set (and flushed) before the
+// first allocating write and cleared again by flush() and close().
+//
+// Thread-safety: the node may be used by coroutines on several contexts at once.
+//   geometry_, backing_, file_, read_only_, backing_name_   immutable after open
+//   image_size_                                             atomic (read by size())
+//   allocation_lock_   FIFO; held by the one allocating request for its whole duration (QEMU's
+//                      allocating-write queue), and by flush's header clean-up, truncate, check.
+//                      Lock order: allocation_lock_ before table_lock_.
+//   table_lock_        protects header_, l1_, l2_cache_, file_size_ and the entries of cached
+//                      L2 tables. Held for lookups (including loading an L2 table on a cache
+//                      miss) and in-memory updates, never across data I/O. Only the holder of
+//                      allocation_lock_ changes l1_, L2 entries, file_size_ or header_.
+// Reads and in-place writes therefore run in parallel with each other and with an allocating
+// write; overlapping guest requests are not ordered (the caller's job, as in QEMU).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "block/block_node.h"
+#include "block/qed/check.h"
+#include "block/qed/error.h"
+#include "block/qed/format.h"
+#include "block/qed/l2_cache.h"
+#include "block/qed/tables.h"
+#include "coro/mutex.h"
+#include "coro/task.h"
+
+namespace spindle::block::qed {
+
+// Opens the backing file an image names. `format` is "raw" when the image says so
+// (QED_F_BACKING_FORMAT_NO_PROBE), otherwise empty (probe it). Backing files are opened
+// read-only. The callee resolves `name` relative to the image and guards against loops.
+using BackingOpener =
+    std::function<coro::Task<QedResult<BlockNodeRef>>(std::string name, std::string format)>;
+
+struct OpenOptions {
+  bool read_only = false;
+  // QEMU repairs a dirty (NEED_CHECK) image on a writable open, except when opened by
+  // `qemu-img check` (BDRV_O_CHECK): set false for that.
+  bool repair_if_dirty = true;
+  // Open without the backing file even if the image names one (QEMU's BDRV_O_NO_BACKING).
+  bool ignore_backing = false;
+  BackingOpener open_backing;
+};
+
+class QedNode;
+using QedNodeRef = std::shared_ptr<QedNode>;
+
+coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
+
+class QedNode final : public BlockNode {
+ public:
+  struct Private {};
+  QedNode(Private, BlockNodeRef file, const Header& header, Table l1, std::string backing_name,
+          bool read_only);
+
+  const char* driver_name() const noexcept override { return "qed"; }
+  std::string filename() const override { return file_->filename(); }
+  std::uint64_t size() const noexcept override {
+    return image_size_.load(std::memory_order_acquire);
+  }
+  BlockLimits limits() const noexcept override { return {.request_alignment = 512}; }
+  bool read_only() const noexcept override { return read_only_; }
+
+  coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
+                       std::uint32_t flags) override;
+  coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
+                        std::uint32_t flags) override;
+  coro::Task<int> flush() override;
+  // Cluster-aligned parts become zero clusters (allocated clusters get zero data written);
+  // unaligned head and tail are written as zero buffers. kNoFallback: -ENOTSUP unless aligned.
+  coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                               std::uint32_t flags) override;
+  // Data clusters: DATA|OFFSET_VALID|ALLOCATED (file_offset in the child); zero clusters:
+  // ZERO|ALLOCATED; unallocated: 0 with a backing node (read it there), ZERO without one.
+  // Runs never cross an L2 table. A corrupt entry is reported as data (the read fails).
+  coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
+  // Grow only (-ENOTSUP to shrink); the size must stay valid for the geometry (-EINVAL).
+  coro::Task<int> truncate(std::uint64_t new_size) override;
+  coro::Task<int> close() override;
+
+  // Consistency check (reference/qed.md §1.11); `repair` drops invalid offsets and, if nothing
+  // uncorrectable remains, marks the image clean. Runs exclusive of all allocating work.
+  coro::Task<CheckResult> check(bool repair);
+
+  // Introspection for tools and tests.
+  const Geometry& geometry() const noexcept { return geometry_; }
+  const std::string& backing_filename() const noexcept { return backing_name_; }
+  const BlockNodeRef& backing() const noexcept { return backing_; }
+  const BlockNodeRef& file() const noexcept { return file_; }
+  coro::Task<Header> header();
+
+ private:
+  friend coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
+
+  enum class Kind { kUnallocated, kZero, kData };
+  struct Run {
+    Kind kind = Kind::kUnallocated;
+    std::uint64_t bytes = 0;        // from the lookup position, within one L2 table
+    std::uint64_t host_offset = 0;  // kData: where the lookup position lives in the child
+    TableRef l2;                    // the L2 table (null when the L1 entry is 0)
+  };
+  enum class AllocationMode { kData, kZero };
+
+  // With table_lock_ held: the run at `pos` of at most `length` bytes.
+  coro::Task<int> find_run(std::uint64_t pos, std::uint64_t length, Run& run);
+  // Reads guest bytes [pos, pos + size) of the backing node (zeros past its end or without one).
+  coro::Task<int> read_backing(std::uint64_t pos, std::span<std::byte> buffer);
+  // Copy-on-write fill for [pos, pos + buffer.size()) of a cluster being allocated.
+  coro::Task<int> write_cow(Kind kind, std::uint64_t pos, std::uint64_t length,
+                            std::uint64_t host_offset);
+  // With allocation_lock_ and table_lock_ held: allocates and links the run at `pos`; returns
+  // with table_lock_ released. `data` is the guest data for kData mode.
+  coro::Task<int> allocate_run(std::uint64_t pos, const Run& run,
+                               std::span<const std::byte> data, AllocationMode mode);
+  // With allocation_lock_ held and table_lock_ not held: sets/clears NEED_CHECK on disk.
+  coro::Task<int> set_need_check(bool dirty);
+  // Writes the header fields (64 bytes at offset 0) as encoded from `header`.
+  coro::Task<int> write_header(const Header& header);
+  // Shared by write() and write_zeroes(): `data` empty in kZero mode.
+  coro::Task<int> write_runs(std::uint64_t offset, std::uint64_t length,
+                             std::span<const std::byte> data, AllocationMode mode);
+
+  const BlockNodeRef file_;
+  BlockNodeRef backing_;  // set once during open
+  const bool read_only_;
+  const Geometry geometry_;
+  const std::string backing_name_;
+  std::atomic<std::uint64_t> image_size_;
+
+  coro::Mutex allocation_lock_;
+  coro::Mutex table_lock_;
+  Header header_;             // table_lock_
+  Table l1_;                  // table_lock_
+  L2Cache l2_cache_;          // table_lock_
+  std::uint64_t file_size_;   // table_lock_: next allocation offset (a multiple of cluster_size)
+};
+
+}  // namespace spindle::block::qed

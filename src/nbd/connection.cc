@@ -1,0 +1,461 @@
+#include "nbd/connection.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "aio/context.h"
+#include "aio/timer.h"
+#include "block/block_backend.h"
+#include "nbd/server.h"
+
+namespace spindle::nbd {
+
+namespace {
+
+constexpr std::uint32_t kBaseAllocationId = 1;
+// Reads this large are checked for holes first, so a sparse image sends OFFSET_HOLE chunks
+// instead of zeros; smaller reads skip the extra block-status query.
+constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
+constexpr std::uint32_t kMaxExtentsPerReply = 256;
+
+iovec bytes_iovec(const void* data, std::size_t size) {
+  return iovec{const_cast<void*>(data), size};
+}
+
+std::uint32_t allocation_flags(std::uint32_t status) {
+  std::uint32_t flags = 0;
+  if (!(status & block::kStatusData)) flags |= kStateHole;
+  if (status & block::kStatusZero) flags |= kStateZero;
+  return flags;
+}
+
+}  // namespace
+
+Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
+    : server_(server), channel_(std::move(channel)) {}
+
+Connection::~Connection() = default;
+
+void Connection::stop_reading() noexcept { channel_->shutdown_read(); }
+
+coro::Task<void> Connection::run() {
+  channel_->attach(*aio::current_context());
+  const bool negotiated = co_await handshake();
+  if (negotiated) co_await transmission();
+  co_await idle_.wait();  // every request has sent its reply
+  channel_->close();
+}
+
+// ---- handshake ----------------------------------------------------------------------------
+
+coro::Task<bool> Connection::handshake() {
+  // A client that does not finish the handshake in time is cut off: closing the channel ends
+  // whatever read it is blocked in.
+  aio::Timer deadline(*aio::current_context(), aio::Clock::monotonic,
+                      [this] { channel_->close(); });
+  deadline.arm_in(server_.options_.handshake_timeout);
+
+  const std::uint16_t handshake_flags = kFlagFixedNewstyle | kFlagNoZeroes;
+  const auto greeting = encode_greeting(handshake_flags);
+  const int greeted = co_await channel_->write_all(greeting.data(), greeting.size());
+  if (greeted != 0) co_return false;
+  std::array<std::byte, kClientFlagsSize> flag_bytes;
+  const int got_flags = co_await channel_->read_exact(flag_bytes.data(), flag_bytes.size());
+  if (got_flags != 0) co_return false;
+  const auto client_flags = parse_client_flags(flag_bytes);
+  if (!client_flags || !client_flags_acceptable(*client_flags, handshake_flags)) co_return false;
+  no_zeroes_ = (*client_flags & kClientFlagNoZeroes) != 0;
+
+  std::vector<std::byte> data;
+  for (;;) {
+    std::array<std::byte, kOptionHeaderSize> header_bytes;
+    const int got_header = co_await channel_->read_exact(header_bytes.data(), header_bytes.size());
+    if (got_header != 0) co_return false;
+    const auto header = parse_option_header(header_bytes);
+    if (!header) co_return false;  // not IHAVEOPT, or a payload too large to read: disconnect
+    data.resize(header->length);
+    const int got_data = co_await channel_->read_exact(data.data(), data.size());
+    if (got_data != 0) co_return false;
+    const Next next = co_await handle_option(*header, data);
+    switch (next) {
+      case Next::keep_negotiating:
+        break;
+      case Next::transmit:
+        deadline.cancel();
+        co_return true;
+      case Next::close:
+        co_return false;
+    }
+  }
+}
+
+coro::Task<bool> Connection::send_option_bytes(const std::vector<std::byte>& bytes) {
+  co_return co_await channel_->write_all(bytes.data(), bytes.size()) == 0;
+}
+
+const ExportConfig* Connection::find_export(std::string_view name, std::size_t& index) const {
+  const auto& exports = server_.exports_;
+  for (std::size_t i = 0; i < exports.size(); ++i) {
+    if (exports[i].name == name) {
+      index = i;
+      return &exports[i];
+    }
+  }
+  if (name.empty() && !exports.empty()) {  // the default export
+    index = 0;
+    return &exports[0];
+  }
+  return nullptr;
+}
+
+std::uint16_t Connection::transmission_flags(const ExportConfig& config) const {
+  std::uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagSendCache;
+  if (config.read_only || config.backend->read_only()) {
+    flags |= kFlagReadOnly;
+  } else {
+    flags |= kFlagSendTrim | kFlagSendWriteZeroes | kFlagSendFastZero;
+  }
+  if (config.multi_conn) flags |= kFlagCanMultiConn;
+  if (structured_) flags |= kFlagSendDf;
+  return flags;
+}
+
+void Connection::select_export(const ExportConfig& config, std::size_t index) {
+  export_ = &config;
+  export_index_ = index;
+  policy_.export_size = std::min(config.backend->size(), kMaxExportSize);
+  policy_.transmission_flags = transmission_flags(config);
+  policy_.structured_replies = structured_;
+  policy_.block_status = structured_ && base_allocation_;
+}
+
+coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& header,
+                                                       std::span<const std::byte> data) {
+  std::vector<std::byte> reply;
+  switch (static_cast<Option>(header.option)) {
+    case Option::kExportName: {
+      const auto name = parse_export_name(data, server_.options_.max_name_length);
+      std::size_t index = 0;
+      const ExportConfig* config = name ? find_export(*name, index) : nullptr;
+      if (!config) co_return Next::close;  // EXPORT_NAME cannot be answered with an error
+      select_export(*config, index);
+      append_export_name_reply(reply, policy_.export_size, policy_.transmission_flags,
+                               no_zeroes_);
+      co_return co_await send_option_bytes(reply) ? Next::transmit : Next::close;
+    }
+    case Option::kAbort:
+      append_reply_ack(reply, header.option);
+      co_await send_option_bytes(reply);  // best effort: the client may already be gone
+      co_return Next::close;
+    case Option::kList:
+      if (!data.empty()) {
+        append_reply_error(reply, header.option, OptionReply::kErrInvalid, "LIST takes no data");
+      } else {
+        for (const auto& config : server_.exports_) {
+          append_reply_server(reply, header.option, config.name, config.description);
+        }
+        append_reply_ack(reply, header.option);
+      }
+      break;
+    case Option::kInfo:
+    case Option::kGo:
+      co_return co_await handle_info_or_go(header.option, data);
+    case Option::kStructuredReply:
+      if (!data.empty()) {
+        append_reply_error(reply, header.option, OptionReply::kErrInvalid,
+                           "STRUCTURED_REPLY takes no data");
+      } else {
+        structured_ = true;
+        append_reply_ack(reply, header.option);
+      }
+      break;
+    case Option::kListMetaContext:
+    case Option::kSetMetaContext:
+      co_return co_await handle_meta_context(header.option, data);
+    case Option::kStartTls:
+      append_reply_error(reply, header.option, OptionReply::kErrUnsupported,
+                         "TLS is not configured on this server");
+      break;
+    default:
+      append_reply_error(reply, header.option, OptionReply::kErrUnsupported,
+                         "unsupported option");
+      break;
+  }
+  co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+}
+
+coro::Task<Connection::Next> Connection::handle_info_or_go(std::uint32_t option,
+                                                           std::span<const std::byte> data) {
+  std::vector<std::byte> reply;
+  const auto request = parse_info_request(data, server_.options_.max_name_length);
+  if (!request) {
+    append_reply_error(reply, option, option_error_for(request.error()), "malformed request");
+    co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+  }
+  std::size_t index = 0;
+  const ExportConfig* config = find_export(request->name, index);
+  if (!config) {
+    append_reply_error(reply, option, OptionReply::kErrUnknown,
+                       "no export named '" + std::string(request->name) + "'");
+    co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+  }
+  const std::uint16_t flags = transmission_flags(*config);
+  for (std::uint16_t info : request->requests) {
+    switch (static_cast<Info>(info)) {
+      case Info::kName:
+        append_reply_info_name(reply, option, config->name);
+        break;
+      case Info::kDescription:
+        if (!config->description.empty()) {
+          append_reply_info_description(reply, option, config->description);
+        }
+        break;
+      case Info::kBlockSize:
+        append_reply_info_block_size(reply, option, 1, 4096, kMaxPayloadLength);
+        break;
+      default:
+        break;  // unknown info types are ignored; EXPORT is always sent below
+    }
+  }
+  append_reply_info_export(reply, option, std::min(config->backend->size(), kMaxExportSize),
+                           flags);
+  append_reply_ack(reply, option);
+  const bool sent = co_await send_option_bytes(reply);
+  if (!sent) co_return Next::close;
+  if (static_cast<Option>(option) == Option::kInfo) co_return Next::keep_negotiating;
+  select_export(*config, index);
+  co_return Next::transmit;
+}
+
+coro::Task<Connection::Next> Connection::handle_meta_context(std::uint32_t option,
+                                                             std::span<const std::byte> data) {
+  std::vector<std::byte> reply;
+  const bool set = static_cast<Option>(option) == Option::kSetMetaContext;
+  const auto request = parse_meta_context_request(data);
+  if (!request) {
+    append_reply_error(reply, option, option_error_for(request.error()), "malformed request");
+  } else if (!structured_) {
+    append_reply_error(reply, option, OptionReply::kErrInvalid,
+                       "negotiate structured replies first");
+  } else {
+    std::size_t index = 0;
+    if (!find_export(request->export_name, index)) {
+      append_reply_error(reply, option, OptionReply::kErrUnknown, "no such export");
+    } else {
+      bool selected = false;
+      const bool list_all = !set && request->queries.empty();
+      for (std::string_view query : request->queries) {
+        if (query == kBaseAllocation || query == "base:") selected = true;
+      }
+      if (selected || list_all) {
+        append_reply_meta_context(reply, option, kBaseAllocationId, kBaseAllocation);
+      }
+      if (set) base_allocation_ = selected;  // SET replaces the previous selection
+      append_reply_ack(reply, option);
+    }
+  }
+  co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+}
+
+// ---- transmission -------------------------------------------------------------------------
+
+coro::Task<void> Connection::transmission() {
+  const std::size_t max_in_flight = std::max<std::size_t>(
+      server_.options_.max_requests_per_connection, 1);
+  for (;;) {
+    std::array<std::byte, kRequestHeaderSize> header_bytes;
+    const int got_header = co_await channel_->read_exact(header_bytes.data(), header_bytes.size());
+    if (got_header != 0) break;
+    const auto request = parse_request(header_bytes);
+    if (!request) break;  // lost framing: hard disconnect
+    const RequestVerdict verdict = validate_request(*request, policy_);
+    if (verdict.disconnect) break;
+    std::vector<std::byte> payload(request_payload_length(*request));
+    if (!payload.empty()) {
+      const int got_payload = co_await channel_->read_exact(payload.data(), payload.size());
+      if (got_payload != 0) break;
+    }
+    if (request->command() == Command::kDisconnect) break;
+    if (!verdict.ok()) {
+      co_await send_simple(*request, verdict.error);
+      continue;
+    }
+    while (in_flight_ >= max_in_flight) {
+      slot_free_.reset();
+      co_await slot_free_.wait();
+    }
+    if (in_flight_++ == 0) idle_.reset();
+    coro::spawn(*aio::current_context(),
+                handle_request(*request, std::move(payload)));
+  }
+}
+
+coro::Task<void> Connection::handle_request(RequestHeader request, std::vector<std::byte> payload) {
+  auto keep_alive = shared_from_this();
+  block::BlockBackend& backend = *export_->backend;
+  const std::int64_t start = aio::now_ns(aio::Clock::monotonic);
+  int result = 0;
+  auto kind = ExportStats::Kind::other;
+  switch (request.command()) {
+    case Command::kRead:
+      kind = ExportStats::Kind::read;
+      result = co_await handle_read(request);  // sends its own reply
+      break;
+    case Command::kWrite:
+      kind = ExportStats::Kind::write;
+      result = co_await backend.write(request.offset, payload,
+                                      (request.flags & kCmdFlagFua) ? std::uint32_t{block::kFua} : 0u);
+      co_await send_error(request, result);
+      break;
+    case Command::kFlush:
+      result = co_await backend.flush();
+      co_await send_error(request, result);
+      break;
+    case Command::kTrim:
+      if (export_->allow_unmap && request.length > 0) {
+        result = co_await backend.discard(request.offset, request.length);
+      }
+      if (result == 0 && (request.flags & kCmdFlagFua)) result = co_await backend.flush();
+      co_await send_error(request, result);
+      break;
+    case Command::kWriteZeroes: {
+      std::uint32_t flags = 0;
+      if (export_->allow_unmap && !(request.flags & kCmdFlagNoHole)) flags |= block::kMayUnmap;
+      if (request.flags & kCmdFlagFua) flags |= block::kFua;
+      if (request.flags & kCmdFlagFastZero) flags |= block::kNoFallback;
+      if (request.length > 0) {
+        result = co_await backend.write_zeroes(request.offset, request.length, flags);
+      }
+      co_await send_error(request, result);
+      break;
+    }
+    case Command::kCache: {
+      // Prefetch: read it (the page cache keeps it) and drop the data.
+      std::vector<std::byte> scratch(request.length);
+      if (request.length > 0) result = co_await backend.read(request.offset, scratch);
+      co_await send_error(request, result);
+      break;
+    }
+    case Command::kBlockStatus:
+      result = co_await handle_block_status(request);
+      break;
+    default:
+      co_await send_simple(request, Error::kInvalid);
+      break;
+  }
+  server_.stats(export_index_).record(kind, request.length,
+                                      aio::now_ns(aio::Clock::monotonic) - start, result < 0);
+  if (--in_flight_ == 0) idle_.set();
+  slot_free_.set();
+}
+
+coro::Task<int> Connection::handle_read(const RequestHeader& request) {
+  block::BlockBackend& backend = *export_->backend;
+  if (request.length == 0) {
+    if (structured_) {
+      const auto done = encode_none_chunk(request.cookie);
+      const iovec parts[] = {bytes_iovec(done.data(), done.size())};
+      co_await send(parts);
+    } else {
+      co_await send_simple(request, Error::kNone);
+    }
+    co_return 0;
+  }
+  if (structured_ && request.length >= kSparseReadThreshold) {
+    const block::BlockStatus status = co_await backend.block_status(request.offset, request.length);
+    if ((status.flags & block::kStatusZero) && !(status.flags & block::kStatusData) &&
+        status.bytes >= request.length) {
+      const auto hole = encode_offset_hole(request.cookie, request.offset, request.length, true);
+      const iovec parts[] = {bytes_iovec(hole.data(), hole.size())};
+      co_await send(parts);
+      co_return 0;
+    }
+  }
+  std::vector<std::byte> data(request.length);
+  const int result = co_await backend.read(request.offset, data);
+  if (result < 0) {
+    co_await send_error(request, result);
+    co_return result;
+  }
+  if (structured_) {
+    const auto header = encode_offset_data_header(request.cookie, request.offset,
+                                                  request.length, true);
+    const iovec parts[] = {bytes_iovec(header.data(), header.size()),
+                           bytes_iovec(data.data(), data.size())};
+    co_await send(parts);
+  } else {
+    const auto header = encode_simple_reply(Error::kNone, request.cookie);
+    const iovec parts[] = {bytes_iovec(header.data(), header.size()),
+                           bytes_iovec(data.data(), data.size())};
+    co_await send(parts);
+  }
+  co_return 0;
+}
+
+coro::Task<int> Connection::handle_block_status(const RequestHeader& request) {
+  block::BlockBackend& backend = *export_->backend;
+  std::vector<Extent> extents;
+  std::uint64_t offset = request.offset;
+  const std::uint64_t end = std::min<std::uint64_t>(request.offset + request.length,
+                                                     policy_.export_size);
+  const std::size_t max_extents = (request.flags & kCmdFlagReqOne) ? 1 : kMaxExtentsPerReply;
+  while (offset < end && extents.size() < max_extents) {
+    const block::BlockStatus status = co_await backend.block_status(offset, end - offset);
+    const std::uint64_t length = std::min<std::uint64_t>(status.bytes, end - offset);
+    if (length == 0) break;
+    const std::uint32_t flags = allocation_flags(status.flags);
+    if (!extents.empty() && extents.back().flags == flags &&
+        extents.back().length + length <= 0xffffffffu) {
+      extents.back().length += static_cast<std::uint32_t>(length);  // merge equal neighbours
+    } else {
+      extents.push_back(Extent{static_cast<std::uint32_t>(length), flags});
+    }
+    offset += length;
+  }
+  if (extents.empty()) {
+    co_await send_error(request, -EIO);
+    co_return -EIO;
+  }
+  std::vector<std::byte> chunk;
+  append_block_status_chunk(chunk, request.cookie, kBaseAllocationId, extents, true);
+  const iovec parts[] = {bytes_iovec(chunk.data(), chunk.size())};
+  co_await send(parts);
+  co_return 0;
+}
+
+coro::Task<void> Connection::send_simple(const RequestHeader& request, Error error) {
+  const auto header = encode_simple_reply(error, request.cookie);
+  const iovec parts[] = {bytes_iovec(header.data(), header.size())};
+  co_await send(parts);
+}
+
+coro::Task<void> Connection::send_error(const RequestHeader& request, int errno_value) {
+  if (errno_value >= 0) {
+    co_await send_simple(request, Error::kNone);
+    co_return;
+  }
+  const Error error = errno_to_nbd(errno_value, request.command(), request.flags);
+  if (structured_ && (request.command() == Command::kRead ||
+                      request.command() == Command::kBlockStatus)) {
+    std::vector<std::byte> chunk;
+    append_error_chunk(chunk, request.cookie, error, std::strerror(-errno_value), true);
+    const iovec parts[] = {bytes_iovec(chunk.data(), chunk.size())};
+    co_await send(parts);
+  } else {
+    co_await send_simple(request, error);
+  }
+}
+
+coro::Task<void> Connection::send(std::span<const iovec> parts) {
+  auto guard = co_await send_mutex_.scoped_lock();
+  if (broken_) co_return;
+  const int written = co_await channel_->writev_all(parts);
+  if (written != 0) {
+    broken_ = true;  // the peer is gone: stop reading too, so the connection winds down
+    channel_->shutdown_read();
+  }
+}
+
+}  // namespace spindle::nbd

@@ -1,0 +1,74 @@
+// Connection: one NBD client, from greeting to disconnect, on one IoThread. The handshake runs
+// under a timeout; transmission has a receive loop that reads request headers (and WRITE
+// payloads) and starts one coroutine per request, at most `max_requests_per_connection` at a
+// time; each request's reply is written under `send_mutex_` so replies never interleave.
+//
+// Thread-safety: everything runs on the connection's context (its channel is attached there,
+// and request coroutines are spawned there and resume there); only stop_reading() is called
+// from other threads. `send_mutex_` serializes replies; in_flight_/reading_ are touched only on
+// the connection's context.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "coro/event.h"
+#include "coro/mutex.h"
+#include "coro/task.h"
+#include "io/channel.h"
+#include "nbd/protocol.h"
+
+namespace spindle::nbd {
+
+class Server;
+struct ExportConfig;
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(Server& server, std::unique_ptr<io::Channel> channel);
+  ~Connection();
+
+  // Runs the connection to its end on the current context (attaches the channel here).
+  coro::Task<void> run();
+  // Makes the receive loop see end-of-stream: requests already read still get their replies.
+  void stop_reading() noexcept;
+
+ private:
+  enum class Next { keep_negotiating, transmit, close };
+
+  coro::Task<bool> handshake();
+  coro::Task<Next> handle_option(const OptionHeader& header, std::span<const std::byte> data);
+  coro::Task<Next> handle_info_or_go(std::uint32_t option, std::span<const std::byte> data);
+  coro::Task<Next> handle_meta_context(std::uint32_t option, std::span<const std::byte> data);
+  coro::Task<bool> send_option_bytes(const std::vector<std::byte>& bytes);
+  const ExportConfig* find_export(std::string_view name, std::size_t& index) const;
+  std::uint16_t transmission_flags(const ExportConfig& config) const;
+  void select_export(const ExportConfig& config, std::size_t index);
+
+  coro::Task<void> transmission();
+  coro::Task<void> handle_request(RequestHeader request, std::vector<std::byte> payload);
+  coro::Task<int> handle_read(const RequestHeader& request);
+  coro::Task<int> handle_block_status(const RequestHeader& request);
+  coro::Task<void> send_simple(const RequestHeader& request, Error error);
+  coro::Task<void> send_error(const RequestHeader& request, int errno_value);
+  coro::Task<void> send(std::span<const iovec> parts);
+
+  Server& server_;
+  std::unique_ptr<io::Channel> channel_;
+  const ExportConfig* export_ = nullptr;
+  std::size_t export_index_ = 0;
+  bool no_zeroes_ = false;
+  bool structured_ = false;
+  bool base_allocation_ = false;  // SET_META_CONTEXT selected base:allocation for export_
+  TransmissionPolicy policy_;
+
+  coro::Mutex send_mutex_;
+  bool broken_ = false;  // a send failed: the peer is gone
+  std::size_t in_flight_ = 0;
+  coro::Event slot_free_{true};
+  coro::Event idle_{true};
+};
+
+}  // namespace spindle::nbd

@@ -1,0 +1,102 @@
+// Server: serves block exports over the NBD protocol (fixed newstyle handshake; simple and
+// structured replies; base:allocation block status). Each connection lives on one IoThread
+// (spread round-robin); its receive loop parses request headers and starts one coroutine per
+// request, so many requests are in flight per connection; replies are serialized by the
+// connection's coro::Mutex. Every length is checked (protocol.h) before anything is allocated;
+// bad input gets the protocol's error or a clean disconnect.
+//
+// Thread-safety: construct, listen(), serve() and shutdown() from one controlling thread (the
+// one that polls the context passed to the constructor, usually main_context()); connections
+// run on the server's IoThreads. `connections_mutex_` protects the connection set; counters are
+// atomics; exports are immutable after construction.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "aio/context.h"
+#include "aio/io_thread.h"
+#include "block/block_backend.h"
+#include "coro/event.h"
+#include "coro/task.h"
+#include "io/channel.h"
+#include "io/socket.h"
+#include "nbd/export_stats.h"
+
+namespace spindle::nbd {
+
+struct ExportConfig {
+  std::string name;
+  std::string description;
+  std::shared_ptr<block::BlockBackend> backend;
+  bool read_only = false;
+  bool allow_unmap = false;  // TRIM and WRITE_ZEROES may punch holes (--discard=unmap)
+  bool multi_conn = true;    // safe: every connection shares one backend (flush covers all)
+};
+
+struct ServerOptions {
+  std::size_t io_threads = 0;  // 0: one per CPU
+  std::chrono::milliseconds handshake_timeout{10'000};
+  std::size_t max_connections = 100;
+  std::size_t max_requests_per_connection = 64;
+  std::size_t max_name_length = 4096;
+};
+
+class Connection;
+
+class Server {
+ public:
+  Server(aio::Context& control, ServerOptions options, std::vector<ExportConfig> exports);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Accepts connections from `listener` (on the control context) until shutdown().
+  void listen(std::unique_ptr<io::Listener> listener);
+  // Serves one already-connected channel (stdin/stdout mode, socket activation, tests).
+  void serve(std::unique_ptr<io::Channel> channel);
+
+  // Stops accepting, lets connections finish the requests they have read, closes them,
+  // flushes and closes every export. Call from a coroutine on the control context.
+  coro::Task<void> shutdown();
+
+  // Called (on the control context) whenever the last open connection closes.
+  void set_on_idle(std::function<void()> callback) { on_idle_ = std::move(callback); }
+
+  std::size_t connection_count() const noexcept { return active_.load(); }
+  std::size_t total_connections() const noexcept { return accepted_.load(); }
+  std::string stats_report() const;
+  const std::vector<ExportConfig>& exports() const noexcept { return exports_; }
+  ExportStats& stats(std::size_t export_index) { return *stats_[export_index]; }
+
+ private:
+  friend class Connection;
+  coro::Task<void> accept_loop(io::Listener& listener);
+  void start_connection(std::unique_ptr<io::Channel> channel);
+  void connection_finished(Connection* connection);
+
+  aio::Context& control_;
+  const ServerOptions options_;
+  const std::vector<ExportConfig> exports_;
+  std::vector<std::unique_ptr<ExportStats>> stats_;
+  std::vector<std::unique_ptr<aio::IoThread>> io_threads_;
+  std::vector<std::unique_ptr<io::Listener>> listeners_;
+  std::atomic<std::size_t> next_thread_{0};
+  std::atomic<std::size_t> active_{0};
+  std::atomic<std::size_t> accepted_{0};
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> accept_loops_{0};
+  coro::Event accept_loops_done_;
+  coro::Event all_closed_{true};
+  std::mutex connections_mutex_;
+  std::set<std::shared_ptr<Connection>> connections_;
+  std::function<void()> on_idle_;
+};
+
+}  // namespace spindle::nbd

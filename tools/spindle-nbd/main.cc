@@ -1,0 +1,278 @@
+// spindle-nbd: serves disk images over NBD. Command line modelled on qemu-nbd, plus several
+// exports per process, socket activation, a stdin/stdout mode for libnbd tools, and live
+// statistics. See `spindle-nbd --help` and docs/spindle-nbd.md.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "aio/context.h"
+#include "aio/file_io.h"
+#include "block/block_backend.h"
+#include "block/drivers/file.h"
+#include "block/qed/chain.h"
+#include "coro/block_on.h"
+#include "coro/coroutine.h"
+#include "io/socket.h"
+#include "nbd/server.h"
+
+namespace {
+
+using namespace spindle;
+
+struct ExportSpec {
+  std::string name;
+  std::string file;
+  std::string format;
+  std::string description;
+  bool read_only = false;
+};
+
+[[noreturn]] void die(const std::string& message) {
+  std::fprintf(stderr, "spindle-nbd: %s\n", message.c_str());
+  std::exit(1);
+}
+
+// "name=foo,file=/x.img,format=qed,read-only=on"
+ExportSpec parse_export(const std::string& text) {
+  ExportSpec spec;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t comma = text.find(',', start);
+    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos
+                                                                           : comma - start);
+    const std::size_t equals = item.find('=');
+    if (equals == std::string::npos) die("--export: expected key=value, got '" + item + "'");
+    const std::string key = item.substr(0, equals), value = item.substr(equals + 1);
+    if (key == "name") {
+      spec.name = value;
+    } else if (key == "file") {
+      spec.file = value;
+    } else if (key == "format") {
+      spec.format = value;
+    } else if (key == "description") {
+      spec.description = value;
+    } else if (key == "read-only") {
+      if (value != "on" && value != "off" && value != "true" && value != "false") {
+        die("--export: read-only must be on or off");
+      }
+      spec.read_only = value == "on" || value == "true";
+    } else {
+      die("--export: unknown key '" + key + "'");
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  if (spec.file.empty()) die("--export: file= is required");
+  return spec;
+}
+
+std::string human_size(std::uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024 && unit < 5) {
+    value /= 1024;
+    ++unit;
+  }
+  char text[32];
+  std::snprintf(text, sizeof text, unit ? "%.1f %s" : "%.0f %s", value, units[unit]);
+  return text;
+}
+
+std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec, bool direct) {
+  if (spec.format != "" && spec.format != "raw" && spec.format != "qed") {
+    die("unknown format '" + spec.format + "' (expected raw or qed)");
+  }
+  block::qed::ChainOptions options;
+  options.read_only = spec.read_only;
+  options.open_file = [direct](const std::string& path, bool read_only) {
+    return block::open_file(path, block::FileOptions{read_only, direct, false});
+  };
+  auto node = coro::block_on(
+      block::qed::open_image_chain(spec.file, spec.format, std::move(options)));
+  if (!node) {
+    die("cannot open '" + spec.file + "': " + node.error().message + " (" +
+        std::strerror(node.error().error) + ")");
+  }
+  return std::make_shared<block::BlockBackend>(std::move(node).value());
+}
+
+// Systemd-style socket activation: LISTEN_PID is us, LISTEN_FDS sockets start at fd 3.
+std::vector<int> activated_sockets() {
+  const char* pid = std::getenv("LISTEN_PID");
+  const char* count = std::getenv("LISTEN_FDS");
+  if (!pid || !count || std::atoi(pid) != static_cast<int>(::getpid())) return {};
+  std::vector<int> fds;
+  for (int i = 0; i < std::atoi(count); ++i) fds.push_back(3 + i);
+  ::unsetenv("LISTEN_PID");
+  ::unsetenv("LISTEN_FDS");
+  return fds;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"spindle-nbd: serve disk images over the Network Block Device protocol"};
+  app.set_version_flag("--version", "spindle-nbd 0.1");
+  std::string image, format, export_name, description, socket_path, bind = "127.0.0.1";
+  std::string aio = "io_uring", cache = "writeback", discard = "ignore", pid_file, tls;
+  std::vector<std::string> export_specs;
+  int port = 10809, shared = 100;
+  unsigned io_threads = 0, handshake_timeout = 10;
+  bool read_only = false, persistent = false, fork_server = false, stdio = false, stats = false;
+
+  app.add_option("image", image, "Image file to serve (raw or qed)");
+  app.add_option("-f,--format", format, "Image format: raw or qed (default: probe)")
+      ->check(CLI::IsMember({"raw", "qed"}));
+  app.add_option("-x,--export-name", export_name, "Export name (default: empty)");
+  app.add_option("-D,--description", description, "Export description");
+  app.add_flag("-r,--read-only", read_only, "Export read-only");
+  app.add_flag("-t,--persistent", persistent, "Keep serving after the last client disconnects");
+  app.add_option("-e,--shared", shared, "Maximum simultaneous clients (default 100)")
+      ->check(CLI::Range(1, 100000));
+  app.add_option("-k,--socket", socket_path, "Listen on this Unix socket");
+  app.add_option("-b,--bind", bind, "Address to listen on (default 127.0.0.1)");
+  app.add_option("-p,--port", port, "TCP port (default 10809)")->check(CLI::Range(0, 65535));
+  app.add_option("--iothreads", io_threads, "Event-loop threads (default: one per CPU)");
+  app.add_option("--aio", aio, "File I/O engine: io_uring or threads")
+      ->check(CLI::IsMember({"io_uring", "threads"}));
+  app.add_option("--cache", cache, "Cache mode: none (O_DIRECT) or writeback")
+      ->check(CLI::IsMember({"none", "writeback"}));
+  app.add_option("--discard", discard, "TRIM handling: ignore or unmap")
+      ->check(CLI::IsMember({"ignore", "unmap"}));
+  app.add_option("--export", export_specs,
+                 "Add an export: name=N,file=F[,format=raw|qed][,read-only=on][,description=D]");
+  app.add_flag("-s,--stdio", stdio, "Serve one client on stdin/stdout (for libnbd tools)");
+  app.add_flag("--fork", fork_server, "Fork into the background once ready");
+  app.add_option("--pid-file", pid_file, "Write the server's pid to this file");
+  app.add_option("--handshake-timeout", handshake_timeout, "Seconds to finish the handshake");
+  app.add_flag("--stats", stats, "Print per-export statistics at exit (also on SIGUSR1)");
+  app.add_option("--tls", tls, "TLS mode (off, on, require): not available in this build");
+  CLI11_PARSE(app, argc, argv);
+
+  if (!tls.empty() && tls != "off") die("TLS is not available in this build yet");
+  std::vector<ExportSpec> specs;
+  if (!image.empty()) {
+    specs.push_back({export_name, image, format, description, read_only});
+  }
+  for (const auto& text : export_specs) {
+    ExportSpec spec = parse_export(text);
+    spec.read_only = spec.read_only || read_only;
+    specs.push_back(spec);
+  }
+  if (specs.empty()) die("no image given (see --help)");
+  aio::set_file_backend(aio == "threads" ? aio::FileBackend::threads : aio::FileBackend::io_uring);
+
+  // Signals arrive through a signalfd on the main context: block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int sig : {SIGINT, SIGTERM, SIGUSR1, SIGHUP}) sigaddset(&signals, sig);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::vector<nbd::ExportConfig> exports;
+  for (const auto& spec : specs) {
+    auto backend = open_export(spec, cache == "none");
+    exports.push_back({spec.name, spec.description, backend, spec.read_only || backend->read_only(),
+                       discard == "unmap", true});
+  }
+
+  aio::Context& main = aio::main_context();
+  nbd::ServerOptions options;
+  options.io_threads = io_threads;
+  options.max_connections = static_cast<std::size_t>(shared);
+  options.handshake_timeout = std::chrono::seconds(handshake_timeout);
+  nbd::Server server(main, options, std::move(exports));
+
+  std::string uri;
+  if (stdio) {
+    server.serve(std::make_unique<io::Channel>(::dup(STDIN_FILENO), nullptr));
+  } else if (auto fds = activated_sockets(); !fds.empty()) {
+    for (int fd : fds) {
+      auto listener = io::Listener::adopt(fd);
+      if (!listener) die("socket activation: fd " + std::to_string(fd) + " is not a listening socket");
+      server.listen(std::move(listener.value()));
+    }
+    uri = "(socket activation)";
+  } else if (!socket_path.empty()) {
+    auto listener = io::Listener::unix_socket(socket_path);
+    if (!listener) die("cannot listen on " + socket_path + ": " + std::strerror(listener.error()));
+    server.listen(std::move(listener.value()));
+    uri = "nbd+unix:///" + server.exports()[0].name + "?socket=" + socket_path;
+  } else {
+    auto listener = io::Listener::tcp(bind, static_cast<std::uint16_t>(port));
+    if (!listener) {
+      die("cannot listen on " + bind + ":" + std::to_string(port) + ": " +
+          std::strerror(listener.error()));
+    }
+    const bool v6 = bind.find(':') != std::string::npos;
+    uri = "nbd://" + (v6 ? "[" + bind + "]" : bind) + ":" +
+          std::to_string(listener.value()->port()) + "/" + server.exports()[0].name;
+    server.listen(std::move(listener.value()));
+  }
+
+  if (fork_server && !stdio) {
+    const pid_t child = ::fork();
+    if (child < 0) die(std::string("fork: ") + std::strerror(errno));
+    if (child > 0) return 0;  // listeners are bound: clients can connect as soon as we return
+    ::setsid();
+  }
+  if (!pid_file.empty()) {
+    std::ofstream(pid_file) << ::getpid() << "\n";
+  }
+  if (!stdio) {
+    for (const auto& config : server.exports()) {
+      std::fprintf(stderr, "spindle-nbd: export '%s' (%s%s)\n", config.name.c_str(),
+                   human_size(config.backend->size()).c_str(),
+                   config.read_only ? ", read-only" : "");
+    }
+    std::fprintf(stderr, "spindle-nbd: listening on %s\n", uri.c_str());
+    if (uri.rfind("nbd", 0) == 0) {
+      std::fprintf(stderr, "  try:  nbdinfo '%s'\n        qemu-img info '%s'\n", uri.c_str(),
+                   uri.c_str());
+    }
+  }
+
+  bool finished = false;
+  bool shutting_down = false;
+  auto begin_shutdown = [&] {
+    if (shutting_down) return;
+    shutting_down = true;
+    coro::spawn(main, [](nbd::Server& s, bool& done) -> coro::Task<void> {
+      co_await s.shutdown();
+      done = true;
+    }(server, finished));
+  };
+  if (!persistent) server.set_on_idle(begin_shutdown);  // like qemu-nbd without -t
+
+  const int signal_fd = ::signalfd(-1, &signals, SFD_NONBLOCK | SFD_CLOEXEC);
+  main.set_fd_handler(signal_fd, [&] {
+    signalfd_siginfo info;
+    while (::read(signal_fd, &info, sizeof info) == sizeof info) {
+      if (info.ssi_signo == SIGUSR1) {
+        std::fputs(server.stats_report().c_str(), stderr);
+      } else {
+        begin_shutdown();
+      }
+    }
+  }, {});
+
+  while (!finished) main.poll(true);
+  main.remove_fd_handler(signal_fd);
+  ::close(signal_fd);
+  if (stats) std::fputs(server.stats_report().c_str(), stderr);
+  if (!pid_file.empty()) ::unlink(pid_file.c_str());
+  if (!socket_path.empty()) ::unlink(socket_path.c_str());
+  return 0;
+}
