@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The README's second command: install dependencies, then build and run every test.
-#   1. g++ -O2 build of everything (library, tests, benchmarks); all tests under CTest.
-#   2. clang ASan+UBSan build (-O1); the runtime tests.
-#   3. clang TSan build (-O1); the runtime tests.
-# SPINDLE_SANITIZERS=0 skips steps 2 and 3. Exits non-zero if any build or test fails.
+#   0. a source check for a g++ 12 miscompilation (co_await inside a condition);
+#   1. g++ -O2 build of everything (library, tools, tests, benchmarks); all tests under CTest
+#      (runtime, block, nbd, and interop with the real peers);
+#   2. clang ASan+UBSan build; the runtime, block and nbd tests;
+#   3. clang TSan build; the runtime and block tests;
+#   4. the libFuzzer targets, SPINDLE_FUZZ_SECONDS each (default 30).
+# SPINDLE_SANITIZERS=0 skips steps 2-4. Exits non-zero if any build or test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +27,12 @@ run_tests() {  # build-dir, ctest args...
   (cd "$dir" && ctest --output-on-failure --timeout 300 -j "$jobs" "$@")
 }
 
+echo "== source check: no co_await inside if/while/switch conditions (g++ 12 miscompiles it)"
+if grep -rnE '(if|while|switch) \((!)?co_await' src tools tests bench; then
+  echo "bind the co_await result to a local first (see docs/locking.md, rule 10)"
+  exit 1
+fi
+
 echo "== g++ -O2: build and run all tests"
 configure_and_build build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=g++
 run_tests build
@@ -33,12 +42,15 @@ if [[ ${SPINDLE_SANITIZERS:-1} != 0 ]]; then
   configure_and_build build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DCMAKE_CXX_FLAGS=-O1 -DSPINDLE_SANITIZE=address,undefined -DSPINDLE_BUILD_BENCH=OFF
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    run_tests build-asan -L runtime
+    run_tests build-asan -L 'runtime|block|nbd'
 
   echo "== clang TSan: runtime tests"
   configure_and_build build-tsan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DCMAKE_CXX_FLAGS=-O1 -DSPINDLE_SANITIZE=thread -DSPINDLE_BUILD_BENCH=OFF
-  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 run_tests build-tsan -L runtime
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 run_tests build-tsan -L 'runtime|block'
+
+  echo "== libFuzzer targets, ${SPINDLE_FUZZ_SECONDS:-30} s each"
+  bash scripts/fuzz.sh "${SPINDLE_FUZZ_SECONDS:-30}"
 fi
 
 echo "== all test runs passed in $((SECONDS - start)) s"
