@@ -69,15 +69,27 @@ const char* active_file_backend() {
   return ring ? "io_uring" : unavailable ? "unavailable" : "threads";
 }
 
-coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset) {
+namespace {
+
+// Runs one operation on the calling context's ring (`on_ring` makes the Uring::Operation), or
+// as a blocking call (`blocking` returns the result or -errno) on its thread pool.
+template <typename OnRing, typename Blocking>
+coro::Task<ssize_t> perform(OnRing on_ring, Blocking blocking) {
   Context& context = home_context();
   bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) {
-    co_return co_await ring->read(fd, buffer, static_cast<std::uint32_t>(length),
-                                  static_cast<std::uint64_t>(offset));
-  }
+  if (Uring* ring = choose_ring(context, &unavailable)) co_return co_await on_ring(*ring);
   if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run(
+  co_return co_await context.thread_pool().run(std::move(blocking));
+}
+
+}  // namespace
+
+coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset) {
+  return perform(
+      [=](Uring& ring) {
+        return ring.read(fd, buffer, static_cast<std::uint32_t>(length),
+                         static_cast<std::uint64_t>(offset));
+      },
       [=] {
         return result_or_errno(offset < 0 ? ::read(fd, buffer, length)
                                           : ::pread(fd, buffer, length, offset));
@@ -85,14 +97,11 @@ coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset
 }
 
 coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset) {
-  Context& context = home_context();
-  bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) {
-    co_return co_await ring->write(fd, buffer, static_cast<std::uint32_t>(length),
-                                   static_cast<std::uint64_t>(offset));
-  }
-  if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run(
+  return perform(
+      [=](Uring& ring) {
+        return ring.write(fd, buffer, static_cast<std::uint32_t>(length),
+                          static_cast<std::uint64_t>(offset));
+      },
       [=] {
         return result_or_errno(offset < 0 ? ::write(fd, buffer, length)
                                           : ::pwrite(fd, buffer, length, offset));
@@ -100,44 +109,37 @@ coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t
 }
 
 coro::Task<ssize_t> preadv(int fd, std::span<const iovec> vectors, off_t offset) {
-  Context& context = home_context();
-  bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) {
-    co_return co_await ring->readv(fd, vectors.data(), static_cast<unsigned>(vectors.size()),
-                                   static_cast<std::uint64_t>(offset));
-  }
-  if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run([=] {
-    const int count = static_cast<int>(vectors.size());
-    return result_or_errno(offset < 0 ? ::readv(fd, vectors.data(), count)
-                                      : ::preadv(fd, vectors.data(), count, offset));
-  });
+  const int count = static_cast<int>(vectors.size());
+  return perform(
+      [=](Uring& ring) {
+        return ring.readv(fd, vectors.data(), static_cast<unsigned>(count),
+                          static_cast<std::uint64_t>(offset));
+      },
+      [=] {
+        return result_or_errno(offset < 0 ? ::readv(fd, vectors.data(), count)
+                                          : ::preadv(fd, vectors.data(), count, offset));
+      });
 }
 
 coro::Task<ssize_t> pwritev(int fd, std::span<const iovec> vectors, off_t offset) {
-  Context& context = home_context();
-  bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) {
-    co_return co_await ring->writev(fd, vectors.data(), static_cast<unsigned>(vectors.size()),
-                                    static_cast<std::uint64_t>(offset));
-  }
-  if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run([=] {
-    const int count = static_cast<int>(vectors.size());
-    return result_or_errno(offset < 0 ? ::writev(fd, vectors.data(), count)
-                                      : ::pwritev(fd, vectors.data(), count, offset));
-  });
+  const int count = static_cast<int>(vectors.size());
+  return perform(
+      [=](Uring& ring) {
+        return ring.writev(fd, vectors.data(), static_cast<unsigned>(count),
+                           static_cast<std::uint64_t>(offset));
+      },
+      [=] {
+        return result_or_errno(offset < 0 ? ::writev(fd, vectors.data(), count)
+                                          : ::pwritev(fd, vectors.data(), count, offset));
+      });
 }
 
 namespace {
 coro::Task<int> sync(int fd, bool data_only) {
-  Context& context = home_context();
-  bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) co_return co_await ring->fsync(fd, data_only);
-  if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run([=] {
-    return static_cast<int>(result_or_errno(data_only ? ::fdatasync(fd) : ::fsync(fd)));
-  });
+  const ssize_t result = co_await perform(
+      [=](Uring& ring) { return ring.fsync(fd, data_only); },
+      [=] { return result_or_errno(data_only ? ::fdatasync(fd) : ::fsync(fd)); });
+  co_return static_cast<int>(result);
 }
 }  // namespace
 
@@ -145,15 +147,13 @@ coro::Task<int> fsync(int fd) { return sync(fd, false); }
 coro::Task<int> fdatasync(int fd) { return sync(fd, true); }
 
 coro::Task<int> fallocate(int fd, int mode, off_t offset, off_t length) {
-  Context& context = home_context();
-  bool unavailable;
-  if (Uring* ring = choose_ring(context, &unavailable)) {
-    co_return co_await ring->fallocate(fd, mode, static_cast<std::uint64_t>(offset),
-                                       static_cast<std::uint64_t>(length));
-  }
-  if (unavailable) co_return -ENOSYS;
-  co_return co_await context.thread_pool().run(
-      [=] { return static_cast<int>(result_or_errno(::fallocate(fd, mode, offset, length))); });
+  const ssize_t result = co_await perform(
+      [=](Uring& ring) {
+        return ring.fallocate(fd, mode, static_cast<std::uint64_t>(offset),
+                              static_cast<std::uint64_t>(length));
+      },
+      [=] { return result_or_errno(::fallocate(fd, mode, offset, length)); });
+  co_return static_cast<int>(result);
 }
 
 }  // namespace spindle::aio

@@ -111,33 +111,41 @@ void BlockBackend::untrack(Tracked& request) noexcept {
 
 // ---- data path ----------------------------------------------------------------------------
 
-coro::Task<int> BlockBackend::read_aligned(std::uint64_t offset, std::span<std::byte> buffer,
-                                           std::uint32_t flags) {
+namespace {
+
+// Issues `transfer(offset, piece)` for consecutive pieces of at most `max_transfer` bytes (0:
+// unlimited), stopping at the first error.
+template <typename Span, typename Transfer>
+coro::Task<int> in_pieces(std::uint64_t offset, Span buffer, std::uint64_t max_transfer,
+                          Transfer transfer) {
   while (!buffer.empty()) {
     std::size_t length = buffer.size();
-    if (max_transfer_ != 0) length = std::min<std::size_t>(length, max_transfer_);
-    if (int result = co_await root_->read(offset, buffer.first(length), flags); result < 0) {
-      co_return result;
-    }
+    if (max_transfer != 0) length = std::min<std::size_t>(length, max_transfer);
+    const int result = co_await transfer(offset, buffer.first(length));
+    if (result < 0) co_return result;
     offset += length;
     buffer = buffer.subspan(length);
   }
   co_return 0;
 }
 
+}  // namespace
+
+coro::Task<int> BlockBackend::read_aligned(std::uint64_t offset, std::span<std::byte> buffer,
+                                           std::uint32_t flags) {
+  return in_pieces(offset, buffer, max_transfer_,
+                   [this, flags](std::uint64_t at, std::span<std::byte> piece) {
+                     return root_->read(at, piece, flags);
+                   });
+}
+
 coro::Task<int> BlockBackend::write_aligned(std::uint64_t offset,
                                             std::span<const std::byte> buffer,
                                             std::uint32_t flags) {
-  while (!buffer.empty()) {
-    std::size_t length = buffer.size();
-    if (max_transfer_ != 0) length = std::min<std::size_t>(length, max_transfer_);
-    if (int result = co_await root_->write(offset, buffer.first(length), flags); result < 0) {
-      co_return result;
-    }
-    offset += length;
-    buffer = buffer.subspan(length);
-  }
-  co_return 0;
+  return in_pieces(offset, buffer, max_transfer_,
+                   [this, flags](std::uint64_t at, std::span<const std::byte> piece) {
+                     return root_->write(at, piece, flags);
+                   });
 }
 
 coro::Task<int> BlockBackend::read(std::uint64_t offset, std::span<std::byte> buffer,
