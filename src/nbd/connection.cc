@@ -261,12 +261,36 @@ coro::Task<Connection::Next> Connection::handle_meta_context(std::uint32_t optio
 
 // ---- transmission -------------------------------------------------------------------------
 
+coro::Task<int> Connection::receive(void* destination, std::size_t size) {
+  constexpr std::size_t kBufferSize = 64 * 1024;
+  auto* out = static_cast<std::byte*>(destination);
+  const std::size_t buffered = std::min(size, receive_end_ - receive_begin_);
+  std::memcpy(out, receive_buffer_.data() + receive_begin_, buffered);
+  receive_begin_ += buffered;
+  out += buffered;
+  size -= buffered;
+  if (size == 0) co_return 0;
+  if (size >= kBufferSize / 2) co_return co_await channel_->read_exact(out, size);  // big payload
+  receive_buffer_.resize(kBufferSize);
+  receive_begin_ = receive_end_ = 0;
+  while (receive_end_ < size) {
+    const ssize_t n = co_await channel_->read_some(receive_buffer_.data() + receive_end_,
+                                                   kBufferSize - receive_end_);
+    if (n == 0) co_return -ECONNRESET;
+    if (n < 0) co_return static_cast<int>(n);
+    receive_end_ += static_cast<std::size_t>(n);
+  }
+  std::memcpy(out, receive_buffer_.data(), size);
+  receive_begin_ = size;
+  co_return 0;
+}
+
 coro::Task<void> Connection::transmission() {
   const std::size_t max_in_flight = std::max<std::size_t>(
       server_.options_.max_requests_per_connection, 1);
   for (;;) {
     std::array<std::byte, kRequestHeaderSize> header_bytes;
-    const int got_header = co_await channel_->read_exact(header_bytes.data(), header_bytes.size());
+    const int got_header = co_await receive(header_bytes.data(), header_bytes.size());
     if (got_header != 0) break;
     const auto request = parse_request(header_bytes);
     if (!request) break;  // lost framing: hard disconnect
@@ -274,7 +298,7 @@ coro::Task<void> Connection::transmission() {
     if (verdict.disconnect) break;
     std::vector<std::byte> payload(request_payload_length(*request));
     if (!payload.empty()) {
-      const int got_payload = co_await channel_->read_exact(payload.data(), payload.size());
+      const int got_payload = co_await receive(payload.data(), payload.size());
       if (got_payload != 0) break;
     }
     if (request->command() == Command::kDisconnect) break;

@@ -48,6 +48,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void select_export(const ExportConfig& config, std::size_t index);
 
   coro::Task<void> transmission();
+  // Reads exactly `size` bytes through a receive buffer, so that a burst of requests costs
+  // one recv() instead of one per header: 0, or -errno / -ECONNRESET.
+  coro::Task<int> receive(void* destination, std::size_t size);
   coro::Task<void> handle_request(RequestHeader request, std::vector<std::byte> payload);
   coro::Task<int> handle_read(const RequestHeader& request);
   coro::Task<int> handle_block_status(const RequestHeader& request);
@@ -63,6 +66,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool structured_ = false;
   bool base_allocation_ = false;  // SET_META_CONTEXT selected base:allocation for export_
   TransmissionPolicy policy_;
+
+  std::vector<std::byte> receive_buffer_;
+  std::size_t receive_begin_ = 0;  // unread bytes are [receive_begin_, receive_end_)
+  std::size_t receive_end_ = 0;
 
   coro::Mutex send_mutex_;
   bool broken_ = false;  // a send failed: the peer is gone

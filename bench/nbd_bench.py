@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Side-by-side NBD server benchmark: spindle-nbd, qemu-nbd (--aio=threads and io_uring) and
+nbdkit's file plugin serve the same page-cached raw file over a Unix socket, and fio's nbd
+engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency and server CPU
+(% of one core, from /proc/PID/stat) per row, and the ratio of Spindle's IOPS to the best peer's,
+plus server CPU-seconds per million requests. A QED row compares spindle-nbd with qemu-nbd -f qed.
+
+Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--size-mb 1024]
+                                  [--runtime 5] [--only NAME]
+Everything runs on this machine (Unix sockets only); the image lives under /tmp.
+"""
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+
+JOBS = [
+    # name, fio arguments
+    ("4k randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+    ("4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("1M seqread QD8", ["--rw=read", "--bs=1M", "--iodepth=8"]),
+    ("4k randread 4 conns", ["--rw=randread", "--bs=4k", "--iodepth=32", "--numjobs=4",
+                             "--group_reporting"]),
+]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def wait_for_socket(path, proc, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError("server did not create its socket")
+
+
+def run_fio(socket, job_args, runtime, size_mb):
+    uri = f"nbd+unix:///?socket={socket}"
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size_mb}M",
+           "--time_based", f"--runtime={runtime}", "--output-format=json", "--norandommap",
+           "--randrepeat=0"] + job_args
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 60, check=True)
+    data = json.loads(out.stdout[out.stdout.index("{"):])
+    job = data["jobs"][0]
+    iops = job["read"]["iops"] + job["write"]["iops"]
+    bw = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6
+    ops = job["read"]["total_ios"] + job["write"]["total_ios"]
+    lat_ns = max(job["read"]["lat_ns"]["mean"], job["write"]["lat_ns"]["mean"])
+    return iops, bw, lat_ns / 1000, ops
+
+
+def serve(name, command, socket):
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(socket, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
+
+
+def stop(proc, socket):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if os.path.exists(socket):
+        os.unlink(socket)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spindle-nbd", default="build/tools/spindle-nbd")
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--runtime", type=int, default=5)
+    parser.add_argument("--only", default=None, help="run only the job with this name")
+    args = parser.parse_args()
+    for tool in ("fio", "qemu-nbd", "nbdkit", "qemu-img"):
+        if not shutil.which(tool):
+            sys.exit(f"nbd_bench: {tool} is missing (bash scripts/install-deps.sh installs it)")
+    spindle = os.path.abspath(args.spindle_nbd)
+    workdir = tempfile.mkdtemp(prefix="spindle-nbd-bench-")
+    image = os.path.join(workdir, "disk.img")
+    qed = os.path.join(workdir, "disk.qed")
+    socket = os.path.join(workdir, "nbd.sock")
+    try:
+        # Non-zero data everywhere, then read once so the page cache holds it.
+        with open(image, "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(args.size_mb):
+                f.write(block)
+        subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qed", image, qed], check=True)
+        cores = os.cpu_count()
+        servers = [
+            ("spindle-nbd", [spindle, "-t", "-f", "raw", "-k", socket, image]),
+            ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "raw", "--aio=threads", "-e", "8",
+                                  "--cache=writeback", "-k", socket, image]),
+            ("qemu-nbd io_uring", ["qemu-nbd", "-t", "-f", "raw", "--aio=io_uring", "-e", "8",
+                                   "--cache=writeback", "-k", socket, image]),
+            ("nbdkit file", ["nbdkit", "-f", "-U", socket, "file", image]),
+        ]
+        qed_servers = [
+            ("spindle-nbd", [spindle, "-t", "-f", "qed", "-k", socket, qed]),
+            ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "qed", "-e", "8", "-k", socket, qed]),
+        ]
+        rows = []
+        jobs = [(n, a, servers) for n, a in JOBS] + [("QED 4k randread QD32",
+                                                      JOBS[0][1], qed_servers)]
+        for job_name, job_args, server_list in jobs:
+            if args.only and args.only != job_name:
+                continue
+            results = {}
+            for server_name, command in server_list:
+                proc = serve(server_name, command, socket)
+                try:
+                    cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
+                    iops, bw, lat_us, ops = run_fio(socket, job_args, args.runtime, args.size_mb)
+                    cpu = cpu_seconds(proc.pid) - cpu_before
+                    wall = time.time() - wall_before
+                finally:
+                    stop(proc, socket)
+                results[server_name] = (iops, bw, lat_us, 100 * cpu / wall,
+                                        cpu / ops * 1e6 if ops else 0)
+            rows.append((job_name, results))
+        print(f"\nNBD servers over a Unix socket, fio --ioengine=nbd, {args.size_mb} MiB page-cached "
+              f"image, {args.runtime} s per run, {cores} CPUs")
+        header = (f"{'job':22} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
+                  f"{'CPU %':>6} | {'CPU s/Mreq':>10} | ratio")
+        print(header)
+        print("-" * len(header))
+        for job_name, results in rows:
+            peers = [v for k, v in results.items() if k != "spindle-nbd"]
+            best = max(peers, key=lambda v: v[0]) if peers else None
+            for server_name, (iops, bw, lat, cpu, cpu_per_m) in results.items():
+                ratio = ""
+                if server_name == "spindle-nbd" and best:
+                    ratio = f"{iops / best[0]:.2f}x IOPS, {cpu / best[3]:.2f}x CPU vs best peer"
+                print(f"{job_name:22} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
+                      f"{cpu:6.1f} | {cpu_per_m:10.1f} | {ratio}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
