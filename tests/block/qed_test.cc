@@ -821,7 +821,8 @@ TEST_F(QedTest, ConcurrentWritersOnTwoThreadsKeepTheImageConsistent) {
                                               std::span<const std::byte>(data), 0);
       if (result < 0) co_return result;
       Bytes back(1024);
-      if (co_await node->read(cluster * cs + piece * 1024, std::span(back), 0) < 0) co_return -EIO;
+      const int got = co_await node->read(cluster * cs + piece * 1024, std::span(back), 0);
+      if (got < 0) co_return -EIO;
       if (back != data) co_return -EILSEQ;
     }
     co_return 0;
