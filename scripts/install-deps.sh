@@ -8,7 +8,7 @@ packages=(
   pkg-config liburing-dev                          # io_uring
   libfmt-dev                                       # formatting
   libgtest-dev libbenchmark-dev                    # tests and micro-benchmarks
-  libcli11-dev                                     # command-line parsing (tools)
+  libcli11-dev nlohmann-json3-dev                  # command-line parsing, JSON output (tools)
   libasio-dev                                      # peer in the runtime benchmark
   qemu-utils                                       # qemu-img/qemu-io: QED oracle, NBD peer
   libnbd-bin python3-libnbd nbdkit fio python3     # NBD interop peers (nbdinfo, nbdcopy, nbdsh)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <string>
 
@@ -19,6 +20,11 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
+// Once the receive loop has ended (client EOF or DISC, lost framing, server shutdown), the
+// replies still owed get this long to go out. A peer that stopped reading must not keep the
+// connection, and with it a server shutdown, alive forever: after the deadline the channel is
+// closed. Backend requests still run to completion; only their replies are dropped.
+constexpr std::chrono::seconds kDrainTimeout{2};
 
 iovec bytes_iovec(const void* data, std::size_t size) {
   return iovec{const_cast<void*>(data), size};
@@ -44,7 +50,11 @@ coro::Task<void> Connection::run() {
   channel_->attach(*aio::current_context());
   const bool negotiated = co_await handshake();
   if (negotiated) co_await transmission();
-  co_await idle_.wait();  // every request has sent its reply
+  aio::Timer drain_deadline(*aio::current_context(), aio::Clock::monotonic,
+                            [this] { channel_->close(); });  // blocked sends get -ECANCELED
+  drain_deadline.arm_in(kDrainTimeout);
+  co_await idle_.wait();  // every request has sent its reply (or given up on the peer)
+  drain_deadline.cancel();
   channel_->close();
 }
 
@@ -265,7 +275,8 @@ coro::Task<int> Connection::receive(void* destination, std::size_t size) {
   constexpr std::size_t kBufferSize = 64 * 1024;
   auto* out = static_cast<std::byte*>(destination);
   const std::size_t buffered = std::min(size, receive_end_ - receive_begin_);
-  std::memcpy(out, receive_buffer_.data() + receive_begin_, buffered);
+  // (Before the first refill the buffer is empty and data() is null: memcpy(.., null, 0) is UB.)
+  if (buffered > 0) std::memcpy(out, receive_buffer_.data() + receive_begin_, buffered);
   receive_begin_ += buffered;
   out += buffered;
   size -= buffered;
@@ -303,7 +314,18 @@ coro::Task<void> Connection::transmission() {
     }
     if (request->command() == Command::kDisconnect) break;
     if (!verdict.ok()) {
-      co_await send_simple(*request, verdict.error);
+      // With structured replies a READ (or BLOCK_STATUS) must be answered with chunks even when
+      // it is rejected up front: libnbd drops the connection on a simple reply to a READ.
+      const Command command = request->command();
+      if (structured_ && (command == Command::kRead || command == Command::kBlockStatus)) {
+        std::vector<std::byte> chunk;
+        append_error_chunk(chunk, request->cookie, verdict.error,
+                           error_name(static_cast<std::uint32_t>(verdict.error)), true);
+        const iovec parts[] = {bytes_iovec(chunk.data(), chunk.size())};
+        co_await send(parts);
+      } else {
+        co_await send_simple(*request, verdict.error);
+      }
       continue;
     }
     while (in_flight_ >= max_in_flight) {

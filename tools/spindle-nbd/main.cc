@@ -152,8 +152,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "writeback"}));
   app.add_option("--discard", discard, "TRIM handling: ignore or unmap")
       ->check(CLI::IsMember({"ignore", "unmap"}));
+  // One value per --export, so that a trailing IMAGE stays the positional argument.
   app.add_option("--export", export_specs,
-                 "Add an export: name=N,file=F[,format=raw|qed][,read-only=on][,description=D]");
+                 "Add an export: name=N,file=F[,format=raw|qed][,read-only=on][,description=D]")
+      ->allow_extra_args(false);
   app.add_flag("-s,--stdio", stdio, "Serve one client on stdin/stdout (for libnbd tools)");
   app.add_flag("--fork", fork_server, "Fork into the background once ready");
   app.add_option("--pid-file", pid_file, "Write the server's pid to this file");

@@ -1,0 +1,82 @@
+// The spindle-img subcommands: one options struct and one entry point each, filled in and
+// called by main.cc's command line. Each entry point prints its results on stdout and returns
+// the process exit status (qemu-img's codes); errors throw ToolFailure.
+//
+// Thread-safety: call from the main thread only (the tool is single-threaded; asynchronous
+// work runs through coro::block_on on the main context).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace spindle::img {
+
+struct CreateOptions {
+  std::string format = "raw";
+  std::string options;  // -o key=value,...
+  std::string backing_file;
+  std::string backing_format;
+  std::string filename;
+  std::string size;  // empty: take the backing file's size
+  bool quiet = false;
+};
+int run_create(const CreateOptions& options);
+
+struct InfoOptions {
+  std::string format;
+  std::string output = "human";
+  bool backing_chain = false;
+  std::string filename;
+};
+int run_info(const InfoOptions& options);
+
+struct CheckOptions {
+  std::string format;
+  std::string output = "human";
+  std::string repair;  // "", "leaks" or "all"
+  std::string filename;
+  bool quiet = false;
+};
+int run_check(const CheckOptions& options);
+
+struct ConvertOptions {
+  std::string source_format;
+  std::string target_format = "raw";
+  std::string options;  // -o key=value,...
+  bool progress = false;
+  std::string sparse_size = "4k";
+  bool out_of_order = false;
+  int coroutines = 8;
+  std::string source;
+  std::string target;
+  bool quiet = false;
+};
+int run_convert(const ConvertOptions& options);
+
+struct CompareOptions {
+  std::string format_a;
+  std::string format_b;
+  bool strict = false;
+  std::string image_a;
+  std::string image_b;
+  bool quiet = false;
+};
+int run_compare(const CompareOptions& options);
+
+struct MapOptions {
+  std::string format;
+  std::string output = "human";
+  std::string filename;
+};
+int run_map(const MapOptions& options);
+
+struct ResizeOptions {
+  std::string format;
+  bool shrink = false;
+  std::string filename;
+  std::string size;  // "N", "+N" or "-N"
+  bool quiet = false;
+};
+int run_resize(const ResizeOptions& options);
+
+}  // namespace spindle::img

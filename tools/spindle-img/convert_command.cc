@@ -1,0 +1,92 @@
+// `spindle-img convert`: copies an image (its whole backing chain, flattened) into a new raw or
+// QED image through BlockBackends, keeping the target sparse (qemu-img convert).
+#include <cstdio>
+#include <cstring>
+
+#include "commands.h"
+#include "coro/block_on.h"
+#include "image_creator.h"
+#include "image_opener.h"
+#include "parallel_copier.h"
+#include "size_parser.h"
+#include "tool_failure.h"
+
+namespace spindle::img {
+
+namespace {
+
+constexpr std::uint64_t kMaxSparseSize = 16u << 20;
+
+coro::Task<int> copy_and_close(ParallelCopier& copier, OpenedImage& target) {
+  int result = co_await copier.run();
+  if (result >= 0) result = co_await target.backend->flush();
+  // Writes back metadata and marks a QED image clean.
+  const int closed = co_await target.root->close();
+  co_return result < 0 ? result : closed;
+}
+
+// Prints "    (xx.xx/100%)" on stderr when the percentage moves by a hundredth or more.
+class ProgressPrinter {
+ public:
+  void update(std::uint64_t done, std::uint64_t total) {
+    const double percent = total ? static_cast<double>(done) * 100.0 / static_cast<double>(total)
+                                 : 100.0;
+    if (percent - last_ < 0.01 && !(percent >= 100.0 && last_ < 100.0)) return;
+    last_ = percent;
+    std::fprintf(stderr, "    (%0.2f/100%%)\r", percent);
+    std::fflush(stderr);
+  }
+  void finish() {
+    update(1, 1);
+    std::fprintf(stderr, "\n");
+  }
+
+ private:
+  double last_ = -1.0;
+};
+
+}  // namespace
+
+int run_convert(const ConvertOptions& options) {
+  if (options.coroutines < 1 || options.coroutines > 16) {
+    fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+  }
+  const std::optional<std::uint64_t> sparse = parse_size(options.sparse_size);
+  if (!sparse || *sparse % 512 != 0 || *sparse > kMaxSparseSize) {
+    fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up "
+         "to 16MiB");
+  }
+  if (options.target_format != "raw" && options.target_format != "qed") {
+    fail("Unknown file format '" + options.target_format + "' (spindle-img writes raw and qed)");
+  }
+  const CreationOptions creation = parse_creation_options(options.target_format, options.options);
+  if (!creation.backing_file.empty()) {
+    fail("convert does not support a backing file for the target (-o backing_file)");
+  }
+  OpenedImage source = open_image(options.source, options.source_format, ImageOpenOptions{});
+
+  ProgressPrinter progress;
+  if (options.progress) progress.update(0, source.backend->size());
+  create_image(options.target, options.target_format, source.backend->size(), creation);
+  OpenedImage target = open_image(options.target, options.target_format,
+                                  ImageOpenOptions{.read_only = false, .with_backing = false});
+
+  ParallelCopier::Options copy;
+  copy.workers = static_cast<unsigned>(options.coroutines);
+  copy.sparse_size = *sparse;
+  if (options.progress) {
+    copy.on_progress = [&progress](std::uint64_t done, std::uint64_t total) {
+      progress.update(done, total);
+    };
+  }
+  ParallelCopier copier(source.backend, target.backend, std::move(copy));
+  const int result = coro::block_on(copy_and_close(copier, target));
+  if (options.progress) progress.finish();
+  if (result < 0) {
+    fail("error while converting '" + options.source + "' to '" + options.target +
+         "': " + std::strerror(-result));
+  }
+  return 0;
+}
+
+}  // namespace spindle::img

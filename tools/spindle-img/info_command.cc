@@ -1,0 +1,134 @@
+// `spindle-img info`: what an image is (qemu-img info), as text or as qemu-img's JSON
+// (ImageInfo field names), optionally for every image of the backing chain.
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "block/qed/format.h"
+#include "commands.h"
+#include "coro/block_on.h"
+#include "human_size.h"
+#include "image_opener.h"
+#include "tool_failure.h"
+
+namespace spindle::img {
+
+namespace {
+
+struct ImageDescription {
+  std::string filename;
+  std::string format;
+  std::uint64_t virtual_size = 0;
+  std::uint64_t actual_size = 0;
+  bool dirty = false;
+  std::uint32_t cluster_size = 0;  // 0: not a clustered format
+  std::string backing_filename;    // as recorded in the image
+  std::string full_backing_filename;
+  std::string backing_format;      // only when the image records it (QED: raw)
+};
+
+coro::Task<block::qed::Header> read_header(block::qed::QedNodeRef qed) {
+  co_return co_await qed->header();
+}
+
+ImageDescription describe(const std::string& filename, const std::string& format) {
+  const OpenedImage image = open_image(filename, format, ImageOpenOptions{.with_backing = false});
+  ImageDescription description;
+  description.filename = filename;
+  description.format = image.format;
+  description.virtual_size = image.backend->size();
+  struct stat info;
+  if (::stat(filename.c_str(), &info) == 0) {
+    description.actual_size = static_cast<std::uint64_t>(info.st_blocks) * 512;
+  }
+  if (image.qed) {
+    const block::qed::Header header = coro::block_on(read_header(image.qed));
+    description.dirty = header.features & block::qed::kFeatureNeedCheck;
+    description.cluster_size = header.cluster_size;
+    description.backing_filename = image.qed->backing_filename();
+    if (!description.backing_filename.empty()) {
+      description.full_backing_filename =
+          combine_backing_path(filename, description.backing_filename);
+      if (header.features & block::qed::kFeatureBackingFormatNoProbe) {
+        description.backing_format = "raw";
+      }
+    }
+  }
+  return description;
+}
+
+nlohmann::ordered_json to_json(const ImageDescription& image) {
+  nlohmann::ordered_json json;
+  if (!image.backing_format.empty()) json["backing-filename-format"] = image.backing_format;
+  json["virtual-size"] = image.virtual_size;
+  json["filename"] = image.filename;
+  if (image.cluster_size) json["cluster-size"] = image.cluster_size;
+  json["format"] = image.format;
+  json["actual-size"] = image.actual_size;
+  if (!image.backing_filename.empty()) {
+    json["full-backing-filename"] = image.full_backing_filename;
+    json["backing-filename"] = image.backing_filename;
+  }
+  json["dirty-flag"] = image.dirty;
+  return json;
+}
+
+void print_human(const ImageDescription& image) {
+  std::printf("image: %s\n", image.filename.c_str());
+  std::printf("file format: %s\n", image.format.c_str());
+  std::printf("virtual size: %s (%llu bytes)\n", human_size(image.virtual_size).c_str(),
+              static_cast<unsigned long long>(image.virtual_size));
+  std::printf("disk size: %s\n", human_size(image.actual_size).c_str());
+  if (image.cluster_size) std::printf("cluster_size: %u\n", image.cluster_size);
+  if (image.dirty) std::printf("cleanly shut down: no\n");
+  if (!image.backing_filename.empty()) {
+    if (image.full_backing_filename != image.backing_filename) {
+      std::printf("backing file: %s (actual path: %s)\n", image.backing_filename.c_str(),
+                  image.full_backing_filename.c_str());
+    } else {
+      std::printf("backing file: %s\n", image.backing_filename.c_str());
+    }
+    if (!image.backing_format.empty()) {
+      std::printf("backing file format: %s\n", image.backing_format.c_str());
+    }
+  }
+}
+
+}  // namespace
+
+int run_info(const InfoOptions& options) {
+  constexpr unsigned kMaxChainDepth = 16;
+  std::vector<ImageDescription> chain;
+  chain.push_back(describe(options.filename, options.format));
+  while (options.backing_chain && !chain.back().backing_filename.empty()) {
+    if (chain.size() >= kMaxChainDepth) {
+      fail("backing chain of '" + options.filename + "' is deeper than 16 images (a loop?)");
+    }
+    const ImageDescription& last = chain.back();
+    // QED records only a raw backing format; anything else is probed, as qemu-img does.
+    chain.push_back(describe(last.full_backing_filename, last.backing_format));
+  }
+
+  if (options.output == "json") {
+    nlohmann::ordered_json json;
+    if (options.backing_chain) {
+      json = nlohmann::ordered_json::array();
+      for (const ImageDescription& image : chain) json.push_back(to_json(image));
+    } else {
+      json = to_json(chain.front());
+    }
+    std::printf("%s\n", json.dump(4).c_str());
+  } else {
+    for (std::size_t i = 0; i < chain.size(); ++i) {
+      if (i) std::printf("\n");
+      print_human(chain[i]);
+    }
+  }
+  return 0;
+}
+
+}  // namespace spindle::img

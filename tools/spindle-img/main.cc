@@ -1,0 +1,167 @@
+// spindle-img: a qemu-img-compatible image tool for raw and QED images (create, info, check,
+// convert, compare, map, resize). Options, output formats and exit codes follow qemu-img
+// (reference/qed.md §4); errors print "spindle-img: <message>" on stderr and exit 1 unless the
+// subcommand's qemu-img counterpart uses another code. The tool is single-threaded: every
+// subcommand drives its coroutines with coro::block_on on the main context.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "tool_failure.h"
+
+namespace {
+
+using namespace spindle::img;
+
+// `resize IMG -1G`: a negative size looks like an option to the parser, so move it behind "--".
+std::vector<std::string> protect_negative_sizes(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args.front() != "resize") return args;
+  std::vector<std::string> options, sizes;
+  for (const std::string& arg : args) {
+    const bool negative_size = arg.size() > 1 && arg[0] == '-' && arg[1] >= '0' && arg[1] <= '9';
+    (negative_size ? sizes : options).push_back(arg);
+  }
+  if (sizes.empty()) return args;
+  options.push_back("--");
+  options.insert(options.end(), sizes.begin(), sizes.end());
+  return options;
+}
+
+void add_output_option(CLI::App* command, std::string& output) {
+  command->add_option("--output", output, "Output format: human or json (default human)")
+      ->check(CLI::IsMember({"human", "json"}));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"spindle-img: create, inspect, check, convert and compare raw and QED images "
+               "(qemu-img compatible)"};
+  app.set_version_flag("-V,--version", "spindle-img 0.1");
+  app.require_subcommand(1);
+
+  CreateOptions create;
+  CLI::App* create_command = app.add_subcommand("create", "Create a new image");
+  create_command->add_option("-f", create.format, "Image format: raw (default) or qed");
+  create_command->add_option("-o", create.options,
+                             "Creation options: cluster_size=N,table_size=N (qed), "
+                             "backing_file=F,backing_fmt=FMT (qed), preallocation=off (raw)");
+  create_command->add_option("-b", create.backing_file, "Backing file (qed)");
+  create_command->add_option("-F", create.backing_format, "Backing file format (raw or qed)");
+  create_command->add_flag("-q", create.quiet, "Quiet: print nothing on success");
+  create_command->add_option("filename", create.filename, "Image to create")->required();
+  create_command->add_option("size", create.size,
+                             "Virtual size, with an optional k, M, G, T, P or E suffix "
+                             "(default: the backing file's size)");
+
+  InfoOptions info;
+  CLI::App* info_command = app.add_subcommand("info", "Show information about an image");
+  info_command->add_option("-f", info.format, "Image format: raw or qed (default: probe)");
+  add_output_option(info_command, info.output);
+  info_command->add_flag("--backing-chain", info.backing_chain,
+                         "Show every image of the backing chain");
+  info_command->add_option("filename", info.filename, "Image")->required();
+
+  CheckOptions check;
+  CLI::App* check_command = app.add_subcommand(
+      "check", "Check an image's consistency (exit 0 clean, 1 check failed, 2 corruptions, "
+               "3 leaks, 63 not supported by the format)");
+  check_command->add_option("-f", check.format, "Image format (default: probe)");
+  check_command->add_option("-r", check.repair, "Repair: leaks or all")
+      ->check(CLI::IsMember({"leaks", "all"}));
+  add_output_option(check_command, check.output);
+  check_command->add_flag("-q", check.quiet, "Quiet");
+  check_command->add_option("filename", check.filename, "Image")->required();
+
+  ConvertOptions convert;
+  CLI::App* convert_command = app.add_subcommand("convert", "Copy an image into a new image");
+  convert_command->add_option("-f", convert.source_format, "Source format (default: probe)");
+  convert_command->add_option("-O", convert.target_format, "Target format: raw (default) or qed");
+  convert_command->add_option("-o", convert.options, "Target creation options (see create)");
+  convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
+  convert_command->add_option("-S", convert.sparse_size,
+                              "Zero-filled blocks of this size are left unallocated "
+                              "(default 4k; 0: allocate everything)");
+  convert_command->add_flag("-W", convert.out_of_order,
+                            "Allow out-of-order writes (always the case here)");
+  convert_command->add_option("-m", convert.coroutines,
+                              "Parallel copying coroutines, 1..16 (default 8)");
+  convert_command->add_flag("-q", convert.quiet, "Quiet");
+  convert_command->add_option("source", convert.source, "Source image")->required();
+  convert_command->add_option("target", convert.target, "Target image (created)")->required();
+
+  CompareOptions compare;
+  CLI::App* compare_command = app.add_subcommand(
+      "compare", "Compare two images' contents (exit 0 identical, 1 different, 2 error)");
+  compare_command->add_option("-f", compare.format_a, "First image's format (default: probe)");
+  compare_command->add_option("-F", compare.format_b, "Second image's format (default: probe)");
+  compare_command->add_flag("-s", compare.strict,
+                            "Strict: sizes and allocation must match as well");
+  compare_command->add_flag("-q", compare.quiet, "Quiet");
+  compare_command->add_option("image1", compare.image_a, "First image")->required();
+  compare_command->add_option("image2", compare.image_b, "Second image")->required();
+
+  MapOptions map;
+  CLI::App* map_command = app.add_subcommand("map", "Show where an image's data lives");
+  map_command->add_option("-f", map.format, "Image format (default: probe)");
+  add_output_option(map_command, map.output);
+  map_command->add_option("filename", map.filename, "Image")->required();
+
+  ResizeOptions resize;
+  CLI::App* resize_command = app.add_subcommand("resize", "Change an image's virtual size");
+  resize_command->add_option("-f", resize.format, "Image format (default: probe)");
+  resize_command->add_flag("--shrink", resize.shrink, "Allow shrinking (raw images only)");
+  resize_command->add_flag("-q", resize.quiet, "Quiet");
+  resize_command->add_option("filename", resize.filename, "Image")->required();
+  resize_command->add_option("size", resize.size, "New size: N, +N or -N (k/M/G/T/P/E suffixes)")
+      ->required();
+
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    for (const CLI::App* command : app.get_subcommands({})) known |= command->get_name() == argv[1];
+    if (!known) {
+      std::fprintf(stderr, "spindle-img: Command not found: %s\n", argv[1]);
+      std::fprintf(stderr, "Try 'spindle-img --help' for more information.\n");
+      return 1;
+    }
+  }
+  std::vector<std::string> args = protect_negative_sizes(argc, argv);
+  std::reverse(args.begin(), args.end());  // CLI11 takes a vector in reverse order
+  try {
+    app.parse(args);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "spindle-img: %s\n", e.what());
+    std::fprintf(stderr, "Try 'spindle-img --help' for more information.\n");
+    return 1;
+  }
+
+  try {
+    if (create_command->parsed()) return run_create(create);
+    if (info_command->parsed()) return run_info(info);
+    if (check_command->parsed()) return run_check(check);
+    if (convert_command->parsed()) return run_convert(convert);
+    if (compare_command->parsed()) return run_compare(compare);
+    if (map_command->parsed()) return run_map(map);
+    if (resize_command->parsed()) return run_resize(resize);
+  } catch (const ToolFailure& failure) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "spindle-img: %s\n", failure.what());
+    return failure.exit_code();
+  } catch (const std::exception& error) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "spindle-img: %s\n", error.what());
+    return 1;
+  }
+  return 1;
+}

@@ -1,0 +1,105 @@
+#include "parallel_copier.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "aio/context.h"
+#include "chain_status.h"
+#include "coro/coroutine.h"
+
+namespace spindle::img {
+
+namespace {
+
+bool all_zero(std::span<const std::byte> data) {
+  return std::all_of(data.begin(), data.end(), [](std::byte b) { return b == std::byte{0}; });
+}
+
+}  // namespace
+
+ParallelCopier::ParallelCopier(std::shared_ptr<block::BlockBackend> source,
+                               std::shared_ptr<block::BlockBackend> target, Options options)
+    : source_(std::move(source)),
+      target_(std::move(target)),
+      options_(std::move(options)),
+      total_(source_->size()) {}
+
+coro::Task<int> ParallelCopier::run() {
+  const unsigned workers = std::max(1u, options_.workers);
+  running_ = workers;
+  for (unsigned i = 0; i < workers; ++i) coro::spawn(*aio::current_context(), worker());
+  co_await finished_.wait();
+  co_return first_error_;
+}
+
+coro::Task<void> ParallelCopier::worker() {
+  std::vector<std::byte> buffer(options_.chunk_size);
+  while (first_error_ == 0 && next_offset_ < total_) {
+    const std::uint64_t offset = next_offset_;
+    const std::uint64_t length = std::min(options_.chunk_size, total_ - offset);
+    next_offset_ += length;
+    const int result = co_await copy_chunk(offset, length, buffer);
+    if (result < 0 && first_error_ == 0) first_error_ = result;
+    done_bytes_ += length;
+    if (options_.on_progress) options_.on_progress(done_bytes_, total_);
+  }
+  if (--running_ == 0) finished_.set();
+}
+
+coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t length,
+                                           std::vector<std::byte>& buffer) {
+  const std::uint64_t end = offset + length;
+  std::uint64_t pos = offset;
+  while (pos < end) {
+    const ChainExtent extent = co_await chain_status(source_->root(), pos, end - pos);
+    const std::span<std::byte> piece(buffer.data(), extent.bytes);
+    if (extent.zero) {
+      if (options_.sparse_size == 0) {
+        std::fill(piece.begin(), piece.end(), std::byte{0});
+        const int written = co_await target_->write(pos, piece);
+        if (written < 0) co_return written;
+      }
+    } else {
+      const int read = co_await source_->read(pos, piece);
+      if (read < 0) co_return read;
+      const int written = co_await write_sparse(pos, piece);
+      if (written < 0) co_return written;
+    }
+    pos += extent.bytes;
+  }
+  co_return 0;
+}
+
+coro::Task<int> ParallelCopier::write_sparse(std::uint64_t offset,
+                                             std::span<const std::byte> data) {
+  const std::uint64_t block = options_.sparse_size;
+  if (block == 0) co_return co_await target_->write(offset, data);
+  // Walk the buffer in blocks aligned to `block` in the image; write each run of non-zero
+  // blocks with one request.
+  std::uint64_t pos = 0;
+  std::uint64_t run_start = 0;
+  bool in_run = false;
+  while (pos < data.size()) {
+    const std::uint64_t block_end =
+        std::min<std::uint64_t>(data.size(), (offset + pos) / block * block + block - offset);
+    const bool zero = all_zero(data.subspan(pos, block_end - pos));
+    if (!zero && !in_run) {
+      run_start = pos;
+      in_run = true;
+    }
+    if (zero && in_run) {
+      const int written = co_await target_->write(offset + run_start,
+                                                  data.subspan(run_start, pos - run_start));
+      if (written < 0) co_return written;
+      in_run = false;
+    }
+    pos = block_end;
+  }
+  if (in_run) {
+    const int written = co_await target_->write(offset + run_start, data.subspan(run_start));
+    if (written < 0) co_return written;
+  }
+  co_return 0;
+}
+
+}  // namespace spindle::img
