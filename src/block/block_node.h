@@ -59,6 +59,8 @@ class BlockNode {
   virtual std::uint64_t size() const noexcept = 0;
   virtual BlockLimits limits() const noexcept { return {}; }
   virtual bool read_only() const noexcept { return false; }
+  // The node that supplies content this one does not allocate (a format's backing file).
+  virtual BlockNode* backing_node() const noexcept { return nullptr; }
 
   virtual coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
                                std::uint32_t flags) = 0;

@@ -20,6 +20,19 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
+// Bytes of READ/WRITE/CACHE buffers one connection may have in flight at once.
+constexpr std::uint64_t kMaxBytesInFlight = 64u << 20;
+
+std::uint64_t request_cost(const RequestHeader& request) {
+  switch (request.command()) {
+    case Command::kRead:
+    case Command::kWrite:
+    case Command::kCache:
+      return request.length;
+    default:
+      return 0;
+  }
+}
 // Once the receive loop has ended (client EOF or DISC, lost framing, server shutdown), the
 // replies still owed get this long to go out. A peer that stopped reading must not keep the
 // connection, and with it a server shutdown, alive forever: after the deadline the channel is
@@ -307,8 +320,16 @@ coro::Task<void> Connection::transmission() {
     if (!request) break;  // lost framing: hard disconnect
     const RequestVerdict verdict = validate_request(*request, policy_);
     if (verdict.disconnect) break;
-    std::vector<std::byte> payload(request_payload_length(*request));
-    if (!payload.empty()) {
+    // Admission: a bounded number of requests and of buffered bytes per connection, checked
+    // before a WRITE payload is read, so a client cannot make the server hold gigabytes.
+    const std::uint64_t cost = request_cost(*request);
+    while (in_flight_ >= max_in_flight ||
+           (in_flight_ > 0 && bytes_in_flight_ + cost > kMaxBytesInFlight)) {
+      slot_free_.reset();
+      co_await slot_free_.wait();
+    }
+    ByteBuffer payload(request_payload_length(*request));
+    if (payload.size() > 0) {
       const int got_payload = co_await receive(payload.data(), payload.size());
       if (got_payload != 0) break;
     }
@@ -328,17 +349,13 @@ coro::Task<void> Connection::transmission() {
       }
       continue;
     }
-    while (in_flight_ >= max_in_flight) {
-      slot_free_.reset();
-      co_await slot_free_.wait();
-    }
     if (in_flight_++ == 0) idle_.reset();
-    coro::spawn(*aio::current_context(),
-                handle_request(*request, std::move(payload)));
+    bytes_in_flight_ += cost;
+    coro::spawn(*aio::current_context(), handle_request(*request, std::move(payload)));
   }
 }
 
-coro::Task<void> Connection::handle_request(RequestHeader request, std::vector<std::byte> payload) {
+coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer payload) {
   auto keep_alive = shared_from_this();
   block::BlockBackend& backend = *export_->backend;
   const std::int64_t start = aio::now_ns(aio::Clock::monotonic);
@@ -351,7 +368,7 @@ coro::Task<void> Connection::handle_request(RequestHeader request, std::vector<s
       break;
     case Command::kWrite:
       kind = ExportStats::Kind::write;
-      result = co_await backend.write(request.offset, payload,
+      result = co_await backend.write(request.offset, payload.span(),
                                       (request.flags & kCmdFlagFua) ? std::uint32_t{block::kFua} : 0u);
       co_await send_error(request, result);
       break;
@@ -379,8 +396,8 @@ coro::Task<void> Connection::handle_request(RequestHeader request, std::vector<s
     }
     case Command::kCache: {
       // Prefetch: read it (the page cache keeps it) and drop the data.
-      std::vector<std::byte> scratch(request.length);
-      if (request.length > 0) result = co_await backend.read(request.offset, scratch);
+      ByteBuffer scratch(request.length);
+      if (request.length > 0) result = co_await backend.read(request.offset, scratch.span());
       co_await send_error(request, result);
       break;
     }
@@ -393,6 +410,7 @@ coro::Task<void> Connection::handle_request(RequestHeader request, std::vector<s
   }
   server_.stats(export_index_).record(kind, request.length,
                                       aio::now_ns(aio::Clock::monotonic) - start, result < 0);
+  bytes_in_flight_ -= request_cost(request);
   if (--in_flight_ == 0) idle_.set();
   slot_free_.set();
 }
@@ -419,8 +437,8 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_return 0;
     }
   }
-  std::vector<std::byte> data(request.length);
-  const int result = co_await backend.read(request.offset, data);
+  ByteBuffer data(request.length);
+  const int result = co_await backend.read(request.offset, data.span());
   if (result < 0) {
     co_await send_error(request, result);
     co_return result;

@@ -5,7 +5,7 @@
 //
 // Thread-safety: everything runs on the connection's context (its channel is attached there,
 // and request coroutines are spawned there and resume there); only stop_reading() is called
-// from other threads. `send_mutex_` serializes replies; in_flight_/reading_ are touched only on
+// from other threads. `send_mutex_` serializes replies; in_flight_/bytes_in_flight_ are touched only on
 // the connection's context.
 #pragma once
 
@@ -24,6 +24,20 @@ namespace spindle::nbd {
 
 class Server;
 struct ExportConfig;
+
+// A request's data buffer, left uninitialized (every byte is written before it is read).
+class ByteBuffer {
+ public:
+  explicit ByteBuffer(std::size_t size)
+      : data_(size ? std::make_unique_for_overwrite<std::byte[]>(size) : nullptr), size_(size) {}
+  std::byte* data() noexcept { return data_.get(); }
+  std::size_t size() const noexcept { return size_; }
+  std::span<std::byte> span() noexcept { return {data_.get(), size_}; }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_;
+};
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
@@ -51,7 +65,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Reads exactly `size` bytes through a receive buffer, so that a burst of requests costs
   // one recv() instead of one per header: 0, or -errno / -ECONNRESET.
   coro::Task<int> receive(void* destination, std::size_t size);
-  coro::Task<void> handle_request(RequestHeader request, std::vector<std::byte> payload);
+  coro::Task<void> handle_request(RequestHeader request, ByteBuffer payload);
   coro::Task<int> handle_read(const RequestHeader& request);
   coro::Task<int> handle_block_status(const RequestHeader& request);
   coro::Task<void> send_simple(const RequestHeader& request, Error error);
@@ -74,6 +88,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   coro::Mutex send_mutex_;
   bool broken_ = false;  // a send failed: the peer is gone
   std::size_t in_flight_ = 0;
+  std::uint64_t bytes_in_flight_ = 0;
   coro::Event slot_free_{true};
   coro::Event idle_{true};
 };

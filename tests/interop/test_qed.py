@@ -206,13 +206,10 @@ class QedTest(si.InteropTest):
         self.stop_cleanly(server)
         self.qemu_img_check(image)
 
-    @unittest.expectedFailure
     def test_overlay_block_status_reports_backing_data(self):
-        # KNOWN BUG (see the interop report): clusters the overlay does not allocate are
-        # reported as NBD_STATE_HOLE without NBD_STATE_ZERO, although the backing file supplies
-        # data there. qemu-nbd reports the whole chain (backing data = data, backing holes =
-        # hole,zero). QEMU's NBD client treats HOLE as unallocated, so `qemu-img compare`
-        # reports a false "Content mismatch" and `qemu-img map` shows no data at all.
+        # Clusters the overlay does not allocate take their status from the backing file, as
+        # with qemu-nbd (backing data = data, backing holes = hole,zero): QEMU's NBD client
+        # treats HOLE as unallocated, so anything else breaks `qemu-img compare` and `map`.
         base = self.make_image("base.raw", 8 * MiB, [(0, os.urandom(4 * MiB))])
         overlay = self.create_qed("overlay.qed", 8 * MiB, backing=base)
         server = self.server(overlay, ["-f", "qed", "-r"])

@@ -102,6 +102,7 @@ class QedNode final : public BlockNode {
   const Geometry& geometry() const noexcept { return geometry_; }
   const std::string& backing_filename() const noexcept { return backing_name_; }
   const BlockNodeRef& backing() const noexcept { return backing_; }
+  BlockNode* backing_node() const noexcept override { return backing_.get(); }
   const BlockNodeRef& file() const noexcept { return file_; }
   coro::Task<Header> header();
 
