@@ -29,18 +29,14 @@
 // work it claims; the exit status is 1 if one of those checks failed.
 #include <benchmark/benchmark.h>
 #include <fmt/core.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
 #include <exception>
 #include <future>
-#include <map>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -49,30 +45,23 @@
 #include "aio/context.h"
 #include "aio/io_thread.h"
 #include "aio/timer.h"
+#include "asio_support.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "coro/task.h"
-
-// Asio 1.22 enables co_await for clang only with <experimental/coroutine> (libc++); with
-// libstdc++ clang has the standard <coroutine>, which Asio then uses (ASIO_HAS_STD_COROUTINE).
-#if defined(__clang__) && !defined(ASIO_HAS_CO_AWAIT)
-#define ASIO_HAS_CO_AWAIT 1
-#endif
-#include <asio.hpp>
+#include "summary_table.h"
 
 namespace {
 
 namespace aio = spindle::aio;
 namespace coro = spindle::coro;
 using namespace std::chrono_literals;
+using spindle::bench::add;
+using spindle::bench::AsioTask;
+using spindle::bench::AsioThread;
+using spindle::bench::check;
+using spindle::bench::kUseAwaitable;
 using SteadyClock = std::chrono::steady_clock;
-
-// Asio coroutines use the io_context's own executor type rather than the default type-erased
-// any_io_executor: that is legitimate Asio and 30-40% faster, so Asio shows its best here.
-using AsioExecutor = asio::io_context::executor_type;
-template <typename T>
-using AsioTask = asio::awaitable<T, AsioExecutor>;
-constexpr asio::use_awaitable_t<AsioExecutor> kUseAwaitable{};
 
 constexpr int kChainDepth = 1000;
 constexpr int kRoundTripsWhenPolling = 1000;
@@ -92,10 +81,6 @@ void set_ns_per_operation(benchmark::State& state, SteadyClock::time_point loop_
       elapsed_ns / (static_cast<double>(state.iterations()) * operations_per_iteration);
 }
 
-void check(benchmark::State& state, bool ok, const char* what) {
-  if (!ok) state.SkipWithError(what);
-}
-
 // Threads a ping-pong coroutine ran on, recorded once per benchmark to prove each hop really
 // changed thread (null during the timed runs).
 using HopLog = std::vector<std::thread::id>;
@@ -105,40 +90,6 @@ void log_hop(HopLog* log) {
 bool hops_alternate(const HopLog& log, std::thread::id home, std::thread::id peer) {
   return log == HopLog{home, peer, home, peer, home};
 }
-
-// An Asio event-loop thread, the counterpart of aio::IoThread. Busy-polling runs
-// `while (!stop) io.poll();`; sleeping runs io.run(), which blocks when idle. A work guard keeps
-// the io_context from stopping when it runs out of handlers.
-class AsioThread {
- public:
-  enum class Mode { busy_poll, sleep };
-
-  explicit AsioThread(Mode mode)
-      : work_guard_(asio::make_work_guard(io_)), thread_([this, mode] { run(mode); }) {}
-  ~AsioThread() {
-    stop_.store(true, std::memory_order_release);
-    work_guard_.reset();
-    thread_.join();
-  }
-  AsioThread(const AsioThread&) = delete;
-  AsioThread& operator=(const AsioThread&) = delete;
-
-  asio::io_context& io() noexcept { return io_; }
-  std::thread::id thread_id() const noexcept { return thread_.get_id(); }
-
- private:
-  void run(Mode mode) {
-    if (mode == Mode::busy_poll) {
-      while (!stop_.load(std::memory_order_acquire)) io_.poll();
-    }
-    io_.run();  // drains what is left; returns once the guard is gone and no work remains
-  }
-
-  asio::io_context io_;
-  asio::executor_work_guard<asio::io_context::executor_type> work_guard_;
-  std::atomic<bool> stop_{false};
-  std::thread thread_;
-};
 
 // ---- 1. coroutine lifecycle ---------------------------------------------------------------
 
@@ -449,21 +400,6 @@ void asio_fan_in(benchmark::State& state) {
 
 // ---- registration and summary -------------------------------------------------------------
 
-// Operations one iteration of each benchmark performs; the summary reports time per operation.
-std::map<std::string, double, std::less<>>& operations_per_iteration() {
-  static std::map<std::string, double, std::less<>> table;
-  return table;
-}
-
-template <typename Function, typename... Args>
-benchmark::internal::Benchmark* add(const std::string& name, double operations,
-                                    Function function, Args... args) {
-  operations_per_iteration()[name] = operations;
-  return benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& state) {
-    function(state, args...);
-  });
-}
-
 void register_benchmarks() {
   // Spindle and Asio alternate row by row, so both see similar machine conditions.
   add("Spindle/Lifecycle", 1, spindle_coroutine_lifecycle);
@@ -520,103 +456,37 @@ constexpr SummaryRow kSummaryRows[] = {
     {"fan-in 2->1 (per item)", "Spindle/FanIn/2Producers", "Asio/FanIn/2Producers", {}},
 };
 
-// The usual console output, plus wall time per operation of every benchmark for the summary.
-class SummaryReporter : public benchmark::ConsoleReporter {
- public:
-  explicit SummaryReporter(OutputOptions options) : ConsoleReporter(options) {}
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const Run& run : runs) {
-      if (run.error_occurred) {
-        failed_ = true;
-        continue;
-      }
-      Totals& totals = totals_[run.run_name.function_name];
-      if (run.run_type == Run::RT_Iteration) {
-        totals.seconds += run.real_accumulated_time;
-        totals.iterations += static_cast<double>(run.iterations);
-      } else if (run.aggregate_name == "mean") {  // --benchmark_repetitions: use the mean
-        totals.mean_ns_per_iteration =
-            run.GetAdjustedRealTime() * 1e9 / benchmark::GetTimeUnitMultiplier(run.time_unit);
-      }
+// Pairs each Spindle row with its Asio row and checks the goals.
+void print_summary(const spindle::bench::SummaryReporter& results) {
+  using spindle::bench::format_ratio;
+  using spindle::bench::format_value;
+  fmt::print("\nSummary (wall ns per operation, the mean over repetitions if any; ratio = "
+             "Asio / Spindle, > 1 means Spindle is faster)\n");
+  spindle::bench::Table table({{"row", 30, true},
+                               {"Spindle ns/op", 13},
+                               {"Asio ns/op", 13},
+                               {"ratio", 6},
+                               {"goal", 19, true},
+                               {"met?"}});
+  for (const SummaryRow& row : kSummaryRows) {
+    const std::optional<double> spindle = results.ns_per_operation(row.spindle);
+    const std::optional<double> asio = results.ns_per_operation(row.asio);
+    if (!spindle && !asio) continue;  // filtered out
+    const std::string goal =
+        row.goal_ns ? fmt::format("<= {:g} ns, <= Asio", *row.goal_ns) : "<= Asio";
+    std::string met = "n/a";
+    if (spindle && asio) {
+      const bool ok = *spindle <= *asio && (!row.goal_ns || *spindle <= *row.goal_ns);
+      met = ok ? "yes" : "NO";
     }
-    ConsoleReporter::ReportRuns(runs);
+    table.add_row({row.label, format_value(spindle), format_value(asio),
+                   format_ratio(asio, spindle), goal, met});
   }
-
-  bool failed() const noexcept { return failed_; }
-
-  std::optional<double> ns_per_operation(std::string_view name) const {
-    const auto found = totals_.find(name);
-    const auto operations = operations_per_iteration().find(name);
-    if (found == totals_.end() || operations == operations_per_iteration().end()) {
-      return std::nullopt;
-    }
-    const Totals& totals = found->second;
-    if (totals.mean_ns_per_iteration) return *totals.mean_ns_per_iteration / operations->second;
-    if (totals.iterations == 0) return std::nullopt;
-    return totals.seconds * 1e9 / (totals.iterations * operations->second);
-  }
-
-  void print_summary() const {
-    if (totals_.empty()) return;
-    fmt::print("\nSummary (wall ns per operation, the mean over repetitions if any; ratio = "
-               "Asio / Spindle, > 1 means Spindle is faster)\n");
-    constexpr std::string_view kLine = "{:<30} | {:>13} | {:>13} | {:>6} | {:<19} | {}\n";
-    fmt::print(kLine, "row", "Spindle ns/op", "Asio ns/op", "ratio", "goal", "met?");
-    fmt::print(kLine, std::string(30, '-'), std::string(13, '-'), std::string(13, '-'),
-               std::string(6, '-'), std::string(19, '-'), "----");
-    for (const SummaryRow& row : kSummaryRows) {
-      const std::optional<double> spindle = ns_per_operation(row.spindle);
-      const std::optional<double> asio = ns_per_operation(row.asio);
-      if (!spindle && !asio) continue;  // filtered out
-      const std::string goal =
-          row.goal_ns ? fmt::format("<= {:g} ns, <= Asio", *row.goal_ns) : "<= Asio";
-      std::string met = "n/a";
-      if (spindle && asio) {
-        const bool ok = *spindle <= *asio && (!row.goal_ns || *spindle <= *row.goal_ns);
-        met = ok ? "yes" : "NO";
-      }
-      fmt::print(kLine, row.label, format_ns(spindle), format_ns(asio),
-                 spindle && asio ? fmt::format("{:.2f}", *asio / *spindle) : "-", goal, met);
-    }
-  }
-
- private:
-  struct Totals {
-    double seconds = 0;
-    double iterations = 0;
-    std::optional<double> mean_ns_per_iteration;
-  };
-  static std::string format_ns(std::optional<double> ns) {
-    return ns ? fmt::format("{:.1f}", *ns) : "-";
-  }
-
-  std::map<std::string, Totals, std::less<>> totals_;
-  bool failed_ = false;
-};
+  table.print();
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Default to a short minimum time per row unless the user chose one (flag or environment).
-  std::vector<char*> arguments(argv, argv + argc);
-  std::string default_min_time = "--benchmark_min_time=0.2";
-  bool min_time_given = std::getenv("BENCHMARK_MIN_TIME") != nullptr;
-  for (int i = 1; i < argc; ++i) {
-    min_time_given |= std::string_view(argv[i]).starts_with("--benchmark_min_time");
-  }
-  if (!min_time_given) arguments.push_back(default_min_time.data());
-  int argument_count = static_cast<int>(arguments.size());
-  arguments.push_back(nullptr);
-
-  benchmark::Initialize(&argument_count, arguments.data());
-  if (benchmark::ReportUnrecognizedArguments(argument_count, arguments.data())) return 1;
-  register_benchmarks();
-
-  SummaryReporter reporter(::isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Color
-                                                   : benchmark::ConsoleReporter::OO_None);
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  reporter.print_summary();
-  benchmark::Shutdown();
-  return reporter.failed() ? 1 : 0;
+  return spindle::bench::run_benchmarks(argc, argv, "0.2", register_benchmarks, print_summary);
 }

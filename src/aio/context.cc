@@ -375,7 +375,8 @@ bool Context::run_timers() noexcept {
 
 bool Context::has_pending_work() const noexcept {
   return !local_.empty() || !batch_.empty() || queue_.has_items() ||
-         notified_.load(std::memory_order_relaxed);
+         notified_.load(std::memory_order_relaxed) ||
+         (uring_ && uring_->has_pending_submissions());  // flushed at the next iteration
 }
 
 // Decides how long a blocking poll may sleep, busy-polling first if enabled. Arms the queue

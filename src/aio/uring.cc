@@ -71,10 +71,14 @@ void Uring::flush() noexcept {
   if (pending_submissions_ == 0) return;
   int submitted;
   do {
-    submitted = io_uring_submit(&ring_);
+    // Also runs deferred completion work: page-cache hits complete during the submit, so
+    // their completions can be delivered right away instead of after an eventfd round trip.
+    submitted = deferred_task_run_ ? io_uring_submit_and_get_events(&ring_)
+                                   : io_uring_submit(&ring_);
   } while (submitted == -EINTR);
   if (submitted < 0) base::fatal("io_uring_submit: {}", std::strerror(-submitted));
   pending_submissions_ = 0;
+  deliver_completions();
 }
 
 void Uring::Operation::prepare(io_uring_sqe* sqe) noexcept {
@@ -116,6 +120,10 @@ void Uring::Operation::await_suspend(std::coroutine_handle<> handle) noexcept {
 void Uring::reap() noexcept {
   completions_.test_and_clear();
   if (deferred_task_run_) io_uring_get_events(&ring_);
+  deliver_completions();
+}
+
+void Uring::deliver_completions() noexcept {
   io_uring_cqe* cqe;
   while (io_uring_peek_cqe(&ring_, &cqe) == 0) {
     auto* op = static_cast<Operation*>(io_uring_cqe_get_data(cqe));

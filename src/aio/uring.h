@@ -86,12 +86,14 @@ class Uring {
   // Submits every prepared SQE (the context calls this before it waits).
   void flush() noexcept;
   bool uses_deferred_task_run() const noexcept { return deferred_task_run_; }
+  bool has_pending_submissions() const noexcept { return pending_submissions_ != 0; }
   unsigned in_flight() const noexcept { return in_flight_; }
 
  private:
   Uring(Context& context, unsigned entries, unsigned flags, bool deferred);
   io_uring_sqe* next_sqe() noexcept;
-  void reap() noexcept;
+  void reap() noexcept;                 // the completion eventfd fired
+  void deliver_completions() noexcept;  // wakes the coroutine of every completion in the ring
 
   Context& context_;
   io_uring ring_{};
