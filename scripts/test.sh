@@ -38,13 +38,13 @@ configure_and_build build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER
 run_tests build
 
 if [[ ${SPINDLE_SANITIZERS:-1} != 0 ]]; then
-  echo "== clang ASan+UBSan: runtime tests"
+  echo "== clang ASan+UBSan: runtime, block and nbd tests"
   configure_and_build build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DCMAKE_CXX_FLAGS=-O1 -DSPINDLE_SANITIZE=address,undefined -DSPINDLE_BUILD_BENCH=OFF
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     run_tests build-asan -L 'runtime|block|nbd'
 
-  echo "== clang TSan: runtime tests"
+  echo "== clang TSan: runtime and block tests"
   configure_and_build build-tsan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
     -DCMAKE_CXX_FLAGS=-O1 -DSPINDLE_SANITIZE=thread -DSPINDLE_BUILD_BENCH=OFF
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 run_tests build-tsan -L 'runtime|block'
