@@ -36,7 +36,7 @@
 //         coroutines each on its own io_context thread running io_context::run(), async_read +
 //         async_write of the same sizes. Ratio = Asio / Spindle (> 1: Spindle is faster).
 //
-// Run:   build/bench/spindle-io-bench                       about 40 s on the 2-core VM
+// Run:   build/bench/spindle-io-bench                       about 30 s on the 2-core VM
 //        SPINDLE_BENCH_FILE_MB=64 build/bench/spindle-io-bench   smaller file: quicker set-up
 //        ... --benchmark_filter=Echo                         a subset (regex, case-sensitive)
 //        ... --benchmark_min_time=0.05                       quicker, noisier
