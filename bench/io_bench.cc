@@ -83,6 +83,7 @@
 #include "io/channel.h"
 #include "io/socket.h"
 #include "summary_table.h"
+#include "support/counter_loop.h"
 #include "support/mcs_lock.h"
 
 namespace {
@@ -199,37 +200,8 @@ coro::Task<void> destroy_here(std::unique_ptr<T> object) {
 
 // ---- 1. mutex -----------------------------------------------------------------------------
 
-// One coroutine per IoThread: lock; counter++; unlock; atomic_counter++ until told to stop
-// (tests/coro/mutex_test.cc). atomic_counter is incremented after unlock, as in QEMU.
-template <typename Lock>
-struct CounterLoop {
-  Lock lock;
-  long counter = 0;  // protected by `lock`
-  std::atomic<long> atomic_counter{0};
-  std::atomic<bool> stopping{false};
-  std::atomic<int> started{0};
-  std::atomic<int> running{0};
-  std::atomic<long> wrong_thread{0};
-
-  coro::Task<void> body(std::thread::id home_thread) {
-    started.fetch_add(1);
-    while (!stopping.load(std::memory_order_relaxed)) {
-      if constexpr (std::is_same_v<Lock, coro::Mutex>) {
-        co_await lock.lock();
-      } else {
-        lock.lock();
-      }
-      // A coro::Mutex waiter must resume in its own context; the thread locks cannot move.
-      if (std::this_thread::get_id() != home_thread) {
-        wrong_thread.fetch_add(1, std::memory_order_relaxed);
-      }
-      ++counter;
-      lock.unlock();
-      atomic_counter.fetch_add(1, std::memory_order_relaxed);
-    }
-    running.fetch_sub(1);
-  }
-};
+// The QEMU mutex loop, shared with tests/coro/mutex_test.cc.
+using spindle::testing_support::CounterLoop;
 
 template <typename Lock>
 void mutex_throughput(benchmark::State& state, int contexts, unsigned spin_limit) {

@@ -16,6 +16,7 @@
 #include "aio/io_thread.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
+#include "support/counter_loop.h"
 #include "support/mcs_lock.h"
 #include "support/thread_identity.h"
 
@@ -24,33 +25,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// One coroutine per IoThread: lock; counter++; unlock; atomic_counter++ until told to stop.
-// atomic_counter is incremented after unlock, as in QEMU (inside, the IoThread could exit
-// before the woken coroutine ran).
-template <typename Lock>
-struct CounterLoop {
-  Lock lock;
-  long counter = 0;  // protected by `lock`
-  std::atomic<long> atomic_counter{0};
-  std::atomic<bool> stopping{false};
-  std::atomic<int> running{0};
-  std::atomic<long> wrong_thread{0};
-
-  Task<void> body(std::thread::id home_thread) {
-    while (!stopping.load(std::memory_order_relaxed)) {
-      if constexpr (std::is_same_v<Lock, Mutex>) {
-        co_await lock.lock();
-        if (testing_support::this_thread_id() != home_thread) wrong_thread.fetch_add(1);
-      } else {
-        lock.lock();
-      }
-      ++counter;
-      lock.unlock();
-      atomic_counter.fetch_add(1, std::memory_order_relaxed);
-    }
-    running.fetch_sub(1);
-  }
-};
+using testing_support::CounterLoop;
 
 template <typename Lock>
 long run_counter_loop(int threads, std::chrono::milliseconds duration, const char* label) {
