@@ -7,6 +7,7 @@ plus server CPU-seconds per million requests. A QED row compares spindle-nbd wit
 
 Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--size-mb 1024]
                                   [--runtime 5] [--only NAME]
+                                  [--baseline-spindle-nbd OTHER_BUILD [--no-peers]]
 Everything runs on this machine (Unix sockets only); the image lives under /tmp.
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
@@ -81,6 +82,10 @@ def main():
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runtime", type=int, default=5)
     parser.add_argument("--only", default=None, help="run only the job with this name")
+    parser.add_argument("--baseline-spindle-nbd", default=None,
+                        help="another spindle-nbd build to run as an extra row (A/B comparisons)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip qemu-nbd and nbdkit (with --baseline-spindle-nbd: A/B only)")
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdkit", "qemu-img"):
         if not shutil.which(tool):
@@ -107,6 +112,12 @@ def main():
                                    "--cache=writeback", "-k", socket, image]),
             ("nbdkit file", ["nbdkit", "-f", "-U", socket, "file", image]),
         ]
+        if args.no_peers:
+            servers = servers[:1]
+        if args.baseline_spindle_nbd:
+            baseline = os.path.abspath(args.baseline_spindle_nbd)
+            servers.insert(1, ("spindle baseline", [baseline, "-t", "-f", "raw", "-k", socket,
+                                                    image]))
         qed_servers = [
             ("spindle-nbd", [spindle, "-t", "-f", "qed", "-k", socket, qed]),
             ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "qed", "-e", "8", "-k", socket, qed]),
@@ -137,12 +148,15 @@ def main():
         print(header)
         print("-" * len(header))
         for job_name, results in rows:
-            peers = [v for k, v in results.items() if k != "spindle-nbd"]
+            peers = [v for k, v in results.items() if not k.startswith("spindle")]
             best = max(peers, key=lambda v: v[0]) if peers else None
+            versus = "best peer"
+            if best is None and "spindle baseline" in results:
+                best, versus = results["spindle baseline"], "baseline"
             for server_name, (iops, bw, lat, cpu, cpu_per_m) in results.items():
                 ratio = ""
                 if server_name == "spindle-nbd" and best:
-                    ratio = f"{iops / best[0]:.2f}x IOPS, {cpu / best[3]:.2f}x CPU vs best peer"
+                    ratio = f"{iops / best[0]:.2f}x IOPS, {cpu / best[3]:.2f}x CPU vs {versus}"
                 print(f"{job_name:22} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
                       f"{cpu:6.1f} | {cpu_per_m:10.1f} | {ratio}")
     finally:

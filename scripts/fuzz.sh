@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (ASan + UBSan, build dir build-fuzz) and runs each
 # one for a bounded time. Fails if a build fails or a target finds a crash, leak, sanitizer
-# report or broken property (the crashing input is left in build-fuzz/artifacts/).
+# report, hang or broken property (the failing input is left in build-fuzz/artifacts/).
 #   scripts/fuzz.sh [seconds per target, default 60]
+# Environment: SPINDLE_FUZZ_BUILD_DIR (default build-fuzz), SPINDLE_FUZZ_JOBS (default nproc).
+# A target may write seed inputs: run with SPINDLE_FUZZ_WRITE_SEEDS=DIR it fills DIR and exits
+# (targets without seeds ignore it and, with -runs=0, do nothing). Seeds are read alongside the
+# target's corpus, which collects what it finds across runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
-dir=build-fuzz
+dir=${SPINDLE_FUZZ_BUILD_DIR:-build-fuzz}
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   -DSPINDLE_BUILD_FUZZ=ON -DSPINDLE_BUILD_TESTS=OFF -DSPINDLE_BUILD_BENCH=OFF >/dev/null
-ninja -C "$dir" -j "$(nproc)" spindle_fuzz_targets
+ninja -C "$dir" -j "${SPINDLE_FUZZ_JOBS:-$(nproc)}" spindle_fuzz_targets
 
-mkdir -p "$dir/artifacts" "$dir/corpus"
+# Per-target flags: -max_len keeps inputs (and so the time per input) small; -timeout turns a
+# slow input into a reported hang well within the run.
+target_flags() {
+  case $1 in
+    qed_open_fuzz) echo "-max_len=65536 -timeout=10" ;;  # an image with 4-32 KiB clusters
+    nbd_server_fuzz) echo "-max_len=8192 -timeout=10" ;;  # a handshake and a few requests
+    *) echo "-timeout=10" ;;
+  esac
+}
+
+mkdir -p "$dir/artifacts" "$dir/corpus" "$dir/seeds"
 status=0
 for target in "$dir"/fuzz/*_fuzz; do
   name=$(basename "$target")
   mkdir -p "$dir/corpus/$name"
+  rm -rf "$dir/seeds/$name"
+  inputs=("$dir/corpus/$name")
+  if ! SPINDLE_FUZZ_WRITE_SEEDS="$dir/seeds/$name" "$target" -runs=0 >/dev/null 2>&1; then
+    echo "== $name: writing its seeds FAILED"
+    status=1
+    continue
+  fi
+  [[ -d $dir/seeds/$name ]] && inputs+=("$dir/seeds/$name")
   echo "== $name: ${seconds} s"
-  if ! "$target" -max_total_time="$seconds" -print_final_stats=1 \
-      -artifact_prefix="$dir/artifacts/$name-" "$dir/corpus/$name"; then
+  # shellcheck disable=SC2046  # the flags are words
+  if ! "$target" $(target_flags "$name") -max_total_time="$seconds" -print_final_stats=1 \
+      -artifact_prefix="$dir/artifacts/$name-" "${inputs[@]}"; then
     echo "== $name: FAILED (inputs in $dir/artifacts/)"
     status=1
   fi

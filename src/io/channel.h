@@ -34,25 +34,21 @@
 #include "aio/context.h"
 #include "coro/coroutine.h"
 #include "coro/task.h"
+#include "io/byte_stream.h"
 
 namespace spindle::io {
 
-class Channel {
+class Channel final : public ByteStream {
  public:
   // Takes ownership of `fd` and makes it non-blocking; attaches to `context` if given.
   explicit Channel(int fd, aio::Context* context = aio::current_context());
-  ~Channel();
+  ~Channel() override;
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
-  // Reads what is available (waiting for at least one byte): >0 bytes, 0 at end of stream,
-  // or -errno.
-  coro::Task<ssize_t> read_some(void* buffer, std::size_t size);
-  // Fills the whole buffer: 0, -ECONNRESET if the stream ended first, or -errno.
-  coro::Task<int> read_exact(void* buffer, std::size_t size);
-  // Writes everything: 0 or -errno (-EPIPE if the peer is gone).
-  coro::Task<int> write_all(const void* buffer, std::size_t size);
-  coro::Task<int> writev_all(std::span<const iovec> vectors);
+  // ByteStream (read_exact() and write_all() come from there).
+  coro::Task<ssize_t> read_some(void* buffer, std::size_t size) override;
+  coro::Task<int> writev_all(std::span<const iovec> vectors) override;
 
   // Ends the write direction (the peer reads EOF); sockets only. 0 or -errno.
   int shutdown_write() noexcept;

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <string>
 
+#include <fmt/format.h>
+
 #include "aio/context.h"
 #include "aio/timer.h"
 #include "block/block_backend.h"
@@ -53,7 +55,7 @@ std::uint32_t allocation_flags(std::uint32_t status) {
 }  // namespace
 
 Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
-    : server_(server), channel_(std::move(channel)) {}
+    : server_(server), channel_(std::move(channel)), stream_(channel_.get()) {}
 
 Connection::~Connection() = default;
 
@@ -68,6 +70,7 @@ coro::Task<void> Connection::run() {
   drain_deadline.arm_in(kDrainTimeout);
   co_await idle_.wait();  // every request has sent its reply (or given up on the peer)
   drain_deadline.cancel();
+  if (tls_) tls_->say_goodbye();
   channel_->close();
 }
 
@@ -82,10 +85,10 @@ coro::Task<bool> Connection::handshake() {
 
   const std::uint16_t handshake_flags = kFlagFixedNewstyle | kFlagNoZeroes;
   const auto greeting = encode_greeting(handshake_flags);
-  const int greeted = co_await channel_->write_all(greeting.data(), greeting.size());
+  const int greeted = co_await stream_->write_all(greeting.data(), greeting.size());
   if (greeted != 0) co_return false;
   std::array<std::byte, kClientFlagsSize> flag_bytes;
-  const int got_flags = co_await channel_->read_exact(flag_bytes.data(), flag_bytes.size());
+  const int got_flags = co_await stream_->read_exact(flag_bytes.data(), flag_bytes.size());
   if (got_flags != 0) co_return false;
   const auto client_flags = parse_client_flags(flag_bytes);
   if (!client_flags || !client_flags_acceptable(*client_flags, handshake_flags)) co_return false;
@@ -94,12 +97,12 @@ coro::Task<bool> Connection::handshake() {
   std::vector<std::byte> data;
   for (;;) {
     std::array<std::byte, kOptionHeaderSize> header_bytes;
-    const int got_header = co_await channel_->read_exact(header_bytes.data(), header_bytes.size());
+    const int got_header = co_await stream_->read_exact(header_bytes.data(), header_bytes.size());
     if (got_header != 0) co_return false;
     const auto header = parse_option_header(header_bytes);
     if (!header) co_return false;  // not IHAVEOPT, or a payload too large to read: disconnect
     data.resize(header->length);
-    const int got_data = co_await channel_->read_exact(data.data(), data.size());
+    const int got_data = co_await stream_->read_exact(data.data(), data.size());
     if (got_data != 0) co_return false;
     const Next next = co_await handle_option(*header, data);
     switch (next) {
@@ -115,7 +118,7 @@ coro::Task<bool> Connection::handshake() {
 }
 
 coro::Task<bool> Connection::send_option_bytes(const std::vector<std::byte>& bytes) {
-  co_return co_await channel_->write_all(bytes.data(), bytes.size()) == 0;
+  co_return co_await stream_->write_all(bytes.data(), bytes.size()) == 0;
 }
 
 const ExportConfig* Connection::find_export(std::string_view name, std::size_t& index) const {
@@ -157,7 +160,17 @@ void Connection::select_export(const ExportConfig& config, std::size_t index) {
 coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& header,
                                                        std::span<const std::byte> data) {
   std::vector<std::byte> reply;
-  switch (static_cast<Option>(header.option)) {
+  const auto option = static_cast<Option>(header.option);
+  if (option == Option::kStartTls) co_return co_await start_tls(data);
+  if (!tls_ && server_.options_.tls_mode == TlsMode::require && option != Option::kAbort) {
+    // Forced TLS: nothing but STARTTLS and ABORT in clear text. EXPORT_NAME cannot carry an
+    // error, so the spec has the server disconnect.
+    if (option == Option::kExportName) co_return Next::close;
+    append_reply_error(reply, header.option, OptionReply::kErrTlsRequired,
+                       "TLS is required: send STARTTLS first");
+    co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+  }
+  switch (option) {
     case Option::kExportName: {
       const auto name = parse_export_name(data, server_.options_.max_name_length);
       std::size_t index = 0;
@@ -197,14 +210,49 @@ coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& heade
     case Option::kListMetaContext:
     case Option::kSetMetaContext:
       co_return co_await handle_meta_context(header.option, data);
-    case Option::kStartTls:
-      append_reply_error(reply, header.option, OptionReply::kErrUnsupported,
-                         "TLS is not configured on this server");
-      break;
     default:
       append_reply_error(reply, header.option, OptionReply::kErrUnsupported,
                          "unsupported option");
       break;
+  }
+  co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
+}
+
+coro::Task<Connection::Next> Connection::start_tls(std::span<const std::byte> data) {
+  constexpr auto kStartTls = static_cast<std::uint32_t>(Option::kStartTls);
+  std::vector<std::byte> reply;
+  const auto& credentials = server_.options_.tls_credentials;
+  if (server_.options_.tls_mode == TlsMode::off || !credentials) {
+    append_reply_error(reply, kStartTls, OptionReply::kErrUnsupported,
+                       "TLS is not configured on this server");
+  } else if (!data.empty()) {
+    append_reply_error(reply, kStartTls, OptionReply::kErrInvalid, "STARTTLS takes no data");
+  } else if (tls_) {
+    append_reply_error(reply, kStartTls, OptionReply::kErrInvalid, "TLS is already active");
+  } else {
+    append_reply_ack(reply, kStartTls);
+    const bool acknowledged = co_await send_option_bytes(reply);
+    if (!acknowledged) co_return Next::close;
+    std::string error;
+    auto session = io::TlsSession::create(*channel_, credentials, {}, error);
+    if (!session) {
+      fmt::print(stderr, "spindle-nbd: {}\n", error);
+      co_return Next::close;
+    }
+    const int shaken = co_await session->handshake();  // still under the handshake deadline
+    if (shaken != 0) {
+      if (shaken != -ECANCELED && shaken != -ECONNRESET) {
+        fmt::print(stderr, "spindle-nbd: TLS handshake failed: {}\n", session->error_message());
+      }
+      co_return Next::close;  // a failed handshake leaves no usable stream: disconnect
+    }
+    tls_ = std::move(session);
+    stream_ = tls_.get();
+    // Whatever was negotiated in clear text may have been tampered with: forget it.
+    structured_ = false;
+    base_allocation_ = false;
+    export_ = nullptr;
+    co_return Next::keep_negotiating;
   }
   co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
 }
@@ -294,11 +342,11 @@ coro::Task<int> Connection::receive(void* destination, std::size_t size) {
   out += buffered;
   size -= buffered;
   if (size == 0) co_return 0;
-  if (size >= kBufferSize / 2) co_return co_await channel_->read_exact(out, size);  // big payload
+  if (size >= kBufferSize / 2) co_return co_await stream_->read_exact(out, size);  // big payload
   receive_buffer_.resize(kBufferSize);
   receive_begin_ = receive_end_ = 0;
   while (receive_end_ < size) {
-    const ssize_t n = co_await channel_->read_some(receive_buffer_.data() + receive_end_,
+    const ssize_t n = co_await stream_->read_some(receive_buffer_.data() + receive_end_,
                                                    kBufferSize - receive_end_);
     if (n == 0) co_return -ECONNRESET;
     if (n < 0) co_return static_cast<int>(n);
@@ -513,13 +561,8 @@ coro::Task<void> Connection::send_error(const RequestHeader& request, int errno_
 }
 
 coro::Task<void> Connection::send(std::span<const iovec> parts) {
-  auto guard = co_await send_mutex_.scoped_lock();
-  if (broken_) co_return;
-  const int written = co_await channel_->writev_all(parts);
-  if (written != 0) {
-    broken_ = true;  // the peer is gone: stop reading too, so the connection winds down
-    channel_->shutdown_read();
-  }
+  const bool sent = co_await replies_.send(*stream_, parts);
+  if (!sent) channel_->shutdown_read();  // the peer is gone: stop reading, wind down
 }
 
 }  // namespace spindle::nbd

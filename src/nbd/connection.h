@@ -1,12 +1,17 @@
 // Connection: one NBD client, from greeting to disconnect, on one IoThread. The handshake runs
 // under a timeout; transmission has a receive loop that reads request headers (and WRITE
 // payloads) and starts one coroutine per request, at most `max_requests_per_connection` at a
-// time; each request's reply is written under `send_mutex_` so replies never interleave.
+// time; replies go out through a ReplyWriter, which never interleaves them and sends the
+// replies that are ready together in one write.
+//
+// With TLS configured, STARTTLS layers a TlsSession over the channel and every later byte goes
+// through it (`stream_`); under TlsMode::require nothing but STARTTLS and ABORT is answered
+// before that.
 //
 // Thread-safety: everything runs on the connection's context (its channel is attached there,
 // and request coroutines are spawned there and resume there); only stop_reading() is called
-// from other threads. `send_mutex_` serializes replies; in_flight_/bytes_in_flight_ are touched only on
-// the connection's context.
+// from other threads. `replies_`, in_flight_ and bytes_in_flight_ are used only on that
+// context.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +23,9 @@
 #include "coro/mutex.h"
 #include "coro/task.h"
 #include "io/channel.h"
+#include "io/tls_session.h"
 #include "nbd/protocol.h"
+#include "nbd/reply_writer.h"
 
 namespace spindle::nbd {
 
@@ -54,6 +61,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   coro::Task<bool> handshake();
   coro::Task<Next> handle_option(const OptionHeader& header, std::span<const std::byte> data);
+  coro::Task<Next> start_tls(std::span<const std::byte> data);
   coro::Task<Next> handle_info_or_go(std::uint32_t option, std::span<const std::byte> data);
   coro::Task<Next> handle_meta_context(std::uint32_t option, std::span<const std::byte> data);
   coro::Task<bool> send_option_bytes(const std::vector<std::byte>& bytes);
@@ -74,6 +82,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   Server& server_;
   std::unique_ptr<io::Channel> channel_;
+  std::unique_ptr<io::TlsSession> tls_;  // after STARTTLS
+  io::ByteStream* stream_;               // channel_, or tls_ once TLS is up
   const ExportConfig* export_ = nullptr;
   std::size_t export_index_ = 0;
   bool no_zeroes_ = false;
@@ -85,8 +95,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::size_t receive_begin_ = 0;  // unread bytes are [receive_begin_, receive_end_)
   std::size_t receive_end_ = 0;
 
-  coro::Mutex send_mutex_;
-  bool broken_ = false;  // a send failed: the peer is gone
+  ReplyWriter replies_;
   std::size_t in_flight_ = 0;
   std::uint64_t bytes_in_flight_ = 0;
   coro::Event slot_free_{true};

@@ -14,6 +14,9 @@ namespace spindle::nbd {
 Server::Server(aio::Context& control, ServerOptions options, std::vector<ExportConfig> exports)
     : control_(control), options_(options), exports_(std::move(exports)) {
   if (exports_.empty()) base::fatal("nbd::Server needs at least one export");
+  if (options_.tls_mode != TlsMode::off && !options_.tls_credentials) {
+    base::fatal("nbd::Server: a TLS mode needs credentials");
+  }
   for (std::size_t i = 0; i < exports_.size(); ++i) {
     stats_.push_back(std::make_unique<ExportStats>());
   }

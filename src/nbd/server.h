@@ -27,6 +27,7 @@
 #include "coro/task.h"
 #include "io/channel.h"
 #include "io/socket.h"
+#include "io/tls_credentials.h"
 #include "nbd/export_stats.h"
 
 namespace spindle::nbd {
@@ -40,12 +41,18 @@ struct ExportConfig {
   bool multi_conn = true;    // safe: every connection shares one backend (flush covers all)
 };
 
+// off: STARTTLS is refused. on: clients choose (TLS or clear text). require: nothing is served
+// before STARTTLS (the spec's FORCEDTLS).
+enum class TlsMode { off, on, require };
+
 struct ServerOptions {
   std::size_t io_threads = 0;  // 0: one per CPU
   std::chrono::milliseconds handshake_timeout{10'000};
   std::size_t max_connections = 100;
   std::size_t max_requests_per_connection = 64;
   std::size_t max_name_length = 4096;
+  TlsMode tls_mode = TlsMode::off;
+  std::shared_ptr<const io::TlsCredentials> tls_credentials;  // needed unless tls_mode is off
 };
 
 class Connection;

@@ -225,7 +225,7 @@ class Server:
             match = re.search(r"listening on (\S+)", text)
             if match:
                 if self.tcp:
-                    port = re.search(r"nbd://127\.0\.0\.1:(\d+)/", match.group(1))
+                    port = re.search(r"nbds?://127\.0\.0\.1:(\d+)/", match.group(1))
                     if not port:
                         raise AssertionError(f"cannot parse the port from: {match.group(1)}")
                     self.port = int(port.group(1))

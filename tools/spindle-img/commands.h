@@ -79,4 +79,25 @@ struct ResizeOptions {
 };
 int run_resize(const ResizeOptions& options);
 
+// Numbers stay text here: run_bench() parses them to print qemu-img's messages.
+struct BenchOptions {
+  std::string count = "75000";
+  std::string depth = "64";
+  std::string format;
+  std::string flush_interval;  // empty: never flush
+  std::string aio;             // threads, native or io_uring; empty: the runtime's default
+  bool native_aio = false;     // -n
+  bool no_drain = false;
+  std::string offset = "0";
+  std::string pattern = "0";
+  bool quiet = false;  // accepted; qemu-img bench prints its report anyway
+  std::string buffer_size = "4096";
+  std::string step_size;  // empty or 0: the buffer size
+  std::string cache = "writeback";
+  bool write = false;
+  bool force_share = false;  // -U: accepted; spindle-img takes no image locks
+  std::string filename;
+};
+int run_bench(const BenchOptions& options);
+
 }  // namespace spindle::img

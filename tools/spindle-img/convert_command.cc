@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "block/drivers/nbd/uri.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "image_creator.h"
@@ -67,9 +68,22 @@ int run_convert(const ConvertOptions& options) {
 
   ProgressPrinter progress;
   if (options.progress) progress.update(0, source.backend->size());
-  create_image(options.target, options.target_format, source.backend->size(), creation);
+  // An NBD target is an existing export (as qemu-img convert -n): not created, but zeroed
+  // first, since the copy skips the source's zero ranges.
+  const bool remote_target = block::nbd::is_nbd_uri(options.target);
+  if (!remote_target) {
+    create_image(options.target, options.target_format, source.backend->size(), creation);
+  }
   OpenedImage target = open_image(options.target, options.target_format,
                                   ImageOpenOptions{.read_only = false, .with_backing = false});
+  if (remote_target) {
+    if (target.backend->size() < source.backend->size()) {
+      fail("'" + options.target + "' is smaller than '" + options.source + "'");
+    }
+    const int zeroed =
+        coro::block_on(target.backend->write_zeroes(0, target.backend->size(), block::kMayUnmap));
+    if (zeroed < 0) fail("cannot zero '" + options.target + "': " + std::strerror(-zeroed));
+  }
 
   ParallelCopier::Options copy;
   copy.workers = static_cast<unsigned>(options.coroutines);

@@ -5,7 +5,9 @@
 
 #include <cstring>
 
+#include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
+#include "block/drivers/nbd/uri.h"
 #include "block/qed/chain.h"
 #include "block/qed/format.h"
 #include "coro/block_on.h"
@@ -52,14 +54,17 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   require_known_format(format);
   OpenedImage image;
   image.filename = path;
-  image.format = format.empty() ? probe_format(path) : format;
+  // NBD URIs open through the chain (which probes their format over the wire).
+  const bool remote = block::nbd::is_nbd_uri(path);
+  image.format = format.empty() && !remote ? probe_format(path) : format;
 
-  if (options.with_backing) {
+  if (options.with_backing || remote) {
     block::qed::ChainOptions chain;
+    chain.ignore_backing = !options.with_backing;
     chain.read_only = options.read_only;
     chain.repair_if_dirty = options.repair_if_dirty;
-    chain.open_file = [](const std::string& file, bool read_only) {
-      return block::open_file(file, read_only);
+    chain.open_file = [direct = options.direct](const std::string& file, bool read_only) {
+      return direct ? block::open_direct_file(file, read_only) : block::open_file(file, read_only);
     };
     auto node = coro::block_on(block::qed::open_image_chain(path, image.format, std::move(chain)));
     if (!node) {
@@ -71,7 +76,9 @@ OpenedImage open_image(const std::string& path, const std::string& format,
     }
     image.root = std::move(node).value();
   } else {
-    base::Result<block::BlockNodeRef> file = block::open_file(path, options.read_only);
+    base::Result<block::BlockNodeRef> file = options.direct
+                                                 ? block::open_direct_file(path, options.read_only)
+                                                 : block::open_file(path, options.read_only);
     if (!file.ok()) fail("Could not open '" + path + "': " + std::strerror(file.error()));
     image.root = std::move(file).value();
     if (image.format == "qed") {
@@ -81,6 +88,7 @@ OpenedImage open_image(const std::string& path, const std::string& format,
     }
   }
   image.qed = std::dynamic_pointer_cast<block::qed::QedNode>(image.root);
+  if (image.format.empty()) image.format = image.qed ? "qed" : "raw";
   if (image.format == "qed" && !image.qed) fail("'" + path + "' did not open as a QED image");
   image.backend = std::make_shared<block::BlockBackend>(image.root);
   return image;

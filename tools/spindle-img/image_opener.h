@@ -25,6 +25,7 @@ struct ImageOpenOptions {
   bool read_only = true;
   bool with_backing = true;       // false: QEMU's BDRV_O_NO_BACKING (qemu-img info does this)
   bool repair_if_dirty = false;   // only writable opens repair; check and info never do
+  bool direct = false;  // O_DIRECT on every file of the chain (cache=none; block/drivers/direct_file.h)
 };
 
 struct OpenedImage {

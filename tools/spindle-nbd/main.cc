@@ -20,11 +20,13 @@
 #include "aio/context.h"
 #include "aio/file_io.h"
 #include "block/block_backend.h"
+#include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
 #include "block/qed/chain.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "io/socket.h"
+#include "io/tls_credentials.h"
 #include "nbd/server.h"
 
 namespace {
@@ -98,7 +100,9 @@ std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec, bool di
   block::qed::ChainOptions options;
   options.read_only = spec.read_only;
   options.open_file = [direct](const std::string& path, bool read_only) {
-    return block::open_file(path, block::FileOptions{read_only, direct, false});
+    // O_DIRECT files sit behind an aligning backend: QED headers and format probes issue
+    // requests smaller than a sector.
+    return direct ? block::open_direct_file(path, read_only) : block::open_file(path, read_only);
   };
   auto node = coro::block_on(
       block::qed::open_image_chain(spec.file, spec.format, std::move(options)));
@@ -127,7 +131,9 @@ int main(int argc, char** argv) {
   CLI::App app{"spindle-nbd: serve disk images over the Network Block Device protocol"};
   app.set_version_flag("--version", "spindle-nbd 0.1");
   std::string image, format, export_name, description, socket_path, bind = "127.0.0.1";
-  std::string aio = "io_uring", cache = "writeback", discard = "ignore", pid_file, tls;
+  std::string aio = "io_uring", cache = "writeback", discard = "ignore", pid_file;
+  std::string tls, tls_creds, tls_psk;
+  bool tls_verify_peer = false;
   std::vector<std::string> export_specs;
   int port = 10809, shared = 100;
   unsigned io_threads = 0, handshake_timeout = 10;
@@ -161,10 +167,31 @@ int main(int argc, char** argv) {
   app.add_option("--pid-file", pid_file, "Write the server's pid to this file");
   app.add_option("--handshake-timeout", handshake_timeout, "Seconds to finish the handshake");
   app.add_flag("--stats", stats, "Print per-export statistics at exit (also on SIGUSR1)");
-  app.add_option("--tls", tls, "TLS mode (off, on, require): not available in this build");
+  app.add_option("--tls", tls,
+                 "TLS: off, on (clients choose) or require (default when credentials are given)")
+      ->check(CLI::IsMember({"off", "on", "require"}));
+  app.add_option("--tls-creds", tls_creds,
+                 "X.509 credentials directory: ca-cert.pem, server-cert.pem, server-key.pem");
+  app.add_option("--tls-psk", tls_psk, "TLS-PSK key file: username:hexkey lines (psktool)");
+  app.add_flag("--tls-verify-peer", tls_verify_peer,
+               "Require X.509 clients to present a certificate signed by ca-cert.pem");
   CLI11_PARSE(app, argc, argv);
 
-  if (!tls.empty() && tls != "off") die("TLS is not available in this build yet");
+  std::shared_ptr<const io::TlsCredentials> tls_credentials;
+  nbd::TlsMode tls_mode = nbd::TlsMode::off;
+  if (!tls_creds.empty() && !tls_psk.empty()) die("give --tls-creds or --tls-psk, not both");
+  if (tls_verify_peer && tls_creds.empty()) die("--tls-verify-peer needs --tls-creds");
+  const bool have_credentials = !tls_creds.empty() || !tls_psk.empty();
+  if (tls.empty()) tls = have_credentials ? "require" : "off";
+  if (tls != "off") {
+    if (!have_credentials) die("--tls=" + tls + " needs --tls-creds DIR or --tls-psk FILE");
+    std::string error;
+    tls_credentials = tls_creds.empty()
+                          ? io::TlsCredentials::server_psk(tls_psk, error)
+                          : io::TlsCredentials::server_x509(tls_creds, tls_verify_peer, error);
+    if (!tls_credentials) die(error);
+    tls_mode = tls == "on" ? nbd::TlsMode::on : nbd::TlsMode::require;
+  }
   std::vector<ExportSpec> specs;
   if (!image.empty()) {
     specs.push_back({export_name, image, format, description, read_only});
@@ -214,6 +241,8 @@ int main(int argc, char** argv) {
   options.io_threads = io_threads;
   options.max_connections = static_cast<std::size_t>(shared);
   options.handshake_timeout = std::chrono::seconds(handshake_timeout);
+  options.tls_mode = tls_mode;
+  options.tls_credentials = tls_credentials;
   nbd::Server server(main, options, std::move(exports));
 
   std::string uri;
@@ -230,7 +259,8 @@ int main(int argc, char** argv) {
     auto listener = io::Listener::unix_socket(socket_path);
     if (!listener) die("cannot listen on " + socket_path + ": " + std::strerror(listener.error()));
     server.listen(std::move(listener.value()));
-    uri = "nbd+unix:///" + server.exports()[0].name + "?socket=" + socket_path;
+    uri = std::string(tls_mode == nbd::TlsMode::require ? "nbds" : "nbd") + "+unix:///" +
+          server.exports()[0].name + "?socket=" + socket_path;
   } else {
     auto listener = io::Listener::tcp(bind, static_cast<std::uint16_t>(port));
     if (!listener) {
@@ -238,7 +268,7 @@ int main(int argc, char** argv) {
           std::strerror(listener.error()));
     }
     const bool v6 = bind.find(':') != std::string::npos;
-    uri = "nbd://" + (v6 ? "[" + bind + "]" : bind) + ":" +
+    uri = std::string(tls_mode == nbd::TlsMode::require ? "nbds" : "nbd") + "://" + (v6 ? "[" + bind + "]" : bind) + ":" +
           std::to_string(listener.value()->port()) + "/" + server.exports()[0].name;
     server.listen(std::move(listener.value()));
   }
@@ -261,7 +291,11 @@ int main(int argc, char** argv) {
                    config.read_only ? ", read-only" : "");
     }
     std::fprintf(stderr, "spindle-nbd: listening on %s\n", uri.c_str());
-    if (uri.rfind("nbd", 0) == 0) {
+    if (tls_mode != nbd::TlsMode::off) {
+      std::fprintf(stderr, "spindle-nbd: TLS %s (%s); see docs/spindle-nbd.md for clients\n",
+                   tls_mode == nbd::TlsMode::require ? "required" : "offered",
+                   tls_creds.empty() ? "PSK" : "X.509");
+    } else if (uri.rfind("nbd", 0) == 0) {
       std::fprintf(stderr, "  try:  nbdinfo '%s'\n        qemu-img info '%s'\n", uri.c_str(),
                    uri.c_str());
     }

@@ -24,6 +24,7 @@ struct ChainOptions {
   bool read_only = false;
   bool repair_if_dirty = true;
   unsigned max_depth = 16;
+  bool ignore_backing = false;  // the top image's backing file is not opened (qemu-img info)
   FileOpener open_file;
 };
 

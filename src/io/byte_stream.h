@@ -1,0 +1,35 @@
+// ByteStream: the coroutine byte-stream interface that protocol code (the NBD server and
+// client) is written against, so the same code runs over a plain Channel or over a TlsSession
+// layered on one. Implementations supply read_some() and writev_all(); read_exact() and
+// write_all() are built on them.
+//
+// Thread-safety: as the implementation documents; both implementations allow one reading and
+// one writing coroutine at a time.
+#pragma once
+
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <span>
+
+#include "coro/task.h"
+
+namespace spindle::io {
+
+class ByteStream {
+ public:
+  virtual ~ByteStream() = default;
+
+  // Reads what is available (waiting for at least one byte): >0 bytes, 0 at end of stream,
+  // or -errno.
+  virtual coro::Task<ssize_t> read_some(void* buffer, std::size_t size) = 0;
+  // Writes everything: 0 or -errno (-EPIPE if the peer is gone).
+  virtual coro::Task<int> writev_all(std::span<const iovec> vectors) = 0;
+
+  // Fills the whole buffer: 0, -ECONNRESET if the stream ended first, or -errno.
+  coro::Task<int> read_exact(void* buffer, std::size_t size);
+  coro::Task<int> write_all(const void* buffer, std::size_t size);
+};
+
+}  // namespace spindle::io
