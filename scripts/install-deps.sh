@@ -13,6 +13,7 @@ packages=(
   libasio-dev                                      # peer in the runtime benchmark
   qemu-utils                                       # qemu-img/qemu-io: QED oracle, NBD peer
   libnbd-bin python3-libnbd nbdkit fio python3     # NBD interop peers (nbdinfo, nbdcopy, nbdsh)
+  nbd-server                                       # simple-replies-only peer (NBD client test)
 )
 
 missing=()

@@ -37,6 +37,9 @@ const bool g_main_thread_bound = [] {
 }();
 
 constexpr std::int64_t kInitialPollWindowNs = 4000;
+// epoll data of the ring's completion eventfd (the wake-up eventfd's is null; handlers are heap
+// pointers, never this).
+void* const kUringTag = reinterpret_cast<void*>(std::uintptr_t{1});
 constexpr std::size_t kMaxEventsPerWait = 64;
 
 }  // namespace
@@ -91,11 +94,23 @@ Uring* Context::uring() {
   if (!uring_probed_) {
     uring_probed_ = true;
     uring_ = Uring::create(*this);
+    if (uring_) {
+      // Watched directly, not as an fd handler: it does not make the loop epoll while it is
+      // awake, and it only makes it sleep in epoll while operations are in flight.
+      epoll_event event{};
+      event.events = EPOLLIN;
+      event.data.ptr = kUringTag;
+      if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, uring_->completion_fd(), &event) < 0) {
+        base::fatal("context '{}': cannot watch the io_uring eventfd: {}", name_,
+                    std::strerror(errno));
+      }
+    }
   }
   return uring_.get();
 }
 
 Context::~Context() {
+  if (uring_) ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, uring_->completion_fd(), nullptr);
   uring_.reset();
   thread_pool_.reset();  // waits for its workers; aborts if jobs have not completed
   WorkFifo pending;
@@ -244,6 +259,10 @@ bool Context::dispatch_fd_events(const epoll_event* events, std::size_t count) n
       }
       continue;
     }
+    if (events[i].data.ptr == kUringTag) {  // the ring's completion eventfd
+      progress |= uring_->reap();
+      continue;
+    }
     const std::uint32_t ready = events[i].events;
     if ((ready & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) &&
         handler->live.load(std::memory_order_acquire) && handler->on_readable) {
@@ -376,7 +395,8 @@ bool Context::run_timers() noexcept {
 bool Context::has_pending_work() const noexcept {
   return !local_.empty() || !batch_.empty() || queue_.has_items() ||
          notified_.load(std::memory_order_relaxed) ||
-         (uring_ && uring_->has_pending_submissions());  // flushed at the next iteration
+         // flushed and reaped at the next iteration
+         (uring_ && (uring_->has_pending_submissions() || uring_->completions_ready()));
 }
 
 // Decides how long a blocking poll may sleep, busy-polling first if enabled. Arms the queue
@@ -401,6 +421,8 @@ std::int64_t Context::blocking_timeout_ns(bool& armed) noexcept {
   if (!queue_.arm()) return 0;  // items arrived
   armed = true;
   if (notified_.load(std::memory_order_seq_cst)) return 0;
+  // Arms the ring's completion eventfd; completions that arrived before that are reaped first.
+  if (uring_ && uring_->prepare_to_sleep()) return 0;
   // Recompute after arming: a timer armed by another thread before this point is in the heap
   // now; one armed after it will see the armed queue and kick us.
   return timer_timeout_ns();
@@ -474,24 +496,31 @@ bool Context::poll(bool blocking) {
   bool progress = false;
   epoll_event events[kMaxEventsPerWait];
   for (;;) {
-    if (uring_) uring_->flush();  // I/O prepared since the last iteration goes out before we wait
+    // I/O prepared since the last iteration goes out before we wait, and completions that are
+    // already visible are delivered (progress: they resume coroutines), eventfd or not.
+    const bool ring_progress = uring_ && uring_->flush();
+    progress |= ring_progress;
     const bool measure = blocking && poll_max_ns_.load(std::memory_order_relaxed) > 0;
     const std::int64_t start_ns = measure ? now_ns(Clock::monotonic) : 0;
     // With no fd registered a blocking wait sleeps on a futex, which wakes faster than an
-    // eventfd through epoll; the choice must be visible before the queue is armed.
+    // eventfd through epoll; the choice must be visible before the queue is armed. The ring's
+    // completion eventfd needs epoll only while operations are in flight, and never needs a
+    // zero-timeout epoll: flush() reaps the ring on every pass.
     const bool has_fds = fd_handler_count_.load(std::memory_order_relaxed) > 0;
+    const bool sleep_in_epoll = has_fds || (uring_ && uring_->in_flight() > 0);
     const std::uint32_t futex_observed = futex_word_.load(std::memory_order_acquire);
-    if (blocking && !has_fds) sleeping_on_futex_.store(true, std::memory_order_relaxed);
+    if (blocking && !sleep_in_epoll) sleeping_on_futex_.store(true, std::memory_order_relaxed);
     bool armed = false;
-    const std::int64_t timeout = blocking ? blocking_timeout_ns(armed) : 0;
+    const std::int64_t timeout = blocking && !ring_progress ? blocking_timeout_ns(armed) : 0;
 
     std::size_t ready = 0;
-    if (timeout != 0 && !has_fds) {
+    if (timeout != 0 && !sleep_in_epoll) {
       sleep_on_futex(futex_observed, timeout);
-    } else if (timeout != 0 || has_fds) {  // no fds and no reason to sleep: no syscall at all
+    } else if (timeout != 0 || has_fds) {  // nothing to watch and no reason to sleep: no syscall
       ready = wait_for_events(timeout, events, kMaxEventsPerWait);
     }
-    if (blocking && !has_fds) sleeping_on_futex_.store(false, std::memory_order_relaxed);
+    if (uring_) uring_->after_wake();  // the completion eventfd goes off while we are awake
+    if (blocking && !sleep_in_epoll) sleeping_on_futex_.store(false, std::memory_order_relaxed);
     if (armed) queue_.try_disarm();
     const bool notified = notified_.exchange(false, std::memory_order_acq_rel);
     if (measure) adapt_poll_window(now_ns(Clock::monotonic) - start_ns);

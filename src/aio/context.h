@@ -19,7 +19,9 @@
 //      handlers_ ...     fd_mutex_ (map, graveyard); handler `deleted` flag is atomic
 //      timer heaps       timer_mutex_; earliest_deadline_ mirrors the heads for a lock-free check
 //      bottom halves     bh_registry_mutex_ (the registry list only; see bottom_half.h)
-//      thread_pool_, uring_  home thread only (created on first use)
+//      thread_pool_, uring_  home thread only (created on first use); the ring's completion
+//                        eventfd sits in epoll_fd_ beside wake_fd_, not among the fd handlers,
+//                        and the loop reaps the ring itself while awake (uring.h protocol)
 //      refcount_         atomic
 //  * Lifetime: reference counted (ContextRef). When the last reference goes, pending work items
 //    or undestroyed bottom halves are a fatal error that names them.

@@ -40,13 +40,17 @@ ThreadPool::ThreadPool(Context& context, Options options)
 }
 
 ThreadPool::~ThreadPool() {
-  std::unique_lock lock(mutex_);
-  if (unfinished_jobs_ != 0) {
-    base::fatal("ThreadPool destroyed with {} jobs not completed", unfinished_jobs_);
+  if (const std::size_t unfinished = unfinished_jobs_.load(std::memory_order_acquire)) {
+    base::fatal("ThreadPool destroyed with {} jobs not completed", unfinished);
   }
+  std::unique_lock lock(mutex_);
   stopping_ = true;
   work_available_.notify_all();
   workers_gone_.wait(lock, [&] { return workers_ == 0; });
+  lock.unlock();
+  // An enqueue() whose job has already run and completed may still be about to notify_one():
+  // wait for it before the condition variable goes away (a window of a few instructions).
+  while (signallers_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 std::size_t ThreadPool::worker_count() const noexcept {
@@ -61,23 +65,37 @@ ThreadPool::Job* ThreadPool::submit(Work work, Completion done) {
 }
 
 void ThreadPool::enqueue(Job* job) {
-  std::unique_lock lock(mutex_);
-  job->pool_ = this;
-  job->state_ = Job::State::queued;
-  job->queue_next_ = nullptr;
-  job->queue_prev_ = queue_tail_;
-  if (queue_tail_) {
-    queue_tail_->queue_next_ = job;
-  } else {
-    queue_head_ = job;
+  bool signal = false;
+  {
+    std::lock_guard lock(mutex_);
+    job->pool_ = this;
+    job->state_ = Job::State::queued;
+    job->queue_next_ = nullptr;
+    job->queue_prev_ = queue_tail_;
+    if (queue_tail_) {
+      queue_tail_->queue_next_ = job;
+    } else {
+      queue_head_ = job;
+    }
+    queue_tail_ = job;
+    unfinished_jobs_.fetch_add(1, std::memory_order_relaxed);
+    // Every worker that is not running a job takes one queued job before it sleeps (or is asleep
+    // and needs the signal below). Increments of busy_workers_ happen under the mutex, so the
+    // value read here is never below the truth; a stale higher one at worst starts a worker that
+    // was not needed.
+    const std::size_t free_workers = workers_ - busy_workers_.load(std::memory_order_relaxed);
+    if (free_workers > queued_jobs_++) {
+      // notify_one() costs no syscall when nobody waits (the free worker is still awake).
+      signal = true;
+      signallers_.fetch_add(1, std::memory_order_relaxed);
+    } else if (workers_ < options_.max_threads) {
+      ++workers_;
+      std::thread([this] { worker_loop(); }).detach();
+    }
   }
-  queue_tail_ = job;
-  ++unfinished_jobs_;
-  if (idle_workers_ > 0) {
+  if (signal) {
     work_available_.notify_one();
-  } else if (workers_ < options_.max_threads) {
-    ++workers_;
-    std::thread([this] { worker_loop(); }).detach();
+    signallers_.fetch_sub(1, std::memory_order_release);  // the last touch of the pool
   }
 }
 
@@ -88,6 +106,7 @@ bool ThreadPool::cancel(Job* job) noexcept {
     (job->queue_prev_ ? job->queue_prev_->queue_next_ : queue_head_) = job->queue_next_;
     (job->queue_next_ ? job->queue_next_->queue_prev_ : queue_tail_) = job->queue_prev_;
     job->state_ = Job::State::cancelled;
+    --queued_jobs_;
   }
   context_.post(job);  // completes with -ECANCELED in the context, like any other completion
   return true;
@@ -96,24 +115,27 @@ bool ThreadPool::cancel(Job* job) noexcept {
 void ThreadPool::worker_loop() noexcept {
   std::unique_lock lock(mutex_);
   for (;;) {
-    while (queue_head_ == nullptr && !stopping_) {
-      ++idle_workers_;
-      const bool woken = work_available_.wait_for(lock, options_.idle_timeout, [&] {
-        return queue_head_ != nullptr || stopping_;
-      });
-      --idle_workers_;
-      if (!woken) break;  // idle for too long
+    if (queue_head_ == nullptr && !stopping_ &&
+        !work_available_.wait_for(lock, options_.idle_timeout,
+                                  [&] { return queue_head_ != nullptr || stopping_; })) {
+      break;  // idle for too long
     }
-    if (queue_head_ == nullptr) break;  // stopping, or idle timeout
+    if (queue_head_ == nullptr) break;  // stopping (the queue is empty by then)
     Job* job = queue_head_;
     queue_head_ = job->queue_next_;
     (queue_head_ ? queue_head_->queue_prev_ : queue_tail_) = nullptr;
     job->state_ = Job::State::running;
+    --queued_jobs_;
+    busy_workers_.fetch_add(1, std::memory_order_relaxed);
     lock.unlock();
     job->execute_(job);
+    // Not busy any more: an enqueue() from now on counts on this worker re-checking the queue
+    // below instead of starting another one.
+    busy_workers_.fetch_sub(1, std::memory_order_relaxed);
+    // Posted without the mutex, so the context's thread never waits for it. The job may be freed
+    // as soon as the context runs it; this worker (still counted in workers_) keeps the pool alive.
+    context_.post(job);
     lock.lock();
-    job->state_ = Job::State::finished;
-    context_.post(job);  // the job may be freed as soon as the context runs it
   }
   --workers_;
   // Notify under the lock: the destructor may free the pool once it sees zero workers.
@@ -123,13 +145,10 @@ void ThreadPool::worker_loop() noexcept {
 bool ThreadPool::Job::deliver(WorkItem* item) noexcept {
   auto* job = static_cast<Job*>(item);
   // The state was set under the pool mutex before the post; the queue's release/acquire makes
-  // it visible here.
+  // it visible here, and nothing writes it again.
   const bool cancelled = job->state_ == State::cancelled;
-  ThreadPool* pool = job->pool_;
-  {
-    std::lock_guard lock(pool->mutex_);
-    --pool->unfinished_jobs_;
-  }
+  // Before the completion, which may destroy the pool; no mutex: the destructor only reads it.
+  job->pool_->unfinished_jobs_.fetch_sub(1, std::memory_order_release);
   job->complete_(job, cancelled);  // may free the job, or even the pool: touch neither after
   return true;
 }

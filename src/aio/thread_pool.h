@@ -11,12 +11,42 @@
 // Workers are started on demand up to `max_threads` and exit after `idle_timeout` without work.
 // Completions are work items on the context, so they are serialized there.
 //
-// Thread-safety: submit() and run() from any thread; cancel() from the pool's context thread
-// (a Job handle stays valid until its completion has run there). `mutex_` protects the job
-// queue, job states and the worker counts; job functions run without it.
+// Thread-safety: submit(), run() and enqueue() from any thread; cancel() from the pool's context
+// thread (a Job handle stays valid until its completion has run there); the destructor once every
+// job has completed. Fields and what protects them:
+//   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, workers_, stopping_   mutex_
+//   busy_workers_       atomic: incremented under mutex_ when a worker takes a job, decremented
+//                       without it when the job function returns (before its completion is
+//                       posted); read under mutex_ by enqueue()
+//   unfinished_jobs_    atomic: incremented under mutex_ by enqueue(), decremented by the
+//                       completion in the context thread without the mutex
+//   signallers_         atomic: enqueue() calls between their unlock and their notify_one()
+// Job functions, completion posts and condition-variable signals all run without mutex_.
+//
+// Protocol (the parts that run outside mutex_):
+//  * enqueue(): under mutex_ it links the job and decides. Each worker not running a job
+//    (workers_ - busy_workers_, including one just started) takes one queued job before it
+//    sleeps, or is asleep on work_available_ and must be signalled: if there are more of them
+//    than jobs queued before this one, signal; otherwise start a worker (up to max_threads), or
+//    leave the job for the first busy worker that finishes. The signal is sent after the unlock, so the
+//    woken worker does not at once block on a mutex the signaller still holds. The job can run,
+//    complete and the pool be destroyed before that notify_one(), so a signalling enqueue() counts
+//    itself in signallers_ under the mutex and uncounts itself after notify_one(); the destructor
+//    waits for signallers_ == 0 before the condition variable goes away.
+//  * worker: takes a job under mutex_ (state running, ++busy_workers_), runs it unlocked,
+//    --busy_workers_, posts the completion unlocked, then re-takes mutex_ for the next job. From
+//    the post on it touches only the pool, never the job (its completion may free it). The pool
+//    itself stays alive: the worker is counted in workers_ until it leaves under mutex_, and the
+//    destructor waits for workers_ == 0, notified under the mutex.
+//  * completion (context thread, Job::deliver): reads state_ (written under mutex_ before the
+//    post; the context queue's release/acquire publishes it), decrements unfinished_jobs_, then
+//    runs the job's completion, which may free the job or the pool.
+//  * cancel() (context thread): under mutex_ a queued job is unlinked and marked cancelled; its
+//    completion is posted after the unlock. A running job keeps state `running` until delivered.
 #pragma once
 
 #include <cerrno>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <coroutine>
@@ -50,7 +80,7 @@ class ThreadPool {
 
    private:
     friend class ThreadPool;
-    enum class State { queued, running, finished, cancelled };
+    enum class State { queued, running, cancelled };
     static bool deliver(WorkItem* item) noexcept;
 
     void (*execute_)(Job*);
@@ -90,7 +120,6 @@ class ThreadPool {
 
  private:
   void worker_loop() noexcept;
-  void finish(Job* job, Job::State state) noexcept;
 
   Context& context_;
   const Options options_;
@@ -99,10 +128,12 @@ class ThreadPool {
   std::condition_variable workers_gone_;
   Job* queue_head_ = nullptr;
   Job* queue_tail_ = nullptr;
-  std::size_t workers_ = 0;
-  std::size_t idle_workers_ = 0;
-  std::size_t unfinished_jobs_ = 0;
-  bool stopping_ = false;
+  std::size_t workers_ = 0;                   // mutex_
+  std::size_t queued_jobs_ = 0;               // mutex_
+  std::atomic<std::size_t> busy_workers_{0};  // see the protocol above
+  std::atomic<std::size_t> unfinished_jobs_{0};
+  std::atomic<std::size_t> signallers_{0};
+  bool stopping_ = false;  // mutex_
 };
 
 template <typename Fn>

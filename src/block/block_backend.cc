@@ -14,7 +14,8 @@ namespace spindle::block {
 BlockBackend::BlockBackend(BlockNodeRef root)
     : root_(std::move(root)),
       alignment_(std::max<std::uint32_t>(root_->limits().request_alignment, 1)),
-      max_transfer_(root_->limits().max_transfer) {
+      max_transfer_(root_->limits().max_transfer),
+      home_(aio::current_context() ? aio::current_context() : &aio::main_context()) {
   if ((alignment_ & (alignment_ - 1)) != 0) {
     base::fatal("block node '{}' has a request alignment that is not a power of two",
                 root_->driver_name());
@@ -63,6 +64,8 @@ coro::Task<void> BlockBackend::drained_begin() {
   ++quiesce_;
   while (in_flight_ > 0) co_await idle_waiters_.wait(state_mutex_);
   state_mutex_.unlock();
+  // Nested or concurrent drained sections each call it; the nodes make it idempotent.
+  co_await root_->quiesce();
 }
 
 void BlockBackend::drained_end() {
@@ -75,6 +78,18 @@ coro::Task<void> BlockBackend::drain() {
   co_await drained_begin();
   drained_end();
 }
+
+coro::Task<void> BlockBackend::move_to(aio::Context& target) {
+  auto moving = co_await move_mutex_.scoped_lock();
+  co_await drained_begin();
+  co_await root_->attach_context(target);
+  home_.store(&target, std::memory_order_release);
+  drained_end();
+}
+
+void BlockBackend::move_to_blocking(aio::Context& target) { coro::block_on(move_to(target)); }
+
+void BlockBackend::drain_blocking() { coro::block_on(drain()); }
 
 std::int64_t BlockBackend::in_flight() const {
   std::lock_guard lock(state_mutex_);

@@ -5,22 +5,32 @@
 //     read-modify-write under a *serialising* tracked request, so overlapping requests wait
 //     for it and concurrent RMWs of one block never lose each other's bytes;
 //   * splitting by the root's max_transfer;
-//   * in-flight tracking and drain(): drained_begin() waits until nothing is in flight and
-//     holds new requests back until drained_end();
+//   * in-flight tracking and drain(): drained_begin() waits until nothing is in flight, holds
+//     new requests back until drained_end(), and tells the graph to finish its background
+//     work (BlockNode::quiesce: QED clears its need-check bit);
+//   * a home context and move_to(): the context that owns the graph's background work (QED's
+//     need-check timer). Requests do NOT hop to it: they run on their caller's context, from
+//     any number of contexts at once, before and after a move (the nodes are thread-safe).
+//     move_to() drains, moves the background work (BlockNode::attach_context) and ends the
+//     drained section; requests issued meanwhile wait and then run normally;
 //   * blocking wrappers (read_blocking, ...) for callers outside coroutines: they run the
 //     request as a coroutine and poll the calling thread's context until it finishes.
 //
 // Thread-safety: any number of coroutines on any contexts may use one backend at once.
 // `state_mutex_` (a std::mutex, never held across a suspension; waits go through coro::Queue)
 // protects in_flight_, quiesce_ and both wait queues. `tracked_mutex_` protects the tracked
-// request list and its queue. The root node is immutable after construction.
+// request list and its queue. The root node is immutable after construction. `home_` is an
+// atomic written only by move_to(); `move_mutex_` (a coro::Mutex) serializes moves.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <span>
 
+#include "aio/context.h"
 #include "block/block_node.h"
+#include "coro/mutex.h"
 #include "coro/queue.h"
 #include "coro/task.h"
 
@@ -48,7 +58,20 @@ class BlockBackend {
   coro::Task<void> drained_begin();
   void drained_end();
   coro::Task<void> drain();  // drained_begin() + drained_end()
+  void drain_blocking();
   std::int64_t in_flight() const;
+
+  // The context that owns the graph's background work: the constructing thread's context
+  // (main_context() on threads without one) until move_to(). Any thread.
+  aio::Context& home() const noexcept { return *home_.load(std::memory_order_acquire); }
+  // Moves the graph's background work to `target` while requests may be running: drains
+  // (in-flight requests finish, new ones wait), calls root()->attach_context(target), records
+  // `target` as home() and lets the waiting requests go. Any coroutine, any context; the
+  // graph's old and new home contexts must be running (polled) until it returns. Concurrent
+  // moves run one after another. Not from inside a request of this backend (like drain(), it
+  // would wait for itself).
+  coro::Task<void> move_to(aio::Context& target);
+  void move_to_blocking(aio::Context& target);  // for non-coroutine callers
 
   // Blocking wrappers, for code that is not a coroutine (polls the current context).
   int read_blocking(std::uint64_t offset, std::span<std::byte> buffer, std::uint32_t flags = 0);
@@ -86,6 +109,9 @@ class BlockBackend {
   int quiesce_ = 0;
   coro::Queue quiesced_;      // requests waiting for drained_end()
   coro::Queue idle_waiters_;  // drained_begin() waiting for in_flight_ == 0
+
+  std::atomic<aio::Context*> home_;
+  coro::Mutex move_mutex_;
 
   std::mutex tracked_mutex_;
   Tracked* tracked_ = nullptr;

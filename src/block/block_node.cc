@@ -31,4 +31,12 @@ coro::Task<BlockStatus> BlockNode::block_status(std::uint64_t offset, std::uint6
   co_return status;
 }
 
+coro::Task<void> BlockNode::quiesce() {
+  if (BlockNode* backing = backing_node()) co_await backing->quiesce();
+}
+
+coro::Task<void> BlockNode::attach_context(aio::Context& context) {
+  if (BlockNode* backing = backing_node()) co_await backing->attach_context(context);
+}
+
 }  // namespace spindle::block

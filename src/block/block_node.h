@@ -10,6 +10,10 @@
 // Thread-safety: a node may be called from coroutines on several contexts at once; each driver
 // documents what protects its own state (metadata caches, allocation). Graph edges (children)
 // are set at open time and immutable afterwards.
+//
+// Contexts: requests run on whatever context calls them, so most nodes are not tied to one.
+// A node with background work of its own (QED's need-check timer) keeps it on one *home*
+// context: the context that opened it, until BlockBackend::move_to() calls attach_context().
 #pragma once
 
 #include <cerrno>
@@ -20,6 +24,10 @@
 #include <string>
 
 #include "coro/task.h"
+
+namespace spindle::aio {
+class Context;
+}
 
 namespace spindle::block {
 
@@ -77,6 +85,20 @@ class BlockNode {
   virtual coro::Task<int> truncate(std::uint64_t new_size) { co_return -ENOTSUP; }
   // Writes back cached metadata and marks the image clean (called before closing).
   virtual coro::Task<int> close() { co_return co_await flush(); }
+
+  // ---- graph-wide operations, called by BlockBackend inside a drained section -------------
+  // Both may be called from any context; both must reach every node below this one that has
+  // background work. The defaults forward to backing_node() (the only edge the base class
+  // knows): right for leaf protocol nodes (file, null, nbd: nothing to do) and for raw over a
+  // protocol node. Nodes with children (filters, formats) override them to forward.
+
+  // The backend's requests have drained: finish background work that would otherwise touch
+  // the image later (QED: clear the need-check bit now instead of on its idle timer).
+  virtual coro::Task<void> quiesce();
+  // Moves the node's background work (timers) to `context`. Requests are not affected: they
+  // keep running on their callers' contexts. Every context involved must be running (polled)
+  // until it returns. Never called concurrently with itself for one node.
+  virtual coro::Task<void> attach_context(aio::Context& context);
 };
 
 using BlockNodeRef = std::shared_ptr<BlockNode>;

@@ -172,6 +172,44 @@ TEST_P(FileIoTest, CompletionWakesASleepingContext) {
   ::close(fds[1]);
 }
 
+// 64 reads parked on empty pipes complete together, while the context sleeps: more than the
+// kernel runs per io_uring_enter (20 deferred completions), with nobody submitting more. Every
+// one must be delivered, on an IoThread (DEFER_TASKRUN, the completion eventfd armed only for
+// sleeping) and on a private context polled by the caller (COOP_TASKRUN, eventfd always on).
+TEST_P(FileIoTest, ManyCompletionsWhileTheContextSleeps) {
+  constexpr int kPipes = 64;
+  std::vector<std::array<int, 2>> pipes(kPipes);
+  for (auto& p : pipes) ASSERT_EQ(::pipe(p.data()), 0);
+  ContextRef private_context = Context::create("file-io-private");
+  for (Context* context : {&io.context(), private_context.get()}) {
+    std::thread writer([&] {
+      std::this_thread::sleep_for(100ms);  // every read is parked by now, the context asleep
+      for (auto& p : pipes) EXPECT_EQ(::write(p[1], "x", 1), 1);
+    });
+    const int total = coro::block_on(*context, [](std::vector<std::array<int, 2>>& ps)
+                                                   -> coro::Task<int> {
+      std::atomic<int> bytes{0}, live{kPipes};
+      coro::Event all_done;
+      auto reader = [](int fd, std::atomic<int>& sum, std::atomic<int>& remaining,
+                       coro::Event& done) -> coro::Task<void> {
+        char c;
+        const ssize_t got = co_await pread(fd, &c, 1, -1);
+        if (got > 0) sum.fetch_add(static_cast<int>(got));
+        if (remaining.fetch_sub(1) == 1) done.set();
+      };
+      for (auto& p : ps) coro::spawn(*current_context(), reader(p[0], bytes, live, all_done));
+      co_await all_done.wait();
+      co_return bytes.load();
+    }(pipes));
+    writer.join();
+    EXPECT_EQ(total, kPipes) << context->name();
+  }
+  for (auto& p : pipes) {
+    ::close(p[0]);
+    ::close(p[1]);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, FileIoTest,
                          testing::Values(FileBackend::io_uring, FileBackend::threads),
                          [](const testing::TestParamInfo<FileBackend>& info) {

@@ -183,5 +183,55 @@ TEST(ThreadPoolIdleTest, IdleWorkersExit) {
   EXPECT_EQ(pool.worker_count(), 0u);
 }
 
+// Completions are posted after the worker drops the pool mutex, and submit() signals a worker
+// after dropping it: a pool destroyed by its last job's completion, right after that job ran,
+// must wait for both (the worker still on its way back to the mutex, the submitter still in
+// notify_one). Many rounds, submitting from another thread and from the context's own.
+TEST(ThreadPoolLifetimeTest, DestroyedByItsLastCompletion) {
+  for (int round = 0; round < 300; ++round) {
+    ContextRef ctx = Context::create("pool-lifetime");
+    auto* pool = new ThreadPool(*ctx, ThreadPool::Options{2, 10s});
+    int warmed_up = 0;
+    pool->submit([] { return 0; }, [&](int) { ++warmed_up; });
+    while (warmed_up == 0) ctx->poll(true);  // a worker is free now: the next submit signals it
+    std::atomic<bool> destroyed{false};
+    auto destroy = [&](int result) {
+      EXPECT_EQ(result, 7);
+      delete pool;  // inside the completion: nothing of the pool may be touched after this
+      destroyed.store(true);
+    };
+    std::thread submitter;
+    if (round % 2 == 0) {
+      pool->submit([] { return 7; }, destroy);
+    } else {
+      submitter = std::thread([&] { pool->submit([] { return 7; }, destroy); });
+    }
+    while (!destroyed.load()) ctx->poll(true);
+    if (submitter.joinable()) submitter.join();
+  }
+}
+
+// A worker that just finished a job counts as free: jobs queued in one burst still each start a
+// worker (up to max_threads) instead of queueing behind the first one.
+TEST(ThreadPoolLifetimeTest, BurstStartsAWorkerPerJob) {
+  ContextRef ctx = Context::create("pool-burst");
+  ThreadPool pool(*ctx, ThreadPool::Options{8, 10s});
+  std::atomic<int> running{0}, peak{0};
+  int completed = 0;
+  for (int i = 0; i < 8; ++i) {
+    pool.submit([&] {
+      const int now = running.fetch_add(1) + 1;
+      for (int seen = peak.load(); now > seen && !peak.compare_exchange_weak(seen, now);) {
+      }
+      std::this_thread::sleep_for(100ms);
+      running.fetch_sub(1);
+      return 0;
+    }, [&](int) { ++completed; });
+  }
+  EXPECT_EQ(pool.worker_count(), 8u);
+  while (completed < 8) ctx->poll(true);
+  EXPECT_GT(peak.load(), 1);
+}
+
 }  // namespace
 }  // namespace spindle::aio

@@ -3,7 +3,10 @@
 // requests in flight from two contexts; several connections; TLS (PSK); a proxy that forwards
 // the server's replies one byte at a time and one that stalls mid-header for a second while a
 // timer on the client's context keeps firing; and a scripted fake server that vanishes
-// mid-request or replies with an unknown cookie, an oversize chunk or a size >= 2^63.
+// mid-request or replies with an unknown cookie, an oversize chunk or a size >= 2^63. Then the
+// handshake timeout (a server that never greets), reconnect-delay (a proxy that drops the
+// connection and lets the client back in; a server that never comes back), NBD_CMD_DISC on
+// close and on destruction, and whole-range block status answered from one request.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
@@ -713,6 +716,337 @@ TEST(NbdClient, ExportSizeOf2To63IsRefused) {
   NbdOpenResult opened = open_uri(fake.uri());
   EXPECT_FALSE(opened.node);
   EXPECT_EQ(opened.error, EPROTO) << opened.message;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Handshake timeout, reconnection, NBD_CMD_DISC, whole-range block status.
+
+TEST(NbdUri, ParsesTimeoutKeys) {
+  std::string error;
+  auto uri = parse_nbd_uri("nbd://h/e?connect-timeout=0.5&reconnect-delay=10", error);
+  ASSERT_TRUE(uri) << error;
+  EXPECT_DOUBLE_EQ(uri->connect_timeout, 0.5);
+  EXPECT_DOUBLE_EQ(uri->reconnect_delay, 10.0);
+  auto defaults = parse_nbd_uri("nbd://h/e", error);
+  ASSERT_TRUE(defaults) << error;
+  EXPECT_DOUBLE_EQ(defaults->connect_timeout, 30.0);
+  EXPECT_DOUBLE_EQ(defaults->reconnect_delay, 0.0);
+  for (const char* text : {"nbd://h/e?connect-timeout=x", "nbd://h/e?connect-timeout=-1",
+                           "nbd://h/e?reconnect-delay=1e3", "nbd://h/e?reconnect-delay=",
+                           "nbd://h/e?reconnect-delay=999999"}) {
+    EXPECT_FALSE(parse_nbd_uri(text, error)) << text;
+  }
+}
+
+// Accepts connections and never says a word.
+class SilentServer {
+ public:
+  SilentServer() {
+    path_ = temp_path("silent");
+    listen_fd_ = listen_unix(path_);
+    thread_ = std::thread([this] {
+      for (;;) {
+        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0) return;
+        accepted_.push_back(fd);  // held open, silent
+      }
+    });
+  }
+  ~SilentServer() {
+    ::shutdown(listen_fd_, SHUT_RDWR);
+    thread_.join();
+    for (const int fd : accepted_) ::close(fd);
+    ::close(listen_fd_);
+    ::unlink(path_.c_str());
+  }
+  std::string uri(const std::string& extra) const {
+    return "nbd+unix:///disk?socket=" + path_ + extra;
+  }
+
+ private:
+  std::string path_;
+  int listen_fd_ = -1;
+  std::vector<int> accepted_;  // the accept thread's
+  std::thread thread_;
+};
+
+TEST(NbdClient, SilentServerTimesOutTheHandshake) {
+  SilentServer silent;
+  const auto start = Clock::now();
+  NbdOpenResult opened = open_uri(silent.uri("&connect-timeout=0.3"));
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  EXPECT_FALSE(opened.node);
+  EXPECT_EQ(opened.error, ETIMEDOUT) << opened.message;
+  EXPECT_NE(opened.message.find("connect-timeout"), std::string::npos) << opened.message;
+  EXPECT_GE(seconds, 0.25);
+  EXPECT_LT(seconds, 5.0);
+}
+
+// A proxy in front of a Unix socket that serves any number of client connections one after
+// the other. `drop_on_request`: the next client→server bytes (a request) are swallowed and
+// both sockets closed; `drop_on_reply`: the same for the next server→client bytes (the server
+// did the work, the reply is lost).
+class DroppingProxy {
+ public:
+  explicit DroppingProxy(std::string target) : target_(std::move(target)) {
+    path_ = temp_path("drop");
+    listen_fd_ = listen_unix(path_);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~DroppingProxy() {
+    stop_ = true;
+    ::shutdown(listen_fd_, SHUT_RDWR);
+    thread_.join();
+    ::close(listen_fd_);
+    ::unlink(path_.c_str());
+  }
+  std::string uri(const std::string& extra) const {
+    return "nbd+unix:///disk?socket=" + path_ + extra;
+  }
+  std::atomic<bool> drop_on_request{false};
+  std::atomic<bool> drop_on_reply{false};
+  std::atomic<int> drops{0};
+  std::atomic<int> accepted{0};
+
+ private:
+  void serve() {
+    while (!stop_) {
+      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client < 0) return;
+      ++accepted;
+      const int server = connect_unix_blocking(target_);
+      forward(client, server);
+      ::close(client);
+      ::close(server);
+    }
+  }
+  void forward(int client, int server) {
+    char buffer[65536];
+    while (!stop_) {
+      pollfd fds[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+      if (::poll(fds, 2, 50) <= 0) continue;
+      if (fds[0].revents) {
+        const ssize_t n = ::read(client, buffer, sizeof buffer);
+        if (n <= 0) return;
+        if (drop_on_request.exchange(false)) {
+          ++drops;
+          return;
+        }
+        if (!write_full(server, buffer, static_cast<std::size_t>(n))) return;
+      }
+      if (fds[1].revents) {
+        const ssize_t n = ::read(server, buffer, sizeof buffer);
+        if (n <= 0) return;
+        if (drop_on_reply.exchange(false)) {
+          ++drops;
+          return;
+        }
+        if (!write_full(client, buffer, static_cast<std::size_t>(n))) return;
+      }
+    }
+  }
+
+  std::string target_;
+  std::string path_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// The connection drops with requests unanswered; the client reconnects through the same
+// socket path and resends them: every request completes with the right data.
+TEST(NbdClient, ReconnectsAndResendsAfterTheConnectionDrops) {
+  LocalServer server;
+  DroppingProxy proxy(server.socket());
+  NbdOpenResult opened = open_uri(proxy.uri("&reconnect-delay=10"));
+  ASSERT_TRUE(opened.node) << opened.message;
+  auto backend = std::make_shared<BlockBackend>(opened.node);
+
+  // A write swallowed before the server saw it, then a read whose reply is lost.
+  const auto data = pattern(64 << 10, 11);
+  proxy.drop_on_request = true;
+  EXPECT_EQ(run(backend->write(1 << 20, data)), 0);
+  EXPECT_EQ(proxy.drops.load(), 1);
+  EXPECT_EQ(server.file_bytes(1 << 20, data.size()), data);
+  proxy.drop_on_reply = true;
+  std::vector<std::byte> back(data.size());
+  EXPECT_EQ(run(backend->read(1 << 20, back)), 0);
+  EXPECT_EQ(back, data);
+  EXPECT_EQ(proxy.drops.load(), 2);
+
+  // Many requests in flight from two contexts when the connection drops.
+  aio::IoThread other("other");
+  constexpr int kRequests = 32;
+  std::atomic<int> failures{0};
+  std::atomic<int> remaining{kRequests};
+  coro::Event all_done;
+  auto one = [&](int index) -> coro::Task<void> {
+    const auto mine = pattern(16 << 10, static_cast<unsigned>(index + 100));
+    const std::uint64_t offset = static_cast<std::uint64_t>(index) * (32 << 10);
+    const int wrote = co_await backend->write(offset, mine);
+    std::vector<std::byte> got(mine.size());
+    const int read = co_await backend->read(offset, got);
+    if (wrote != 0 || read != 0 || got != mine) failures.fetch_add(1);
+    if (remaining.fetch_sub(1) == 1) all_done.set();
+  };
+  proxy.drop_on_reply = true;
+  for (int i = 0; i < kRequests; ++i) {
+    coro::spawn(i % 2 ? other.context() : aio::main_context(), one(i));
+  }
+  run([](coro::Event& done) -> coro::Task<void> { co_await done.wait(); }(all_done));
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(proxy.drops.load(), 3);
+  EXPECT_GE(proxy.accepted.load(), 4);
+  for (int i = 0; i < kRequests; ++i) {
+    EXPECT_EQ(server.file_bytes(static_cast<std::uint64_t>(i) * (32 << 10), 16 << 10),
+              pattern(16 << 10, static_cast<unsigned>(i + 100)));
+  }
+  close_node(opened.node);
+}
+
+// Without the key a drop fails the request at once, as before.
+TEST(NbdClient, WithoutReconnectDelayADropFailsPromptly) {
+  LocalServer server;
+  DroppingProxy proxy(server.socket());
+  NbdOpenResult opened = open_uri(proxy.uri(""));
+  ASSERT_TRUE(opened.node) << opened.message;
+  proxy.drop_on_request = true;
+  std::vector<std::byte> buffer(4096);
+  const auto start = Clock::now();
+  EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 2.0);
+  EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);
+  EXPECT_EQ(proxy.accepted.load(), 1);
+  close_dead_node(opened.node);
+}
+
+// The server goes and never comes back (its socket still accepts, but nothing answers): the
+// requests fail with -EIO once the delay has passed, not before and not much after.
+TEST(NbdClient, ReconnectGivesUpAfterTheDelay) {
+  FakeServer fake([](int fd) {
+    proto::RequestHeader request;
+    FakeServer::read_request(fd, request);
+  });
+  NbdOpenResult opened = open_uri(fake.uri() + "&reconnect-delay=1&connect-timeout=0.2");
+  ASSERT_TRUE(opened.node) << opened.message;
+  std::vector<std::byte> buffer(4096);
+  const auto start = Clock::now();
+  EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  EXPECT_GE(seconds, 0.9);
+  EXPECT_LT(seconds, 4.0);
+  EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);  // dead now: at once
+  close_dead_node(opened.node);
+}
+
+// A fake server that answers FLUSH and records whether NBD_CMD_DISC arrived.
+struct DiscRecorder {
+  std::atomic<bool> got_disc{false};
+  std::atomic<bool> ended{false};
+  FakeServer::Script script() {
+    return [this](int fd) {
+      proto::RequestHeader request;
+      while (FakeServer::read_request(fd, request)) {
+        if (request.command() == proto::Command::kDisconnect) {
+          got_disc = true;
+          break;
+        }
+        const auto ok = proto::encode_simple_reply(proto::Error::kNone, request.cookie);
+        write_full(fd, ok.data(), ok.size());
+      }
+      ended = true;
+    };
+  }
+  bool wait_ended() const {
+    for (int i = 0; i < 300 && !ended.load(); ++i) std::this_thread::sleep_for(10ms);
+    return ended.load();
+  }
+};
+
+TEST(NbdClient, CloseAndDestructionSendDisconnect) {
+  {
+    DiscRecorder recorder;
+    FakeServer fake(recorder.script());
+    NbdOpenResult opened = open_uri(fake.uri());
+    ASSERT_TRUE(opened.node) << opened.message;
+    EXPECT_EQ(run(opened.node->flush()), 0);
+    close_node(opened.node);
+    EXPECT_TRUE(recorder.wait_ended());
+    EXPECT_TRUE(recorder.got_disc.load());
+  }
+  {
+    DiscRecorder recorder;
+    FakeServer fake(recorder.script());
+    NbdOpenResult opened = open_uri(fake.uri());
+    ASSERT_TRUE(opened.node) << opened.message;
+    EXPECT_EQ(run(opened.node->flush()), 0);
+    const auto start = Clock::now();
+    opened.node.reset();  // no close(): the destructor says goodbye without waiting
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 1.0);
+    EXPECT_TRUE(recorder.wait_ended());
+    EXPECT_TRUE(recorder.got_disc.load());
+  }
+}
+
+// A fake server with a fixed extent map: BLOCK_STATUS requests must not carry REQ_ONE and are
+// answered with every extent from the offset to the end; a whole map walk takes one request.
+TEST(NbdClient, BlockStatusAsksForTheWholeRangeOnce) {
+  constexpr std::uint32_t kExtent = 64 << 10;  // alternating data / hole+zero
+  constexpr std::uint64_t kMapSize = 1 << 20;
+  std::atomic<int> requests{0};
+  std::atomic<int> with_req_one{0};
+  FakeServer fake(
+      [&](int fd) {
+        proto::RequestHeader request;
+        while (FakeServer::read_request(fd, request) &&
+               request.command() != proto::Command::kDisconnect) {
+          std::vector<std::byte> out;
+          if (request.command() != proto::Command::kBlockStatus) {
+            const auto ok = proto::encode_simple_reply(proto::Error::kNone, request.cookie);
+            write_full(fd, ok.data(), ok.size());
+            continue;
+          }
+          ++requests;
+          if (request.flags & proto::kCmdFlagReqOne) ++with_req_one;
+          std::vector<proto::Extent> extents;
+          for (std::uint64_t at = request.offset; at < request.offset + request.length;) {
+            const std::uint64_t index = at / kExtent;
+            const std::uint64_t end =
+                std::min((index + 1) * kExtent, request.offset + request.length);
+            extents.push_back({static_cast<std::uint32_t>(end - at),
+                               index % 2 ? proto::kStateHole | proto::kStateZero : 0u});
+            at = end;
+          }
+          proto::append_block_status_chunk(out, request.cookie, 7, extents, true);
+          write_full(fd, out.data(), out.size());
+        }
+      },
+      kMapSize);
+  NbdOpenResult opened = open_uri(fake.uri());
+  ASSERT_TRUE(opened.node) << opened.message;
+  BlockBackend backend(opened.node);
+  std::uint64_t offset = 0;
+  int runs = 0;
+  while (offset < kMapSize) {
+    const BlockStatus status = run(backend.block_status(offset, kMapSize - offset));
+    ASSERT_GT(status.bytes, 0u);
+    const bool hole = (offset / kExtent) % 2 == 1;
+    EXPECT_EQ(status.bytes, kExtent) << offset;
+    EXPECT_EQ((status.flags & kStatusData) == 0, hole) << offset;
+    EXPECT_EQ((status.flags & kStatusZero) != 0, hole) << offset;
+    offset += status.bytes;
+    ++runs;
+  }
+  EXPECT_EQ(runs, static_cast<int>(kMapSize / kExtent));
+  EXPECT_EQ(requests.load(), 1);
+  EXPECT_EQ(with_req_one.load(), 0);
+  // A write of ours drops the cache: the next query asks again.
+  const auto data = pattern(4096, 2);
+  EXPECT_EQ(run(backend.write(0, data)), 0);
+  run(backend.block_status(kExtent, kExtent));
+  EXPECT_EQ(requests.load(), 2);
+  close_node(opened.node);
 }
 
 }  // namespace

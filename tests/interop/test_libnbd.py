@@ -138,10 +138,9 @@ class LibnbdTest(si.InteropTest):
         # O_DIRECT underneath, while the export still advertises a 1-byte minimum block size.
         self.unaligned_io_matches_model(["--cache=none", "-f", "raw"], size=256 * KiB)
 
-    @unittest.expectedFailure
     def test_cache_none_keeps_unaligned_image_size(self):
-        # KNOWN BUG (see the interop report): with --cache=none a write to the last partial
-        # 512-byte block of a 1000-byte raw image grows the file to 1024 bytes.
+        # With --cache=none a write to the last partial 512-byte block of a 1000-byte raw image
+        # is a padded O_DIRECT read-modify-write: the file must still be 1000 bytes afterwards.
         image = self.make_image("odd.img", 1000)
         server = self.server(image, ["--cache=none", "-f", "raw"])
         h = self.connect(server.uri())

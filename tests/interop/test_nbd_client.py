@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The NBD client driver (src/block/drivers/nbd) through spindle-img and spindle-nbd, against
 nbdkit (memory plugin; --no-sr for simple replies; the error and delay filters), qemu-nbd
-(structured replies; TLS-forced with PSK) and spindle-nbd itself: convert from an export to
-QED and back, info and map over NBD (checked against qemu-img), a QED overlay whose backing file
-is an NBD URI, and spindle-nbd re-exporting a remote export.
+(structured replies; TLS-forced with PSK or X.509), nbd-server (simple replies only; skipped
+when it cannot run here) and spindle-nbd itself (X.509): convert from an export to QED and back,
+info and map over NBD (checked against qemu-img), a QED overlay whose backing file is an NBD
+URI, spindle-nbd re-exporting a remote export, a wrong CA refused, and a map of five extents
+costing one BLOCK_STATUS request without REQ_ONE (counted by nbdkit's log filter).
 
 Usage: test_nbd_client.py --spindle-nbd PATH --spindle-img PATH
 """
@@ -19,8 +21,16 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spindle_interop as si  # noqa: E402
 from spindle_interop import MiB, KiB, run  # noqa: E402
+from test_tls import make_x509  # noqa: E402
 
 SPINDLE_IMG = None  # set below from --spindle-img
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def img(*args, check=True, timeout=60):
@@ -128,6 +138,23 @@ class NbdClientTest(si.InteropTest):
         self.assertEqual(expand(ours), expand(theirs))
         self.assertTrue(any(not data for _, _, data, _ in ours), ours)  # holes seen as holes
 
+    def test_map_asks_for_block_status_once_per_reply(self):
+        # nbdkit's log filter records every BLOCK_STATUS ("Extents ... req_one=").
+        log = self.path("kit.log")
+        kit = self.nbdkit(["memory", "16M"], extra=["--filter=log"], params=[f"logfile={log}"])
+        src = self.data_image()  # five extents: data, hole, data, hole, data
+        img("convert", "-O", "raw", src, kit)
+        with open(log) as f:
+            before = f.read().count("req_one=")
+        ours = self.map_json("spindle-img", kit)
+        with open(log) as f:
+            text = f.read()
+        requests = text.count("req_one=") - before
+        self.assertNotIn("req_one=1", text)
+        self.assertEqual(requests, 1, text[-2000:])
+        self.assertEqual(len(ours), 5, ours)
+        self.assertEqual(ours, self.map_json("qemu-img", kit))
+
     def test_nbdkit_simple_replies_only(self):
         src = self.data_image(size=8 * MiB)
         kit = self.nbdkit(["memory", "8M"], extra=["--no-sr"])
@@ -210,6 +237,89 @@ class NbdClientTest(si.InteropTest):
         proc = img("info", f"nbd+unix:///disk?socket={sock}", check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("requires TLS", proc.stderr)
+
+    def test_tls_x509_with_spindle_nbd_and_qemu_nbd(self):
+        certs = make_x509(self.path("pki"))
+        other = make_x509(self.path("other"), " (impostor)")
+        src = self.data_image(size=8 * MiB)
+        # spindle-nbd with forced X.509 TLS: convert out and map (the same as qemu-img's).
+        server = self.server(src, ["--tls-creds", certs])
+        uri = f"nbds+unix:///?socket={server.socket_path}&tls-certificates={certs}"
+        out = self.path("out.qed")
+        img("convert", "-O", "qed", uri, out)
+        self.assert_same(src, "raw", out, "qed")
+        proc = img("info", f"nbds+unix:///?socket={server.socket_path}&tls-certificates={other}",
+                   check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn("TLS handshake failed", proc.stderr)
+        proc = img("info", server.uri(), check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("requires TLS", proc.stderr)
+
+        # qemu-nbd with tls-creds-x509, writable: write through TLS and read back.
+        image = self.make_image("q.raw", 8 * MiB)
+        sock = self.path("qx509.sock")
+        self.start_peer(["qemu-nbd", "-t", "-k", sock, "-f", "raw", "-x", "disk",
+                         "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={certs}",
+                         "--tls-creds", "tls0", image], sock)
+        quri = f"nbds+unix:///disk?socket={sock}&tls-certificates={certs}"
+        img("convert", "-O", "raw", src, quri)
+        self.assert_same(src, "raw", image, "raw")
+        back = self.path("back.raw")
+        img("convert", "-O", "raw", quri, back)
+        self.assert_same(src, "raw", back, "raw")
+        proc = img("info", f"nbds+unix:///disk?socket={sock}&tls-certificates={other}",
+                   check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn("TLS handshake failed", proc.stderr)
+
+    def test_nbd_server_simple_replies_only(self):
+        if shutil.which("nbd-server") is None:
+            self.skipTest("nbd-server not installed (Debian package nbd-server)")
+        src = self.data_image(size=8 * MiB)
+        image = self.path("nbdserver.raw")
+        shutil.copyfile(src, image)
+        port = _free_port()
+        config = self.path("nbd-server.conf")
+        with open(config, "w") as f:
+            f.write(f"[generic]\nlistenaddr = 127.0.0.1\nport = {port}\n"
+                    f"[disk]\nexportname = {image}\n")
+        # nbd-server serves one client in the foreground (-d), so let it daemonize (it forks
+        # per client) and stop it through its PID file.
+        pidfile = self.path("nbd-server.pid")
+        proc = run(["nbd-server", "-C", config, "-p", pidfile], timeout=30, check=False)
+        if proc.returncode != 0:
+            self.skipTest("nbd-server cannot run here: " +
+                          (proc.stdout + proc.stderr).decode(errors="replace")[-300:])
+
+        def stop():
+            try:
+                with open(pidfile) as f:
+                    os.kill(int(f.read().strip()), 15)
+            except (OSError, ValueError):
+                pass
+        self.addCleanup(stop)
+        uri = f"nbd://127.0.0.1:{port}/disk"
+        deadline = time.monotonic() + 10
+        while True:
+            probe = img("info", "--output", "json", uri, check=False)
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                self.skipTest("nbd-server cannot run here: " + probe.stderr[-300:])
+            time.sleep(0.1)
+        self.assertEqual(json.loads(probe.stdout)["virtual-size"], 8 * MiB)
+        back = self.path("back.qed")
+        img("convert", "-O", "qed", uri, back)
+        self.assert_same(src, "raw", back, "qed")
+        # Writes (and zeroes, which nbd-server may not offer) through simple replies.
+        other = self.data_image("other.raw", size=8 * MiB)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 128k", other])
+        img("convert", "-O", "raw", other, uri)
+        self.assert_same(other, "raw", image, "raw")
+        # No structured replies, no block status: everything maps as data.
+        extents = self.map_json("spindle-img", uri)
+        self.assertTrue(all(data for _, _, data, _ in extents), extents)
 
     def test_bad_uri_is_a_clear_error(self):
         proc = img("info", "nbd+unix:///disk", check=False)

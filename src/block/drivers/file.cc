@@ -124,6 +124,7 @@ coro::Task<int> FileNode::read(std::uint64_t offset, std::span<std::byte> buffer
 coro::Task<int> FileNode::write(std::uint64_t offset, std::span<const std::byte> buffer,
                                 std::uint32_t flags) {
   if (options_.read_only) co_return -EROFS;
+  const std::uint64_t size_before = size();
   int result;
   if (options_.direct && reinterpret_cast<std::uintptr_t>(buffer.data()) % alignment_ != 0) {
     AlignedBuffer bounce = aligned_buffer(alignment_, buffer.size());
@@ -131,6 +132,18 @@ coro::Task<int> FileNode::write(std::uint64_t offset, std::span<const std::byte>
     result = co_await write_exactly(offset, bounce.get(), buffer.size());
   } else {
     result = co_await write_exactly(offset, buffer.data(), buffer.size());
+  }
+  const std::uint64_t end = offset + buffer.size();
+  if (result == 0 && options_.direct && offset < size_before && end > size_before &&
+      end - size_before < alignment_) {
+    // The last sector of an image whose size is not a multiple of the sector size: O_DIRECT
+    // made the read-modify-write pad past the end. Cut the file back so the image keeps its
+    // size. (Files that really grow, like QED's, are extended by write_zeroes first.)
+    if (::ftruncate(fd_, static_cast<off_t>(size_before)) < 0) {
+      result = -errno;
+    } else {
+      size_.store(size_before, std::memory_order_release);
+    }
   }
   if (result == 0 && (flags & kFua)) result = co_await aio::fdatasync(fd_);
   co_return result;

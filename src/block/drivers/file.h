@@ -7,6 +7,8 @@
 //
 // Thread-safety: any number of coroutines on any contexts may call it at once; the fd is
 // immutable and `size_` is an atomic that only grows (or changes through truncate()).
+// It has no home context (no timers, no background work): the default attach_context() and
+// quiesce() (no-ops for a node without a backing node) are right for it.
 #pragma once
 
 #include <atomic>

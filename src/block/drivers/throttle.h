@@ -133,6 +133,11 @@ class ThrottleNode final : public BlockNode {
   }
   coro::Task<int> truncate(std::uint64_t new_size) override { return child_->truncate(new_size); }
   coro::Task<int> close() override { return child_->close(); }
+  // Filters keep no background work of their own: these reach the child.
+  coro::Task<void> quiesce() override { return child_->quiesce(); }
+  coro::Task<void> attach_context(aio::Context& context) override {
+    return child_->attach_context(context);
+  }
 
  private:
   const BlockNodeRef child_;

@@ -7,6 +7,10 @@
 #include <utility>
 #include <vector>
 
+#include "aio/context.h"
+#include "base/fatal.h"
+#include "coro/coroutine.h"
+
 namespace spindle::block::qed {
 
 namespace {
@@ -28,6 +32,12 @@ QedNode::QedNode(Private, BlockNodeRef file, const Header& header, Table l1,
       l1_(std::move(l1)) {
   const std::uint64_t child_size = file_->size();
   file_size_ = child_size - child_size % header.cluster_size;
+}
+
+QedNode::~QedNode() {
+  std::lock_guard lock(timer_mutex_);
+  // A job holds `this`; close() waits for it.
+  if (idle_jobs_ > 0) base::fatal("QED node destroyed while its need-check job runs: close() it first");
 }
 
 coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options) {
@@ -92,6 +102,16 @@ coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions option
                                              "corruptions, {} check errors)",
                                              check.corruptions, check.check_errors)};
     }
+  }
+  if (!read_only && !node->backing_) {  // only then is NEED_CHECK used
+    aio::Context* here = aio::current_context();
+    aio::Context& context = here ? *here : aio::main_context();
+    QedNode* raw = node.get();
+    std::lock_guard lock(node->timer_mutex_);
+    node->need_check_delay_ = options.need_check_delay;
+    node->timer_context_ = &context;
+    node->timer_ = std::make_unique<aio::Timer>(context, aio::Clock::monotonic,
+                                                [raw] { raw->on_need_check_timer(); });
   }
   co_return node;
 }
@@ -351,7 +371,11 @@ coro::Task<int> QedNode::write_runs(std::uint64_t offset, std::uint64_t length,
     if (result < 0) break;
     done += run.bytes;
   }
-  if (allocating) allocation_lock_.unlock();
+  if (allocating) {
+    allocation_lock_.unlock();
+    // Armed only now: a timer that fired while we held the lock would have given up.
+    arm_need_check_timer();
+  }
   co_return result < 0 ? result : 0;
 }
 
@@ -404,7 +428,112 @@ coro::Task<int> QedNode::flush() {
   co_return result;
 }
 
-coro::Task<int> QedNode::close() { co_return co_await flush(); }
+coro::Task<int> QedNode::close() {
+  timer_mutex_.lock();
+  closing_ = true;
+  if (timer_) timer_->cancel();
+  while (idle_jobs_ > 0) co_await jobs_done_.wait(timer_mutex_);
+  timer_mutex_.unlock();
+  co_return co_await flush();
+}
+
+// ---- need-check timer -----------------------------------------------------------------------
+
+void QedNode::arm_need_check_timer() {
+  std::lock_guard lock(timer_mutex_);
+  if (timer_ && !closing_) timer_->arm_in(need_check_delay_);
+}
+
+void QedNode::on_need_check_timer() {
+  aio::Context* context;
+  {
+    std::lock_guard lock(timer_mutex_);
+    if (closing_) return;
+    ++idle_jobs_;
+    context = timer_context_;  // this thread's context: only attach_context() changes it, here
+  }
+  coro::spawn(*context, need_check_job());
+}
+
+coro::Task<void> QedNode::need_check_job() {
+  // Never waits for allocation_lock_: an allocating request that holds it re-arms the timer
+  // when it finishes, and while it waits we would only delay it.
+  if (allocation_lock_.try_lock()) {
+    (void)co_await set_need_check(false);  // on failure the bit stays set: close() retries
+    allocation_lock_.unlock();
+  }
+  std::function<void()> hook;
+  {
+    std::lock_guard lock(timer_mutex_);
+    hook = timer_hook_;
+  }
+  if (hook) hook();
+  std::lock_guard lock(timer_mutex_);
+  if (--idle_jobs_ == 0) jobs_done_.restart_all();
+}
+
+aio::Context* QedNode::need_check_context() const {
+  std::lock_guard lock(timer_mutex_);
+  return timer_ ? timer_context_ : nullptr;
+}
+
+void QedNode::set_need_check_hook(std::function<void()> hook) {
+  std::lock_guard lock(timer_mutex_);
+  timer_hook_ = std::move(hook);
+}
+
+coro::Task<void> QedNode::quiesce() {
+  bool has_timer;
+  {
+    std::lock_guard lock(timer_mutex_);
+    has_timer = timer_ != nullptr;
+  }
+  if (has_timer) {
+    // As the timer would, but now and waiting for allocating requests of other users.
+    co_await allocation_lock_.lock();
+    {
+      std::lock_guard lock(timer_mutex_);
+      timer_->cancel();
+    }
+    (void)co_await set_need_check(false);
+    allocation_lock_.unlock();
+  }
+  co_await file_->quiesce();
+  if (backing_) co_await backing_->quiesce();
+}
+
+coro::Task<void> QedNode::attach_context(aio::Context& context) {
+  aio::Context* origin = aio::current_context();
+  aio::Context* old_context;
+  {
+    std::lock_guard lock(timer_mutex_);
+    old_context = timer_ ? timer_context_ : nullptr;
+  }
+  if (old_context != nullptr && old_context != &context) {
+    bool dirty;
+    {
+      auto guard = co_await table_lock_.scoped_lock();
+      dirty = header_.features & kFeatureNeedCheck;
+    }
+    // Replace the timer on its own thread: there none of its callbacks can be running, so it
+    // may be destroyed, and a callback that already ran has counted its job in idle_jobs_.
+    co_await coro::switch_to(*old_context);
+    std::unique_ptr<aio::Timer> retired;
+    {
+      std::lock_guard lock(timer_mutex_);
+      const bool rearm = (timer_->armed() || dirty) && !closing_;
+      retired = std::move(timer_);
+      timer_context_ = &context;
+      timer_ = std::make_unique<aio::Timer>(context, aio::Clock::monotonic,
+                                            [this] { on_need_check_timer(); });
+      if (rearm) timer_->arm_in(need_check_delay_);
+    }
+    retired.reset();
+    if (origin != nullptr) co_await coro::switch_to(*origin);
+  }
+  co_await file_->attach_context(context);
+  if (backing_) co_await backing_->attach_context(context);
+}
 
 coro::Task<BlockStatus> QedNode::block_status(std::uint64_t offset, std::uint64_t bytes) {
   BlockStatus status;

@@ -9,7 +9,17 @@
 // cluster from the backing node (or zeros), then link the clusters: data (+ flush with a
 // backing file), then a new L2 table (+ flush) and its L1 entry, or the changed slice of an
 // existing L2 table. Without a backing file the NEED_CHECK bit is set (and flushed) before the
-// first allocating write and cleared again by flush() and close().
+// first allocating write and cleared again by flush(), close(), quiesce() (BlockBackend's
+// drain) and, as in QEMU, by the need-check timer once allocating writes have stopped.
+//
+// Need-check timer (reference/qed.md §2.8): every allocating request re-arms it, after it
+// releases allocation_lock_, for `need_check_delay` (OpenOptions; QEMU: 5 s), so it fires only
+// after that long without allocating writes. Its callback spawns a job on the timer's context
+// that try-locks allocation_lock_ (an allocating request in progress means: give up, that
+// request re-arms the timer when it finishes), flushes, clears the bit and flushes again. The
+// timer lives on the node's home context: the one open_qed() ran on, until attach_context().
+// Destroy the node after close(), or on its home context's thread, or when that context cannot
+// be running timers: a Timer may not be destroyed while its callback runs on another thread.
 //
 // Thread-safety: the node may be used by coroutines on several contexts at once.
 //   geometry_, backing_, file_, read_only_, backing_name_   immutable after open
@@ -21,16 +31,24 @@
 //                      L2 tables. Held for lookups (including loading an L2 table on a cache
 //                      miss) and in-memory updates, never across data I/O. Only the holder of
 //                      allocation_lock_ changes l1_, L2 entries, file_size_ or header_.
+//   timer_mutex_       (std::mutex, never held across a suspension) protects timer_,
+//                      timer_context_, closing_, idle_jobs_, jobs_done_ and timer_hook_.
+//                      Lock order: timer_mutex_ before the Context's own timer lock (arm_in).
+//                      timer_ is replaced only on its old context's thread (attach_context),
+//                      so no callback of the old timer can be running when it is destroyed.
 // Reads and in-place writes therefore run in parallel with each other and with an allocating
 // write; overlapping guest requests are not ordered (the caller's job, as in QEMU).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 
+#include "aio/timer.h"
 #include "block/block_node.h"
 #include "block/qed/check.h"
 #include "block/qed/error.h"
@@ -38,6 +56,7 @@
 #include "block/qed/l2_cache.h"
 #include "block/qed/tables.h"
 #include "coro/mutex.h"
+#include "coro/queue.h"
 #include "coro/task.h"
 
 namespace spindle::block::qed {
@@ -56,6 +75,9 @@ struct OpenOptions {
   // Open without the backing file even if the image names one (QEMU's BDRV_O_NO_BACKING).
   bool ignore_backing = false;
   BackingOpener open_backing;
+  // How long after the last allocating write the need-check timer clears NEED_CHECK (QEMU's
+  // QED_NEED_CHECK_TIMEOUT is 5 s). Tests shorten it.
+  std::chrono::nanoseconds need_check_delay = std::chrono::seconds(5);
 };
 
 class QedNode;
@@ -68,6 +90,7 @@ class QedNode final : public BlockNode {
   struct Private {};
   QedNode(Private, BlockNodeRef file, const Header& header, Table l1, std::string backing_name,
           bool read_only);
+  ~QedNode() override;
 
   const char* driver_name() const noexcept override { return "qed"; }
   std::string filename() const override { return file_->filename(); }
@@ -92,7 +115,14 @@ class QedNode final : public BlockNode {
   coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
   // Grow only (-ENOTSUP to shrink); the size must stay valid for the geometry (-EINVAL).
   coro::Task<int> truncate(std::uint64_t new_size) override;
+  // Cancels the need-check timer, waits for a need-check job in progress, then flush().
+  // Call once, after the last request.
   coro::Task<int> close() override;
+  // Clears NEED_CHECK now (if set) and cancels the timer; then the file and backing nodes.
+  coro::Task<void> quiesce() override;
+  // Moves the need-check timer to `context` (re-armed there if it was armed or the image is
+  // dirty); then the file and backing nodes. Both contexts must be running until it returns.
+  coro::Task<void> attach_context(aio::Context& context) override;
 
   // Consistency check (reference/qed.md §1.11); `repair` drops invalid offsets and, if nothing
   // uncorrectable remains, marks the image clean. Runs exclusive of all allocating work.
@@ -105,6 +135,12 @@ class QedNode final : public BlockNode {
   BlockNode* backing_node() const noexcept override { return backing_.get(); }
   const BlockNodeRef& file() const noexcept { return file_; }
   coro::Task<Header> header();
+  // The context the need-check timer runs on (null for read-only images and images with a
+  // backing file, which have no timer). Any thread.
+  aio::Context* need_check_context() const;
+  // For tests: called on the timer's context after each need-check job (whether or not it
+  // cleared the bit). Any thread.
+  void set_need_check_hook(std::function<void()> hook);
 
  private:
   friend coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
@@ -133,6 +169,11 @@ class QedNode final : public BlockNode {
   coro::Task<int> set_need_check(bool dirty);
   // Writes the header fields (64 bytes at offset 0) as encoded from `header`.
   coro::Task<int> write_header(const Header& header);
+  // After an allocating request released allocation_lock_: (re)arms the need-check timer.
+  void arm_need_check_timer();
+  // The timer callback (home context thread): starts a need-check job there.
+  void on_need_check_timer();
+  coro::Task<void> need_check_job();
   // Shared by write() and write_zeroes(): `data` empty in kZero mode.
   coro::Task<int> write_runs(std::uint64_t offset, std::uint64_t length,
                              std::span<const std::byte> data, AllocationMode mode);
@@ -150,6 +191,15 @@ class QedNode final : public BlockNode {
   Table l1_;                  // table_lock_
   L2Cache l2_cache_;          // table_lock_
   std::uint64_t file_size_;   // table_lock_: next allocation offset (a multiple of cluster_size)
+
+  std::chrono::nanoseconds need_check_delay_{std::chrono::seconds(5)};  // set once during open
+  mutable std::mutex timer_mutex_;
+  std::unique_ptr<aio::Timer> timer_;      // timer_mutex_; null: no need-check timer
+  aio::Context* timer_context_ = nullptr;  // timer_mutex_
+  bool closing_ = false;                   // timer_mutex_: close() began, never re-arm
+  int idle_jobs_ = 0;                      // timer_mutex_: need-check jobs spawned, not done
+  coro::Queue jobs_done_;                  // timer_mutex_: close() waiting for idle_jobs_ == 0
+  std::function<void()> timer_hook_;       // timer_mutex_
 };
 
 }  // namespace spindle::block::qed

@@ -1,11 +1,17 @@
 #include "block/drivers/nbd/client_connection.h"
 
 #include <fmt/format.h>
+#include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <optional>
 #include <utility>
 
+#include "aio/timer.h"
+#include "coro/sleep.h"
 #include "io/socket.h"
 
 namespace spindle::block::nbd {
@@ -33,23 +39,65 @@ ClientConnection::~ClientConnection() {
 
 coro::Task<ConnectOutcome> ClientConnection::connect(
     NbdUri uri, std::shared_ptr<const io::TlsCredentials> credentials) {
-  std::shared_ptr<ClientConnection> connection(new ClientConnection(*aio::current_context()));
-  auto channel = co_await open_socket(uri);
-  if (!channel.ok()) {
-    co_return ConnectOutcome{nullptr, channel.error(),
-                             fmt::format("cannot connect to {}: {}", describe(uri),
-                                         std::strerror(channel.error()))};
-  }
-  connection->channel_ = std::move(channel).value();
-  connection->stream_ = connection->channel_.get();
-  const int negotiated = co_await connection->handshake(uri, std::move(credentials));
-  if (negotiated < 0) {
-    connection->channel_->close();
-    co_return ConnectOutcome{nullptr, -negotiated,
-                             fmt::format("{}: {}", describe(uri), connection->error_message_)};
-  }
-  coro::spawn(*connection->context_, connection->reader_loop(connection));
+  std::shared_ptr<ClientConnection> connection(
+      new ClientConnection(*aio::current_context(), std::move(uri), std::move(credentials)));
+  const int established = co_await connection->establish();
+  if (established < 0) co_return ConnectOutcome{nullptr, -established, connection->error_message_};
+  connection->details_ = connection->negotiated_;
+  connection->start_reader();
   co_return ConnectOutcome{std::move(connection), 0, {}};
+}
+
+void ClientConnection::install_channel(std::unique_ptr<io::Channel> channel) noexcept {
+  std::lock_guard lock(channel_mutex_);
+  channel_ = std::move(channel);
+  stream_ = channel_.get();
+  // abort() or the timer may have fired while we connected: they found no channel to close.
+  if (stopping_.load(std::memory_order_acquire) || timed_out_) channel_->close();
+}
+
+void ClientConnection::close_channel() noexcept {
+  std::lock_guard lock(channel_mutex_);
+  if (channel_) channel_->close();
+}
+
+coro::Task<int> ClientConnection::establish() {
+  timed_out_ = false;
+  // The timer closes the socket; every blocked read/write then fails and the handshake ends.
+  std::optional<aio::Timer> timer;
+  if (uri_.connect_timeout > 0) {
+    timer.emplace(*context_, aio::Clock::monotonic, [this] {
+      timed_out_ = true;
+      close_channel();
+    });
+    timer->arm_in(std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::duration<double>(uri_.connect_timeout)));
+  }
+  auto channel = co_await open_socket(uri_);
+  if (!channel.ok()) {
+    error_message_ = fmt::format("cannot connect to {}: {}", describe(uri_),
+                                 std::strerror(channel.error()));
+    co_return -channel.error();
+  }
+  install_channel(std::move(channel).value());
+  int negotiated = co_await handshake();
+  timer.reset();
+  // Even a handshake that just finished is void if the timer closed the socket under it.
+  if (timed_out_) {
+    negotiated = handshake_error(ETIMEDOUT, fmt::format("no complete handshake within {} s "
+                                                        "(connect-timeout)", uri_.connect_timeout));
+  }
+  if (negotiated < 0) {
+    close_channel();
+    error_message_ = fmt::format("{}: {}", describe(uri_), error_message_);
+  }
+  co_return negotiated;
+}
+
+void ClientConnection::start_reader() {
+  reader_running_ = true;
+  reader_exited_.reset();
+  coro::spawn(*context_, reader_loop(shared_from_this()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -98,9 +146,10 @@ coro::Task<int> ClientConnection::read_option_reply(proto::Option option) {
   co_return 0;
 }
 
-coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
-                                            std::shared_ptr<const io::TlsCredentials> credentials) {
+coro::Task<int> ClientConnection::handshake() {
   using proto::Option;
+  const NbdUri& uri = uri_;
+  negotiated_ = ExportDetails{};
   using proto::OptionReply;
   std::array<std::byte, proto::kGreetingSize> greeting;
   const int greeted = co_await stream_->read_exact(greeting.data(), greeting.size());
@@ -132,7 +181,7 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
       co_return handshake_error(EACCES, "server refused STARTTLS (" + reply_error_text() + ")");
     }
     std::string error;
-    tls_ = io::TlsSession::create(*channel_, std::move(credentials),
+    tls_ = io::TlsSession::create(*channel_, credentials_,
                                   uri.unix_socket ? std::string() : uri.host, error);
     if (!tls_) co_return handshake_error(EPROTO, "TLS setup failed: " + error);
     const int shaken = co_await tls_->handshake();
@@ -150,12 +199,12 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
     co_return handshake_error(EACCES, "the server requires TLS (use nbds:// or nbds+unix://)");
   }
   if (reply_header_.type == static_cast<std::uint32_t>(OptionReply::kAck)) {
-    details_.structured = true;
+    negotiated_.structured = true;
   } else if (!proto::is_error_reply(reply_header_.type)) {
     co_return handshake_error(EPROTO, "unexpected reply to NBD_OPT_STRUCTURED_REPLY");
   }
 
-  if (details_.structured) {
+  if (negotiated_.structured) {
     out.clear();
     const std::string_view queries[] = {proto::kBaseAllocation};
     proto::append_option_meta_context(out, Option::kSetMetaContext, uri.export_name, queries);
@@ -168,8 +217,8 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
         auto context = proto::parse_reply_meta_context(reply_data_);
         if (!context) co_return handshake_error(EPROTO, "bad NBD_REP_META_CONTEXT");
         if (context->name == proto::kBaseAllocation) {
-          details_.base_allocation = true;
-          details_.context_id = context->context_id;
+          negotiated_.base_allocation = true;
+          negotiated_.context_id = context->context_id;
         }
         continue;
       }
@@ -177,7 +226,7 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
           !proto::is_error_reply(reply_header_.type)) {
         co_return handshake_error(EPROTO, "unexpected reply to NBD_OPT_SET_META_CONTEXT");
       }
-      if (proto::is_error_reply(reply_header_.type)) details_.base_allocation = false;
+      if (proto::is_error_reply(reply_header_.type)) negotiated_.base_allocation = false;
       break;
     }
   }
@@ -202,15 +251,15 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
           co_return handshake_error(EPROTO, fmt::format("bad NBD_INFO_EXPORT ({})",
                                                         proto::parse_error_name(info.error())));
         }
-        details_.size = info->size;
-        details_.flags = info->transmission_flags;
+        negotiated_.size = info->size;
+        negotiated_.flags = info->transmission_flags;
         have_export = true;
       } else if (*info_type == static_cast<std::uint16_t>(proto::Info::kBlockSize)) {
         auto sizes = proto::parse_reply_info_block_size(reply_data_);
-        if (sizes) details_.block_size = *sizes;  // a bad one is ignored (the spec allows it)
+        if (sizes) negotiated_.block_size = *sizes;  // a bad one is ignored (the spec allows it)
       } else if (*info_type == static_cast<std::uint16_t>(proto::Info::kDescription)) {
         auto text = proto::parse_reply_info_string(reply_data_);
-        if (text) details_.description = std::string(*text);
+        if (text) negotiated_.description = std::string(*text);
       }
       continue;
     }
@@ -254,12 +303,12 @@ coro::Task<int> ClientConnection::handshake(const NbdUri& uri,
       co_return handshake_error(EPROTO, fmt::format("bad NBD_OPT_EXPORT_NAME reply ({})",
                                                     proto::parse_error_name(info.error())));
     }
-    details_.size = info->size;
-    details_.flags = info->transmission_flags;
-    details_.used_export_name = true;
+    negotiated_.size = info->size;
+    negotiated_.flags = info->transmission_flags;
+    negotiated_.used_export_name = true;
   }
   // Without structured replies, BLOCK_STATUS cannot be used.
-  if (!details_.structured) details_.base_allocation = false;
+  if (!negotiated_.structured) negotiated_.base_allocation = false;
   co_return 0;
 }
 
@@ -282,6 +331,7 @@ coro::Task<int> ClientConnection::write(std::uint64_t offset, std::span<const st
   pending.header.flags = flags;
   pending.header.offset = offset;
   pending.header.length = static_cast<std::uint32_t>(buffer.size());
+  pending.payload = buffer;
   co_return co_await submit(pending, buffer);
 }
 
@@ -296,13 +346,13 @@ coro::Task<int> ClientConnection::command(proto::Command command, std::uint16_t 
 }
 
 coro::Task<int> ClientConnection::block_status(std::uint64_t offset, std::uint32_t length,
-                                               ExtentStatus& status) {
+                                               std::vector<ExtentStatus>& extents) {
+  extents.clear();
   Pending pending;
   pending.header.type = static_cast<std::uint16_t>(proto::Command::kBlockStatus);
-  pending.header.flags = proto::kCmdFlagReqOne;
   pending.header.offset = offset;
   pending.header.length = length;
-  pending.status = &status;
+  pending.extents = &extents;
   co_return co_await submit(pending, {});
 }
 
@@ -316,17 +366,22 @@ coro::Task<int> ClientConnection::submit(Pending& pending, std::span<const std::
 }
 
 coro::Task<int> ClientConnection::submit_here(Pending& pending, std::span<const std::byte> payload) {
-  if (dead_) co_return -EIO;
+  if (state_ == State::kDead) co_return -EIO;
   pending.header.cookie = next_cookie_++;
   in_flight_.emplace(pending.header.cookie, &pending);
-  const auto header = proto::encode_request(pending.header);
-  {
+  // While reconnecting the request only queues: reconnect_loop() sends it.
+  if (state_ == State::kUp) {
     auto guard = co_await send_mutex_.scoped_lock();
-    if (!dead_) {  // the connection may have died while we queued for the lock
+    // The connection may have died, or been re-established and resent us, while we queued.
+    if (state_ == State::kUp && !pending.sent && !pending.done.is_set()) {
+      pending.sent = true;
+      const auto header = proto::encode_request(pending.header);
       const iovec parts[2] = {{const_cast<std::byte*>(header.data()), header.size()},
                               {const_cast<std::byte*>(payload.data()), payload.size()}};
       const int sent = co_await stream_->writev_all(std::span(parts, payload.empty() ? 1 : 2));
-      if (sent < 0) fail_all(fmt::format("sending a request failed: {}", std::strerror(-sent)));
+      if (sent < 0) {
+        connection_lost(fmt::format("sending a request failed: {}", std::strerror(-sent)));
+      }
     }
   }
   // fail_all() (ours or the reader's) has completed `pending` if the connection died.
@@ -337,9 +392,10 @@ coro::Task<int> ClientConnection::submit_here(Pending& pending, std::span<const 
 coro::Task<void> ClientConnection::disconnect() {
   aio::Context* origin = aio::current_context();
   co_await coro::switch_to(*context_);
-  if (!dead_) {
+  stopping_.store(true, std::memory_order_release);
+  if (state_ == State::kUp) {
     auto guard = co_await send_mutex_.scoped_lock();
-    if (!dead_) {
+    if (state_ == State::kUp) {
       proto::RequestHeader request;
       request.type = static_cast<std::uint16_t>(proto::Command::kDisconnect);
       request.cookie = next_cookie_++;
@@ -348,13 +404,43 @@ coro::Task<void> ClientConnection::disconnect() {
       if (tls_) tls_->say_goodbye();
     }
   }
-  channel_->close();  // the reader resumes with -ECANCELED and fails anything left
-  co_await reader_done_.wait();
+  // Fails anything left; the reader resumes with -ECANCELED, a reconnect loop gives up.
+  if (state_ != State::kDead) fail_all("disconnected");
+  co_await finished_event_.wait();
   co_await coro::switch_to(*origin);
 }
 
 void ClientConnection::abort() noexcept {
-  if (channel_) channel_->close();
+  stopping_.store(true, std::memory_order_release);
+  if (finished_.load(std::memory_order_acquire)) return;  // closed already: nothing to post
+  if (context_->is_current()) {
+    goodbye_now();
+    return;
+  }
+  context_->run_soon([self = shared_from_this()] { self->goodbye_now(); });
+}
+
+void ClientConnection::goodbye_now() noexcept {
+  // Only when nobody is mid-send (the header must not land inside another request) and the
+  // socket takes all 28 bytes now: a destructor must not wait on the network.
+  if (state_ == State::kUp && send_mutex_.try_lock()) {
+    if (tls_) {
+      tls_->say_goodbye();
+    } else {
+      proto::RequestHeader request;
+      request.type = static_cast<std::uint16_t>(proto::Command::kDisconnect);
+      request.cookie = next_cookie_++;
+      const auto header = proto::encode_request(request);
+      const int fd = channel_ ? channel_->fd() : -1;
+      if (fd >= 0) {
+        [[maybe_unused]] const ssize_t n =
+            ::send(fd, header.data(), header.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      }
+    }
+    send_mutex_.unlock();
+  }
+  if (state_ != State::kDead) fail_all("closed");
+  close_channel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,8 +452,8 @@ void ClientConnection::complete(Pending& pending) noexcept {
 }
 
 int ClientConnection::fail_all(std::string reason) {
-  if (!dead_) {
-    dead_ = true;
+  if (state_ != State::kDead) {
+    state_ = State::kDead;
     death_reason_ = std::move(reason);
   }
   auto pending = std::move(in_flight_);
@@ -376,8 +462,133 @@ int ClientConnection::fail_all(std::string reason) {
     request->result = -EIO;
     request->done.set();
   }
-  channel_->close();
+  close_channel();
+  maybe_finish();
   return -EPROTO;
+}
+
+int ClientConnection::connection_lost(std::string reason) {
+  if (state_ != State::kUp) return -EPIPE;  // already handled
+  if (uri_.reconnect_delay <= 0 || stopping_.load(std::memory_order_acquire)) {
+    fail_all(std::move(reason));
+    return -EPIPE;
+  }
+  state_ = State::kReconnecting;
+  death_reason_ = std::move(reason);
+  lost_at_ns_ = aio::now_ns(aio::Clock::monotonic);
+  for (auto& [cookie, request] : in_flight_) request->reset_for_resend();
+  close_channel();
+  if (!reconnecting_) {
+    reconnecting_ = true;
+    coro::spawn(*context_, reconnect_loop(shared_from_this()));
+  }
+  return -EPIPE;
+}
+
+void ClientConnection::maybe_finish() noexcept {
+  if (state_ == State::kDead && !reader_running_ && !reconnecting_) {
+    finished_.store(true, std::memory_order_release);
+    finished_event_.set();
+  }
+}
+
+bool ClientConnection::compatible_after_reconnect(std::string& why) const {
+  if (negotiated_.size != details_.size) {
+    why = fmt::format("the export's size changed ({} -> {})", details_.size, negotiated_.size);
+    return false;
+  }
+  if ((details_.flags & ~negotiated_.flags) != 0 ||
+      ((negotiated_.flags & proto::kFlagReadOnly) && !(details_.flags & proto::kFlagReadOnly))) {
+    why = "the export's flags changed";
+    return false;
+  }
+  if (negotiated_.structured != details_.structured ||
+      negotiated_.base_allocation != details_.base_allocation ||
+      negotiated_.block_size.minimum != details_.block_size.minimum ||
+      negotiated_.block_size.maximum < details_.block_size.maximum) {
+    why = "the server negotiated different features";
+    return false;
+  }
+  return true;
+}
+
+coro::Task<void> ClientConnection::resend_pending() {
+  std::vector<std::uint64_t> cookies;
+  for (const auto& [cookie, request] : in_flight_) {
+    if (!request->sent) cookies.push_back(cookie);
+  }
+  std::sort(cookies.begin(), cookies.end());
+  for (const std::uint64_t cookie : cookies) {
+    // Look it up again: the new reader may complete requests while we send.
+    const auto found = in_flight_.find(cookie);
+    if (state_ != State::kUp) break;
+    if (found == in_flight_.end() || found->second->sent) continue;
+    Pending& pending = *found->second;
+    pending.sent = true;
+    const auto header = proto::encode_request(pending.header);
+    const std::span<const std::byte> payload = pending.payload;
+    const iovec parts[2] = {{const_cast<std::byte*>(header.data()), header.size()},
+                            {const_cast<std::byte*>(payload.data()), payload.size()}};
+    const int sent = co_await stream_->writev_all(std::span(parts, payload.empty() ? 1 : 2));
+    if (sent < 0) {
+      connection_lost(fmt::format("resending a request failed: {}", std::strerror(-sent)));
+      break;
+    }
+  }
+}
+
+coro::Task<void> ClientConnection::reconnect_loop(std::shared_ptr<ClientConnection> self) {
+  // `self` keeps the connection alive while we retry.
+  using namespace std::chrono_literals;
+  const auto delay_ns = static_cast<std::int64_t>(uri_.reconnect_delay * 1e9);
+  std::chrono::milliseconds backoff = 50ms;
+  while (state_ == State::kReconnecting && !stopping_.load(std::memory_order_acquire)) {
+    // The old stream goes only once its reader is out and no sender is inside it.
+    co_await reader_exited_.wait();
+    {
+      auto guard = co_await send_mutex_.scoped_lock();
+      tls_.reset();
+      std::lock_guard lock(channel_mutex_);
+      channel_.reset();
+      stream_ = nullptr;
+    }
+    if (state_ != State::kReconnecting || stopping_.load(std::memory_order_acquire)) break;
+    const std::int64_t deadline = lost_at_ns_ + delay_ns;
+    if (aio::now_ns(aio::Clock::monotonic) >= deadline) {
+      fail_all(fmt::format("{}; no reconnection within {} s", death_reason_, uri_.reconnect_delay));
+      break;
+    }
+    const int established = co_await establish();
+    std::string why;
+    const bool usable = established == 0 && compatible_after_reconnect(why);
+    if (state_ != State::kReconnecting || stopping_.load(std::memory_order_acquire)) break;
+    if (usable) {
+      state_ = State::kUp;
+      start_reader();
+      auto guard = co_await send_mutex_.scoped_lock();
+      co_await resend_pending();  // may lose the new stream again: the loop goes on
+      continue;
+    }
+    if (established == 0 && !why.empty()) {
+      fail_all(fmt::format("reconnected to {}, but {}", describe(uri_), why));
+      break;
+    }
+    // Wait before the next try, in slices so that abort()/disconnect() are seen promptly.
+    const auto wake_at = std::min<std::int64_t>(
+        deadline, aio::now_ns(aio::Clock::monotonic) +
+                      std::chrono::duration_cast<std::chrono::nanoseconds>(backoff).count());
+    backoff = std::min<std::chrono::milliseconds>(backoff * 2, 1000ms);
+    for (;;) {
+      const std::int64_t left = wake_at - aio::now_ns(aio::Clock::monotonic);
+      if (left <= 0 || stopping_.load(std::memory_order_acquire)) break;
+      const std::chrono::nanoseconds slice = std::min<std::chrono::nanoseconds>(
+          std::chrono::nanoseconds(left), 100ms);
+      co_await coro::sleep(slice);
+    }
+  }
+  if (state_ == State::kReconnecting) fail_all("closed while reconnecting");
+  reconnecting_ = false;
+  maybe_finish();
 }
 
 coro::Task<void> ClientConnection::reader_loop(std::shared_ptr<ClientConnection> self) {
@@ -386,8 +597,9 @@ coro::Task<void> ClientConnection::reader_loop(std::shared_ptr<ClientConnection>
   for (;;) {
     const int got = co_await stream_->read_exact(header.data(), 4);
     if (got < 0) {
-      fail_all(got == -ECONNRESET ? "the server closed the connection"
-                                  : fmt::format("reading a reply failed: {}", std::strerror(-got)));
+      connection_lost(got == -ECONNRESET
+                          ? "the server closed the connection"
+                          : fmt::format("reading a reply failed: {}", std::strerror(-got)));
       break;
     }
     const proto::ReplyKind kind = proto::classify_reply(std::span<const std::byte, 4>(header.data(), 4));
@@ -401,14 +613,15 @@ coro::Task<void> ClientConnection::reader_loop(std::shared_ptr<ClientConnection>
     }
     if (handled < 0) break;
   }
-  reader_finished_.store(true, std::memory_order_release);
-  reader_done_.set();
+  reader_running_ = false;
+  reader_exited_.set();
+  maybe_finish();
 }
 
 coro::Task<int> ClientConnection::read_simple_reply(
     std::span<std::byte, proto::kChunkHeaderSize> header) {
   const int got = co_await stream_->read_exact(header.data() + 4, proto::kSimpleReplyHeaderSize - 4);
-  if (got < 0) co_return fail_all("the server closed the connection in a reply header");
+  if (got < 0) co_return connection_lost("the server closed the connection in a reply header");
   auto reply = proto::parse_simple_reply(header.first(proto::kSimpleReplyHeaderSize));
   if (!reply) co_return fail_all("bad simple reply");
   const auto found = in_flight_.find(reply->cookie);
@@ -419,9 +632,11 @@ coro::Task<int> ClientConnection::read_simple_reply(
     pending.result = -proto::nbd_to_errno(reply->error);
   } else if (command == proto::Command::kRead) {
     // With structured replies a successful READ must come as chunks (it has a payload).
-    if (details_.structured) co_return fail_all("simple reply with data after structured replies");
+    if (negotiated_.structured) {
+      co_return fail_all("simple reply with data after structured replies");
+    }
     const int data = co_await stream_->read_exact(pending.read_buffer.data(), pending.read_buffer.size());
-    if (data < 0) co_return fail_all("the server closed the connection in READ data");
+    if (data < 0) co_return connection_lost("the server closed the connection in READ data");
   } else if (command == proto::Command::kBlockStatus) {
     co_return fail_all("simple success reply to NBD_CMD_BLOCK_STATUS");
   }
@@ -431,13 +646,13 @@ coro::Task<int> ClientConnection::read_simple_reply(
 
 coro::Task<int> ClientConnection::read_chunk(std::span<std::byte, proto::kChunkHeaderSize> header) {
   const int got = co_await stream_->read_exact(header.data() + 4, proto::kChunkHeaderSize - 4);
-  if (got < 0) co_return fail_all("the server closed the connection in a chunk header");
+  if (got < 0) co_return connection_lost("the server closed the connection in a chunk header");
   auto chunk = proto::parse_chunk_header(header, max_chunk_);
   if (!chunk) {
     co_return fail_all(fmt::format("bad structured reply chunk ({})",
                                    proto::parse_error_name(chunk.error())));
   }
-  if (!details_.structured) co_return fail_all("structured reply without negotiation");
+  if (!negotiated_.structured) co_return fail_all("structured reply without negotiation");
   const auto found = in_flight_.find(chunk->cookie);
   if (found == in_flight_.end()) co_return fail_all("reply chunk with an unknown cookie");
   Pending& pending = *found->second;
@@ -448,20 +663,20 @@ coro::Task<int> ClientConnection::read_chunk(std::span<std::byte, proto::kChunkH
     if (request.command() != proto::Command::kRead) co_return fail_all("OFFSET_DATA for a non-READ");
     std::array<std::byte, proto::kOffsetDataPrefixSize> prefix;
     const int got_prefix = co_await stream_->read_exact(prefix.data(), prefix.size());
-    if (got_prefix < 0) co_return fail_all("the server closed the connection in a chunk");
+    if (got_prefix < 0) co_return connection_lost("the server closed the connection in a chunk");
     auto data = proto::parse_offset_data(*chunk, prefix);
     if (!data || !proto::range_within(data->offset, data->data_length, request.offset, request.length)) {
       co_return fail_all("OFFSET_DATA outside its request");
     }
     std::byte* target = pending.read_buffer.data() + (data->offset - request.offset);
     const int got_data = co_await stream_->read_exact(target, data->data_length);
-    if (got_data < 0) co_return fail_all("the server closed the connection in READ data");
+    if (got_data < 0) co_return connection_lost("the server closed the connection in READ data");
     pending.covered += data->data_length;
   } else if (type == static_cast<std::uint16_t>(proto::ChunkType::kOffsetHole)) {
     if (request.command() != proto::Command::kRead) co_return fail_all("OFFSET_HOLE for a non-READ");
     std::array<std::byte, 12> payload;
     const int got_payload = co_await stream_->read_exact(payload.data(), payload.size());
-    if (got_payload < 0) co_return fail_all("the server closed the connection in a chunk");
+    if (got_payload < 0) co_return connection_lost("the server closed the connection in a chunk");
     auto hole = proto::parse_offset_hole(*chunk, payload);
     if (!hole || !proto::range_within(hole->offset, hole->length, request.offset, request.length)) {
       co_return fail_all("OFFSET_HOLE outside its request");
@@ -475,28 +690,36 @@ coro::Task<int> ClientConnection::read_chunk(std::span<std::byte, proto::kChunkH
     if (chunk->length > kMaxBlockStatusPayload) co_return fail_all("BLOCK_STATUS chunk too long");
     scratch_.resize(chunk->length);
     const int got_payload = co_await stream_->read_exact(scratch_.data(), scratch_.size());
-    if (got_payload < 0) co_return fail_all("the server closed the connection in a chunk");
+    if (got_payload < 0) co_return connection_lost("the server closed the connection in a chunk");
     auto status = proto::parse_block_status(*chunk, scratch_);
     if (!status) co_return fail_all("bad BLOCK_STATUS chunk");
-    if (!details_.base_allocation || status->context_id != details_.context_id) {
+    if (!negotiated_.base_allocation || status->context_id != negotiated_.context_id) {
       co_return fail_all("BLOCK_STATUS for a context not negotiated");
     }
     if (!pending.got_status) {
-      // Merge leading extents with equal flags (REQ_ONE asks for one; be lenient).
-      const proto::Extent first = status->extent(0);
-      std::uint64_t length = first.length;
-      for (std::size_t i = 1; i < status->count() && status->extent(i).flags == first.flags; ++i) {
-        length += status->extent(i).length;
+      // Only the first chunk counts (a server sends one per context; we asked for one).
+      std::vector<ExtentStatus>& extents = *pending.extents;
+      std::uint64_t total = 0;
+      for (std::size_t i = 0; i < status->count() && total < request.length; ++i) {
+        const proto::Extent extent = status->extent(i);
+        const std::uint64_t length = std::min<std::uint64_t>(extent.length, request.length - total);
+        if (length == 0) break;  // a zero-length extent ends what we can use
+        total += length;
+        if (!extents.empty() && extents.back().flags == extent.flags) {
+          extents.back().length += length;
+        } else if (extents.size() < kMaxExtents) {
+          extents.push_back(ExtentStatus{extent.flags, length});
+        } else {
+          break;
+        }
       }
-      pending.status->flags = first.flags;
-      pending.status->length = length;
-      pending.got_status = true;
+      pending.got_status = !extents.empty();
     }
   } else if (proto::is_error_chunk(type)) {
     if (chunk->length > kMaxErrorPayload) co_return fail_all("error chunk too long");
     scratch_.resize(chunk->length);
     const int got_payload = co_await stream_->read_exact(scratch_.data(), scratch_.size());
-    if (got_payload < 0) co_return fail_all("the server closed the connection in a chunk");
+    if (got_payload < 0) co_return connection_lost("the server closed the connection in a chunk");
     auto error = proto::parse_error_chunk(*chunk, scratch_);
     if (!error) co_return fail_all("bad error chunk");
     const int errno_value = error->error == 0 ? EINVAL : proto::nbd_to_errno(error->error);

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "aio/timer.h"
 #include "coro/coroutine.h"
 #include "io/tls_credentials.h"
 
@@ -15,6 +16,8 @@ namespace spindle::block::nbd {
 namespace proto = spindle::nbd;
 
 namespace {
+
+constexpr std::int64_t kExtentCacheLifetimeNs = 1'000'000'000;
 
 NbdOpenResult open_failure(int error, std::string message) {
   return NbdOpenResult{nullptr, error, std::move(message)};
@@ -84,9 +87,10 @@ NbdNode::NbdNode(std::string filename, std::vector<std::shared_ptr<ClientConnect
 }
 
 NbdNode::~NbdNode() {
+  // Best-effort NBD_CMD_DISC and close (posted to each connection's home when not ours).
   for (auto& connection : connections_) connection->abort();
   // Readers on our IoThreads must finish before the threads stop (they hold the connections).
-  // Bounded: a reader only needs its thread's next loop iteration to see the closed channel.
+  // Bounded: a reader only needs its thread's next loop iterations to run the abort.
   for (std::size_t i = 1; i < connections_.size(); ++i) {
     for (int spins = 0; spins < 5000 && !connections_[i]->reader_finished(); ++spins) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -121,6 +125,7 @@ coro::Task<int> NbdNode::write(std::uint64_t offset, std::span<const std::byte> 
   const bool fua = (flags & kFua) != 0;
   const bool native_fua = fua && has(proto::kFlagSendFua);
   const int result = co_await pick().write(offset, buffer, native_fua ? proto::kCmdFlagFua : 0);
+  drop_extents();
   if (result < 0 || !fua || native_fua) co_return result;
   co_return co_await flush();
 }
@@ -145,6 +150,7 @@ coro::Task<int> NbdNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
     const std::uint64_t length = std::min(bytes, max_effect_length());
     const int result = co_await pick().command(proto::Command::kWriteZeroes, command_flags, offset,
                                                static_cast<std::uint32_t>(length));
+    drop_extents();
     if (result < 0) co_return result;
     offset += length;
     bytes -= length;
@@ -160,11 +166,51 @@ coro::Task<int> NbdNode::discard(std::uint64_t offset, std::uint64_t bytes) {
     const std::uint64_t length = std::min(bytes, max_effect_length());
     const int result = co_await pick().command(proto::Command::kTrim, 0, offset,
                                                static_cast<std::uint32_t>(length));
+    drop_extents();
     if (result < 0) co_return result;
     offset += length;
     bytes -= length;
   }
   co_return 0;
+}
+
+bool NbdNode::cached_extent(std::uint64_t offset, ExtentStatus& extent) {
+  std::lock_guard lock(cache_mutex_);
+  if (offset < cache_offset_ ||
+      aio::now_ns(aio::Clock::monotonic) - cache_time_ns_ > kExtentCacheLifetimeNs) {
+    return false;
+  }
+  // Walks go forward: start from the last hit, so a walk over N extents costs O(N), not O(N²).
+  if (offset < cache_hint_start_ || cache_hint_ >= cache_extents_.size()) {
+    cache_hint_ = 0;
+    cache_hint_start_ = cache_offset_;
+  }
+  for (; cache_hint_ < cache_extents_.size(); ++cache_hint_) {
+    const ExtentStatus& cached = cache_extents_[cache_hint_];
+    if (offset < cache_hint_start_ + cached.length) {
+      extent = ExtentStatus{cached.flags, cache_hint_start_ + cached.length - offset};
+      return true;
+    }
+    cache_hint_start_ += cached.length;
+  }
+  return false;
+}
+
+void NbdNode::store_extents(std::uint64_t offset, std::uint64_t generation,
+                            std::vector<ExtentStatus> extents) {
+  std::lock_guard lock(cache_mutex_);
+  if (generation != cache_generation_) return;  // a change of ours raced with the query
+  cache_offset_ = offset;
+  cache_hint_ = 0;
+  cache_hint_start_ = offset;
+  cache_time_ns_ = aio::now_ns(aio::Clock::monotonic);
+  cache_extents_ = std::move(extents);
+}
+
+void NbdNode::drop_extents() noexcept {
+  std::lock_guard lock(cache_mutex_);
+  ++cache_generation_;
+  cache_extents_.clear();
 }
 
 coro::Task<BlockStatus> NbdNode::block_status(std::uint64_t offset, std::uint64_t bytes) {
@@ -174,11 +220,28 @@ coro::Task<BlockStatus> NbdNode::block_status(std::uint64_t offset, std::uint64_
   status.bytes = std::min(bytes, size() - std::min(offset, size()));
   if (details_.base_allocation && status.bytes > 0) {
     ExtentStatus extent;
-    const auto length = static_cast<std::uint32_t>(std::min(status.bytes, max_effect_length()));
-    const int result = co_await pick().block_status(offset, length, extent);
-    if (result == 0) {
+    bool known = cached_extent(offset, extent);
+    if (!known) {
+      // Ask for everything up to the end (the server answers as far as it likes), not just
+      // `bytes`: the next query usually starts where this one ends.
+      std::uint64_t generation;
+      {
+        std::lock_guard lock(cache_mutex_);
+        generation = cache_generation_;
+      }
+      const std::uint64_t rest = size() - offset;
+      const auto length = static_cast<std::uint32_t>(std::min(rest, max_effect_length()));
+      std::vector<ExtentStatus> extents;
+      const int result = co_await pick().block_status(offset, length, extents);
+      if (result == 0 && !extents.empty()) {
+        extent = extents.front();
+        known = true;
+        store_extents(offset, generation, std::move(extents));
+      }
+    }
+    if (known) {
       const std::uint64_t alignment = limits_.request_alignment;
-      std::uint64_t run = std::min<std::uint64_t>(extent.length, length);
+      std::uint64_t run = std::min<std::uint64_t>(extent.length, status.bytes);
       // Keep runs aligned: a sub-block extent reports its block as data (the safe answer).
       if (run >= alignment) {
         run -= run % alignment;

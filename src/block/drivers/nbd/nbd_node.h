@@ -9,7 +9,12 @@
 //              offered, -ENOTSUP when not); without SEND_WRITE_ZEROES, zero buffers (or
 //              -ENOTSUP with kNoFallback). Lengths over 2^32 are split.
 //   discard:   TRIM when offered, else nothing (advisory).
-//   block_status: base:allocation (HOLE → not data, ZERO → zero), else "all data".
+//   block_status: base:allocation (HOLE → not data, ZERO → zero), else "all data". One
+//              BLOCK_STATUS (no REQ_ONE) asks for the rest of the export (up to 4 GiB) and the
+//              extents that come back are cached, so a map walk costs one round trip per
+//              server reply, not one per extent. Our own writes, zeroes and trims drop the
+//              cache; a reply that raced with one of them is not cached; entries live one
+//              second, which bounds how stale another client's writes can leave them.
 //   connections=N: when the server advertises CAN_MULTI_CONN, N connections, the first on the
 //              opening context and the others each on an IoThread owned by the node; a request
 //              uses the connection on its own context if there is one, else round-robin. (A
@@ -18,12 +23,14 @@
 //
 // Thread-safety: requests from coroutines on any contexts at once (each connection hops to its
 // context and back). The connection and thread vectors are immutable after open; `next_` is an
-// atomic round-robin counter. close() once, after the last request; destroy after close() (or
-// the destructor aborts the connections).
+// atomic round-robin counter; `cache_mutex_` guards the extent cache (never held across a
+// suspension). close() once, after the last request: it flushes and sends NBD_CMD_DISC. The
+// destructor without close() aborts the connections (NBD_CMD_DISC if it can go out at once).
 #pragma once
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -77,6 +84,11 @@ class NbdNode final : public BlockNode {
   bool has(std::uint16_t flag) const noexcept { return (details_.flags & flag) != 0; }
   // Largest length for a payload-less command: u32, aligned down.
   std::uint64_t max_effect_length() const noexcept;
+  // The cached extent containing `offset`: true with its flags and the bytes left in it.
+  bool cached_extent(std::uint64_t offset, ExtentStatus& extent);
+  void store_extents(std::uint64_t offset, std::uint64_t generation,
+                     std::vector<ExtentStatus> extents);
+  void drop_extents() noexcept;
 
   const std::string filename_;
   const std::vector<std::shared_ptr<ClientConnection>> connections_;
@@ -86,6 +98,14 @@ class NbdNode final : public BlockNode {
   BlockLimits limits_;
   std::atomic<std::size_t> next_{0};
   std::atomic<bool> closed_{false};
+
+  std::mutex cache_mutex_;
+  std::uint64_t cache_generation_ = 0;  // bumped by every change we make (cache_mutex_)
+  std::uint64_t cache_offset_ = 0;      // where cache_extents_ start (cache_mutex_)
+  std::int64_t cache_time_ns_ = 0;      // when they were stored, monotonic (cache_mutex_)
+  std::vector<ExtentStatus> cache_extents_;  // cache_mutex_
+  std::size_t cache_hint_ = 0;             // index of the last hit (cache_mutex_)
+  std::uint64_t cache_hint_start_ = 0;     // where that extent starts (cache_mutex_)
 };
 
 }  // namespace spindle::block::nbd

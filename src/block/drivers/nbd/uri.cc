@@ -45,6 +45,14 @@ bool decode(std::string_view text, std::string& out) {
   return true;
 }
 
+// A duration in seconds, 0..kMaxSeconds, decimal fraction allowed.
+bool parse_seconds(const std::string& value, double& seconds) {
+  const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), seconds,
+                                         std::chars_format::fixed);
+  return ec == std::errc() && end == value.data() + value.size() && seconds >= 0.0 &&
+         seconds <= kMaxSeconds;
+}
+
 std::optional<NbdUri> failure(std::string& error, std::string_view text, std::string message) {
   error = "invalid NBD URI '" + std::string(text) + "': " + std::move(message);
   return std::nullopt;
@@ -159,6 +167,11 @@ std::optional<NbdUri> parse_nbd_uri(std::string_view text, std::string& error) {
         return failure(error, text, "connections must be 1.." + std::to_string(kMaxConnections));
       }
       uri.connections = count;
+    } else if (key == "connect-timeout" || key == "reconnect-delay") {
+      double& target = key == "connect-timeout" ? uri.connect_timeout : uri.reconnect_delay;
+      if (!parse_seconds(value, target)) {
+        return failure(error, text, std::string(key) + " must be 0..86400 seconds");
+      }
     } else {
       return failure(error, text, "unknown query parameter '" + std::string(key) + "'");
     }

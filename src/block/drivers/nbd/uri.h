@@ -5,7 +5,10 @@
 // The export name is the path without its first '/', percent-decoded ("" = default export).
 // Query keys: socket=PATH (Unix only), tls-certificates=DIR (X.509: ca-cert.pem, optionally
 // client-cert.pem + client-key.pem), tls-psk-file=FILE (PSK; the username is the URI's
-// user@, "qemu" if none), connections=N (1..16; used only if the server allows multi-conn).
+// user@, "qemu" if none), connections=N (1..16; used only if the server allows multi-conn),
+// connect-timeout=SECONDS (connect + handshake deadline; default 30, 0 = none),
+// reconnect-delay=SECONDS (after a lost connection, how long requests wait while the client
+// reconnects; default 0 = fail at once with -EIO). Seconds may have a fraction ("0.5").
 // Unknown keys, TLS keys on a clear-text scheme and a TLS scheme without credentials are errors,
 // so that a typo never silently weakens what the user asked for.
 //
@@ -30,7 +33,11 @@ struct NbdUri {
   std::string tls_certificates;  // directory, X.509
   std::string tls_psk_file;      // PSK key file
   unsigned connections = 1;
+  double connect_timeout = 30.0;  // seconds; 0 = none
+  double reconnect_delay = 0.0;   // seconds; 0 = no reconnection
 };
+
+inline constexpr double kMaxSeconds = 86400.0;  // bound for the two *-timeout/delay keys
 
 inline constexpr unsigned kMaxConnections = 16;
 
