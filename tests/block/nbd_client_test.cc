@@ -164,74 +164,103 @@ bool write_full(int fd, const void* buffer, std::size_t size) {
   return true;
 }
 
-// A proxy in front of a Unix socket: client→server bytes pass as they come; server→client
-// bytes go one at a time (`byte_at_a_time`), or, when `stall` is set, the next reply is cut
-// after 10 bytes (mid-header) for one second.
-class Proxy {
+// Forwards connections to a Unix socket `target`: one connection, or any number one after the
+// other. Each chunk read from either side goes through `relay`, which writes it on (or not) and
+// returns false to end that connection.
+enum class Toward { server, client };
+class ForwardingProxy {
  public:
-  Proxy(std::string target, bool byte_at_a_time)
-      : target_(std::move(target)), byte_at_a_time_(byte_at_a_time) {
+  using Relay = std::function<bool(Toward, int to, const char* data, std::size_t size)>;
+  ForwardingProxy(std::string target, bool many_connections, Relay relay)
+      : target_(std::move(target)), many_(many_connections), relay_(std::move(relay)) {
     path_ = temp_path("proxy");
     listen_fd_ = listen_unix(path_);
     thread_ = std::thread([this] { serve(); });
   }
-  ~Proxy() {
+  ~ForwardingProxy() {
     stop_ = true;
     ::shutdown(listen_fd_, SHUT_RDWR);
     thread_.join();
     ::close(listen_fd_);
     ::unlink(path_.c_str());
   }
-  std::string uri() const { return "nbd+unix:///disk?socket=" + path_; }
-  std::atomic<bool> stall{false};
-  std::atomic<int> stalls_done{0};
+  const std::string& path() const { return path_; }
+  int accepted() const { return accepted_.load(); }
 
  private:
   void serve() {
-    const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (client < 0) return;
-    const int server = connect_unix_blocking(target_);
+    do {
+      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client < 0) return;
+      ++accepted_;
+      const int server = connect_unix_blocking(target_);
+      forward(client, server);
+      ::close(client);
+      ::close(server);
+    } while (many_ && !stop_);
+  }
+  void forward(int client, int server) {
     char buffer[65536];
     while (!stop_) {
       pollfd fds[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
       if (::poll(fds, 2, 50) <= 0) continue;
       if (fds[0].revents) {
         const ssize_t n = ::read(client, buffer, sizeof buffer);
-        if (n <= 0 || !write_full(server, buffer, static_cast<std::size_t>(n))) break;
+        if (n <= 0 || !relay_(Toward::server, server, buffer, static_cast<std::size_t>(n))) return;
       }
       if (fds[1].revents) {
         const ssize_t n = ::read(server, buffer, sizeof buffer);
-        if (n <= 0) break;
-        std::size_t done = 0;
-        if (stall.exchange(false)) {
-          const std::size_t first = std::min<std::size_t>(10, static_cast<std::size_t>(n));
-          if (!write_full(client, buffer, first)) break;
-          std::this_thread::sleep_for(1s);
-          done = first;
-          ++stalls_done;
-        }
-        bool ok = true;
-        if (byte_at_a_time_) {
-          for (; done < static_cast<std::size_t>(n) && ok; ++done) {
-            ok = write_full(client, buffer + done, 1);
-            std::this_thread::sleep_for(20us);  // let the client see each byte on its own
-          }
-        } else {
-          ok = write_full(client, buffer + done, static_cast<std::size_t>(n) - done);
-        }
-        if (!ok) break;
+        if (n <= 0 || !relay_(Toward::client, client, buffer, static_cast<std::size_t>(n))) return;
       }
     }
-    ::close(client);
-    ::close(server);
   }
 
-  std::string target_;
-  bool byte_at_a_time_;
+  const std::string target_;
+  const bool many_;
+  const Relay relay_;
   std::string path_;
   int listen_fd_ = -1;
+  std::atomic<int> accepted_{0};
   std::atomic<bool> stop_{false};
   std::thread thread_;
+};
+
+// A proxy in front of a Unix socket: client→server bytes pass as they come; server→client
+// bytes go one at a time (`byte_at_a_time`), or, when `stall` is set, the next reply is cut
+// after 10 bytes (mid-header) for one second.
+class Proxy {
+ public:
+  Proxy(std::string target, bool byte_at_a_time)
+      : byte_at_a_time_(byte_at_a_time),
+        forwarder_(std::move(target), false,
+                   [this](Toward toward, int to, const char* data, std::size_t size) {
+                     return relay(toward, to, data, size);
+                   }) {}
+  std::string uri() const { return "nbd+unix:///disk?socket=" + forwarder_.path(); }
+  std::atomic<bool> stall{false};
+  std::atomic<int> stalls_done{0};
+
+ private:
+  bool relay(Toward toward, int to, const char* data, std::size_t size) {
+    if (toward == Toward::server) return write_full(to, data, size);
+    std::size_t done = 0;
+    if (stall.exchange(false)) {
+      const std::size_t first = std::min<std::size_t>(10, size);
+      if (!write_full(to, data, first)) return false;
+      std::this_thread::sleep_for(1s);
+      done = first;
+      ++stalls_done;
+    }
+    if (!byte_at_a_time_) return write_full(to, data + done, size - done);
+    for (; done < size; ++done) {
+      if (!write_full(to, data + done, 1)) return false;
+      std::this_thread::sleep_for(20us);  // let the client see each byte on its own
+    }
+    return true;
+  }
+
+  const bool byte_at_a_time_;
+  ForwardingProxy forwarder_;  // last: its thread stops before the members above go away
 };
 
 // A scripted server: a correct handshake (structured replies, base:allocation, GO), then
@@ -789,69 +818,26 @@ TEST(NbdClient, SilentServerTimesOutTheHandshake) {
 // did the work, the reply is lost).
 class DroppingProxy {
  public:
-  explicit DroppingProxy(std::string target) : target_(std::move(target)) {
-    path_ = temp_path("drop");
-    listen_fd_ = listen_unix(path_);
-    thread_ = std::thread([this] { serve(); });
-  }
-  ~DroppingProxy() {
-    stop_ = true;
-    ::shutdown(listen_fd_, SHUT_RDWR);
-    thread_.join();
-    ::close(listen_fd_);
-    ::unlink(path_.c_str());
-  }
+  explicit DroppingProxy(std::string target)
+      : forwarder_(std::move(target), true,
+                   [this](Toward toward, int to, const char* data, std::size_t size) {
+                     auto& drop = toward == Toward::server ? drop_on_request : drop_on_reply;
+                     if (drop.exchange(false)) {
+                       ++drops;
+                       return false;
+                     }
+                     return write_full(to, data, size);
+                   }) {}
   std::string uri(const std::string& extra) const {
-    return "nbd+unix:///disk?socket=" + path_ + extra;
+    return "nbd+unix:///disk?socket=" + forwarder_.path() + extra;
   }
+  int accepted() const { return forwarder_.accepted(); }
   std::atomic<bool> drop_on_request{false};
   std::atomic<bool> drop_on_reply{false};
   std::atomic<int> drops{0};
-  std::atomic<int> accepted{0};
 
  private:
-  void serve() {
-    while (!stop_) {
-      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (client < 0) return;
-      ++accepted;
-      const int server = connect_unix_blocking(target_);
-      forward(client, server);
-      ::close(client);
-      ::close(server);
-    }
-  }
-  void forward(int client, int server) {
-    char buffer[65536];
-    while (!stop_) {
-      pollfd fds[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
-      if (::poll(fds, 2, 50) <= 0) continue;
-      if (fds[0].revents) {
-        const ssize_t n = ::read(client, buffer, sizeof buffer);
-        if (n <= 0) return;
-        if (drop_on_request.exchange(false)) {
-          ++drops;
-          return;
-        }
-        if (!write_full(server, buffer, static_cast<std::size_t>(n))) return;
-      }
-      if (fds[1].revents) {
-        const ssize_t n = ::read(server, buffer, sizeof buffer);
-        if (n <= 0) return;
-        if (drop_on_reply.exchange(false)) {
-          ++drops;
-          return;
-        }
-        if (!write_full(client, buffer, static_cast<std::size_t>(n))) return;
-      }
-    }
-  }
-
-  std::string target_;
-  std::string path_;
-  int listen_fd_ = -1;
-  std::atomic<bool> stop_{false};
-  std::thread thread_;
+  ForwardingProxy forwarder_;  // last: its thread stops before the members above go away
 };
 
 // The connection drops with requests unanswered; the client reconnects through the same
@@ -897,7 +883,7 @@ TEST(NbdClient, ReconnectsAndResendsAfterTheConnectionDrops) {
   run([](coro::Event& done) -> coro::Task<void> { co_await done.wait(); }(all_done));
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(proxy.drops.load(), 3);
-  EXPECT_GE(proxy.accepted.load(), 4);
+  EXPECT_GE(proxy.accepted(), 4);
   for (int i = 0; i < kRequests; ++i) {
     EXPECT_EQ(server.file_bytes(static_cast<std::uint64_t>(i) * (32 << 10), 16 << 10),
               pattern(16 << 10, static_cast<unsigned>(i + 100)));
@@ -917,7 +903,7 @@ TEST(NbdClient, WithoutReconnectDelayADropFailsPromptly) {
   EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 2.0);
   EXPECT_EQ(run(opened.node->read(0, buffer, 0)), -EIO);
-  EXPECT_EQ(proxy.accepted.load(), 1);
+  EXPECT_EQ(proxy.accepted(), 1);
   close_dead_node(opened.node);
 }
 

@@ -9,30 +9,20 @@ script takes a few seconds.
 
 Usage: spindle_img_bench_test.py --spindle-img PATH [unittest options]
 """
-import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import unittest
 
-SPINDLE_IMG = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spindle_img_test as common  # noqa: E402  run(), img(), and main() (sets SPINDLE_IMG)
+
+run, img = common.run, common.img
 KiB = 1 << 10
 MiB = 1 << 20
 COMPLETED = re.compile(r"^Run completed in \d+\.\d{3} seconds\.$")
-
-
-def run(*args, check=True):
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def img(*args, check=True):
-    return run(SPINDLE_IMG, *args, check=check)
 
 
 def qemu_io(path, fmt, *commands):
@@ -64,7 +54,7 @@ class SpindleImgBenchTest(unittest.TestCase):
     def assert_same_report(self, fmt, *args):
         """Runs both tools with `args` on fresh images; the report lines must agree."""
         reports = []
-        for tool in ("qemu-img", SPINDLE_IMG):
+        for tool in ("qemu-img", common.SPINDLE_IMG):
             path = self.image(fmt, name=f"{os.path.basename(str(tool))}.{fmt}")
             lines = run(tool, "bench", "-f", fmt, *args, path).stdout.splitlines()
             self.assertRegex(lines[-1], COMPLETED, f"{tool}: {lines}")
@@ -145,7 +135,7 @@ class SpindleImgBenchTest(unittest.TestCase):
         path = self.image("raw", size=1 * MiB, name="flush.raw")
         trace = self.path("strace.out")
         run("strace", "-f", "-qq", "-e", "trace=fdatasync", "-o", trace,
-            SPINDLE_IMG, "bench", "-f", "raw", "-w", "-i", "threads", *args, path)
+            common.SPINDLE_IMG, "bench", "-f", "raw", "-w", "-i", "threads", *args, path)
         with open(trace) as f:
             return sum(1 for line in f if "fdatasync(" in line)
 
@@ -213,17 +203,5 @@ class SpindleImgBenchTest(unittest.TestCase):
         self.assertIn("--pattern", result.stdout)
 
 
-def main():
-    global SPINDLE_IMG
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spindle-img", required=True)
-    args, rest = parser.parse_known_args()
-    SPINDLE_IMG = os.path.abspath(args.spindle_img)
-    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        print("SKIPPED: qemu-img/qemu-io not installed")
-        return 0
-    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.main())

@@ -26,7 +26,7 @@
 #include <optional>
 #include <vector>
 
-#include "block/block_node.h"
+#include "block/drivers/filter_node.h"
 
 namespace spindle::block {
 
@@ -41,9 +41,9 @@ struct BlkdebugRule {
   bool once = false;         // remove the rule after it first fires
 };
 
-class BlkdebugNode final : public BlockNode {
+class BlkdebugNode final : public FilterNode {
  public:
-  explicit BlkdebugNode(BlockNodeRef child) : child_(std::move(child)) {}
+  explicit BlkdebugNode(BlockNodeRef child) : FilterNode(std::move(child)) {}
 
   // Adds a rule and returns its id (for remove_rule). Any thread. An `error` that is not a
   // positive errno is replaced by EIO.
@@ -56,15 +56,6 @@ class BlkdebugNode final : public BlockNode {
   std::uint64_t injected() const;
 
   const char* driver_name() const noexcept override { return "blkdebug"; }
-  std::string filename() const override { return child_->filename(); }
-  std::uint64_t size() const noexcept override { return child_->size(); }
-  BlockLimits limits() const noexcept override { return child_->limits(); }
-  bool read_only() const noexcept override { return child_->read_only(); }
-  // Forwarded so that BlockBackend's walk down the backing chain (for ranges the child does
-  // not allocate) continues below the child, as if the filter were not there.
-  BlockNode* backing_node() const noexcept override { return child_->backing_node(); }
-  const BlockNodeRef& child() const noexcept { return child_; }
-
   coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
                        std::uint32_t flags) override;
   coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
@@ -73,16 +64,6 @@ class BlkdebugNode final : public BlockNode {
   coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                std::uint32_t flags) override;
   coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override;
-  coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override {
-    return child_->block_status(offset, bytes);
-  }
-  coro::Task<int> truncate(std::uint64_t new_size) override { return child_->truncate(new_size); }
-  coro::Task<int> close() override { return child_->close(); }
-  // Filters keep no background work of their own: these reach the child.
-  coro::Task<void> quiesce() override { return child_->quiesce(); }
-  coro::Task<void> attach_context(aio::Context& context) override {
-    return child_->attach_context(context);
-  }
 
  private:
   struct Entry {
@@ -97,8 +78,6 @@ class BlkdebugNode final : public BlockNode {
     std::uint64_t bytes;
   };
   int check(BlkdebugOp op, std::optional<Range> range);
-
-  const BlockNodeRef child_;
 
   mutable std::mutex mutex_;
   std::vector<Entry> rules_;  // in the order they were added

@@ -4,22 +4,22 @@
 
 #include "block/block_backend.h"
 #include "block/drivers/file.h"
+#include "block/drivers/filter_node.h"
 
 namespace spindle::block {
 
 namespace {
 
-// A BlockNode that forwards everything through a BlockBackend over `file`, so callers may
-// issue requests of any alignment.
-class AligningNode final : public BlockNode {
+// A filter over the O_DIRECT file that sends reads, writes and flushes through a BlockBackend,
+// so callers may issue requests of any alignment; everything else goes straight to the file
+// (write_zeroes and discard are fallocate calls, which need no alignment).
+class AligningNode final : public FilterNode {
  public:
   explicit AligningNode(BlockNodeRef file)
-      : file_(file), backend_(std::make_shared<BlockBackend>(std::move(file))) {}
+      : FilterNode(file), backend_(std::make_shared<BlockBackend>(std::move(file))) {}
 
-  const char* driver_name() const noexcept override { return file_->driver_name(); }
-  std::string filename() const override { return file_->filename(); }
-  std::uint64_t size() const noexcept override { return file_->size(); }
-  bool read_only() const noexcept override { return file_->read_only(); }
+  const char* driver_name() const noexcept override { return child_->driver_name(); }
+  BlockLimits limits() const noexcept override { return {}; }  // any alignment: see above
 
   coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
                        std::uint32_t flags) override {
@@ -28,35 +28,21 @@ class AligningNode final : public BlockNode {
   coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
                         std::uint32_t flags) override {
     // The backend refuses writes past the end, but files grow (QED appends clusters).
-    if (offset + buffer.size() > file_->size()) return grow_and_write(offset, buffer, flags);
+    if (offset + buffer.size() > child_->size()) return grow_and_write(offset, buffer, flags);
     return backend_->write(offset, buffer, flags);
   }
   coro::Task<int> flush() override { return backend_->flush(); }
-  coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
-                               std::uint32_t flags) override {
-    return file_->write_zeroes(offset, bytes, flags);  // fallocate: no alignment needed
-  }
-  coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override {
-    return file_->discard(offset, bytes);
-  }
-  coro::Task<BlockStatus> block_status(std::uint64_t offset,
-                                              std::uint64_t bytes) override {
-    return file_->block_status(offset, bytes);
-  }
-  coro::Task<int> truncate(std::uint64_t new_size) override { return file_->truncate(new_size); }
-  coro::Task<int> close() override { return file_->close(); }
 
  private:
   coro::Task<int> grow_and_write(std::uint64_t offset, std::span<const std::byte> buffer,
                                  std::uint32_t flags) {
     // Zeroing the range extends the file and, unlike truncate, never shrinks it under a
     // concurrent append.
-    const int grown = co_await file_->write_zeroes(offset, buffer.size(), 0);
+    const int grown = co_await child_->write_zeroes(offset, buffer.size(), 0);
     if (grown < 0) co_return grown;
     co_return co_await backend_->write(offset, buffer, flags);
   }
 
-  const BlockNodeRef file_;
   const std::shared_ptr<BlockBackend> backend_;
 };
 

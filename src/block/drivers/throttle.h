@@ -36,7 +36,7 @@
 #include <mutex>
 #include <string>
 
-#include "block/block_node.h"
+#include "block/drivers/filter_node.h"
 
 namespace spindle::block {
 
@@ -104,43 +104,23 @@ class ThrottleGroupRegistry {
   std::map<std::string, std::weak_ptr<ThrottleGroup>> groups_;
 };
 
-class ThrottleNode final : public BlockNode {
+class ThrottleNode final : public FilterNode {
  public:
   ThrottleNode(BlockNodeRef child, ThrottleGroupRef group)
-      : child_(std::move(child)), group_(std::move(group)) {}
+      : FilterNode(std::move(child)), group_(std::move(group)) {}
 
   const ThrottleGroupRef& group() const noexcept { return group_; }
-  const BlockNodeRef& child() const noexcept { return child_; }
 
   const char* driver_name() const noexcept override { return "throttle"; }
-  std::string filename() const override { return child_->filename(); }
-  std::uint64_t size() const noexcept override { return child_->size(); }
-  BlockLimits limits() const noexcept override { return child_->limits(); }
-  bool read_only() const noexcept override { return child_->read_only(); }
-  // Forwarded so that BlockBackend's backing-chain walk continues below the child.
-  BlockNode* backing_node() const noexcept override { return child_->backing_node(); }
-
   coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
                        std::uint32_t flags) override;
   coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
                         std::uint32_t flags) override;
-  coro::Task<int> flush() override { return child_->flush(); }
   coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                std::uint32_t flags) override;
   coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override;
-  coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override {
-    return child_->block_status(offset, bytes);
-  }
-  coro::Task<int> truncate(std::uint64_t new_size) override { return child_->truncate(new_size); }
-  coro::Task<int> close() override { return child_->close(); }
-  // Filters keep no background work of their own: these reach the child.
-  coro::Task<void> quiesce() override { return child_->quiesce(); }
-  coro::Task<void> attach_context(aio::Context& context) override {
-    return child_->attach_context(context);
-  }
 
  private:
-  const BlockNodeRef child_;
   const ThrottleGroupRef group_;
 };
 
