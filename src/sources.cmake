@@ -24,6 +24,7 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/aio/event_notifier.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/file_io.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/io_thread.cc
+  ${CMAKE_CURRENT_LIST_DIR}/aio/page_cache.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/thread_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/timer_heap.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/uring.cc

@@ -4,8 +4,10 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
+#include "aio/page_cache.h"
 #include "base/fatal.h"
 #include "coro/block_on.h"
 
@@ -177,6 +179,16 @@ coro::Task<int> BlockBackend::read(std::uint64_t offset, std::span<std::byte> bu
   const int result = co_await read_aligned(start, bounce, flags);
   if (result == 0) std::memcpy(buffer.data(), bounce.data() + (offset - start), buffer.size());
   co_return result;
+}
+
+coro::Task<int> BlockBackend::read_zero_copy(std::uint64_t offset, std::uint64_t bytes,
+                                             HostFileSink& sink) {
+  if (int error = check_request(offset, bytes); error < 0) co_return error;
+  const std::optional<HostFileRange> range = root_->host_file_range(offset, bytes);
+  if (!range || !aio::range_in_page_cache(range->fd, range->offset, bytes)) co_return -ENOTSUP;
+  co_await enter_request();
+  InFlight in_flight(*this);
+  co_return co_await sink.send_from(range->fd, range->offset, bytes);
 }
 
 coro::Task<int> BlockBackend::write_unaligned(std::uint64_t offset,

@@ -36,6 +36,17 @@
 
 namespace spindle::block {
 
+// Takes a range of an image as pages of a host file rather than as bytes in memory
+// (BlockBackend::read_zero_copy), e.g. to sendfile() them to a socket.
+class HostFileSink {
+ public:
+  // Passes on `bytes` bytes of `fd` from `file_offset`: 0 or -errno.
+  virtual coro::Task<int> send_from(int fd, std::uint64_t file_offset, std::uint64_t bytes) = 0;
+
+ protected:
+  ~HostFileSink() = default;
+};
+
 class BlockBackend {
  public:
   explicit BlockBackend(BlockNodeRef root);
@@ -50,6 +61,12 @@ class BlockBackend {
   coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer, std::uint32_t flags = 0);
   coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
                         std::uint32_t flags = 0);
+  // A read without copying: when the whole range lies unchanged in a host file
+  // (BlockNode::host_file_range) and in the page cache (so that passing it on cannot stall the
+  // caller's event loop on the disk), calls sink.send_from() as a request of this backend
+  // (drain waits for it) and returns its result. Otherwise returns -ENOTSUP without calling
+  // the sink: use read(). Bounds are checked as for read().
+  coro::Task<int> read_zero_copy(std::uint64_t offset, std::uint64_t bytes, HostFileSink& sink);
   coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes, std::uint32_t flags = 0);
   coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes);
   coro::Task<int> flush();

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -53,6 +54,12 @@ struct BlockStatus {
   std::uint64_t file_offset = 0;
 };
 
+// Where a node's bytes lie unchanged in a host file (see BlockNode::host_file_range).
+struct HostFileRange {
+  int fd = -1;
+  std::uint64_t offset = 0;
+};
+
 struct BlockLimits {
   std::uint32_t request_alignment = 1;  // power of two
   std::uint64_t max_transfer = 0;       // 0: unlimited
@@ -83,6 +90,16 @@ class BlockNode {
   // Default: all data, allocated here.
   virtual coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes);
   virtual coro::Task<int> truncate(std::uint64_t new_size) { co_return -ENOTSUP; }
+
+  // Where [offset, offset + bytes) is stored byte for byte in a host file read through the
+  // page cache (not O_DIRECT), so that a sender may pass those pages on with sendfile()
+  // instead of reading them. The default is "nowhere": nodes that transform, filter, count or
+  // inject faults into reads must see every read, so only pass-through nodes override it.
+  // Any thread; the fd stays open as long as the node.
+  virtual std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                                       std::uint64_t bytes) const noexcept {
+    return std::nullopt;
+  }
   // Writes back cached metadata and marks the image clean (called before closing).
   virtual coro::Task<int> close() { co_return co_await flush(); }
 

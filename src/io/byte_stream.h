@@ -11,6 +11,7 @@
 #include <sys/uio.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 
 #include "coro/task.h"
@@ -26,6 +27,15 @@ class ByteStream {
   virtual coro::Task<ssize_t> read_some(void* buffer, std::size_t size) = 0;
   // Writes everything: 0 or -errno (-EPIPE if the peer is gone).
   virtual coro::Task<int> writev_all(std::span<const iovec> vectors) = 0;
+
+  // Whether send_file() passes file pages to the stream without copying them through memory
+  // (a plain socket: sendfile). Elsewhere send_file() still works, by copying.
+  virtual bool can_send_file() const noexcept { return false; }
+  // Writes `bytes` bytes of `file_fd` starting at `offset` (the file position is not used):
+  // 0, -EIO if the file ends first, or -errno. The default reads the file with pread() into a
+  // buffer and writes that: it blocks the calling thread on the disk unless the pages are
+  // cached, so callers on an event loop check (aio::range_in_page_cache) first.
+  virtual coro::Task<int> send_file(int file_fd, std::uint64_t offset, std::uint64_t bytes);
 
   // Fills the whole buffer: 0, -ECONNRESET if the stream ended first, or -errno.
   coro::Task<int> read_exact(void* buffer, std::size_t size);

@@ -2,10 +2,12 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <mutex>
 #include <vector>
@@ -163,6 +165,33 @@ coro::Task<int> Channel::writev_all(std::span<const iovec> vectors) {
       n -= static_cast<ssize_t>(used);
       if (head.iov_len == 0) ++first;
     }
+  }
+  co_return 0;
+}
+
+coro::Task<int> Channel::send_file(int file_fd, std::uint64_t offset, std::uint64_t bytes) {
+  if (!can_send_file()) co_return co_await ByteStream::send_file(file_fd, offset, bytes);
+  // One sendfile() moves at most this much (the kernel's own cap is a little under 2 GiB).
+  constexpr std::uint64_t kMaxChunk = 1u << 30;
+  while (bytes > 0) {
+    if (closed()) co_return -ECANCELED;
+    auto at = static_cast<off_t>(offset);
+    const ssize_t n = ::sendfile(fd(), file_fd, &at, std::min(bytes, kMaxChunk));
+    if (n < 0) {
+      const int error = errno;
+      if (error == EINTR) continue;
+      if (error == EINVAL || error == ENOSYS || error == EOPNOTSUPP) {
+        // A file system without sendfile support: copy the rest through memory.
+        co_return co_await ByteStream::send_file(file_fd, offset, bytes);
+      }
+      if (error != EAGAIN) co_return -error;
+      const bool ready = co_await writable();
+      if (!ready) co_return -ECANCELED;
+      continue;
+    }
+    if (n == 0) co_return -EIO;  // the file is shorter than promised
+    offset += static_cast<std::uint64_t>(n);
+    bytes -= static_cast<std::uint64_t>(n);
   }
   co_return 0;
 }

@@ -49,6 +49,8 @@ class Channel final : public ByteStream {
   // ByteStream (read_exact() and write_all() come from there).
   coro::Task<ssize_t> read_some(void* buffer, std::size_t size) override;
   coro::Task<int> writev_all(std::span<const iovec> vectors) override;
+  bool can_send_file() const noexcept override { return is_socket_ && pollable_; }
+  coro::Task<int> send_file(int file_fd, std::uint64_t offset, std::uint64_t bytes) override;
 
   // Ends the write direction (the peer reads EOF); sockets only. 0 or -errno.
   int shutdown_write() noexcept;

@@ -1,6 +1,9 @@
 #include "nbd/connection.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -21,6 +24,10 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // Reads this large are checked for holes first, so a sparse image sends OFFSET_HOLE chunks
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
+// READs at least this long go from the page cache to the socket with sendfile() when they can
+// (no TLS, a raw file export, pages resident). Smaller ones are cheaper read into memory and
+// corked with their neighbours' replies into one writev.
+constexpr std::uint32_t kZeroCopyReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
 // Bytes of READ/WRITE/CACHE buffers one connection may have in flight at once.
 constexpr std::uint64_t kMaxBytesInFlight = 64u << 20;
@@ -52,10 +59,58 @@ std::uint32_t allocation_flags(std::uint32_t status) {
   return flags;
 }
 
+// The bytes that precede a successful READ's data on the wire.
+struct ReadReplyHeader {
+  std::array<std::byte, kChunkHeaderSize + kOffsetDataPrefixSize> bytes{};
+  std::size_t size = 0;
+
+  ReadReplyHeader(bool structured, const RequestHeader& request) {
+    if (structured) {
+      bytes = encode_offset_data_header(request.cookie, request.offset, request.length, true);
+      size = bytes.size();
+    } else {
+      const auto simple = encode_simple_reply(Error::kNone, request.cookie);
+      std::copy(simple.begin(), simple.end(), bytes.begin());
+      size = simple.size();
+    }
+  }
+  iovec vector() const { return bytes_iovec(bytes.data(), size); }
+};
+
 }  // namespace
 
+class Connection::ZeroCopyRead final : public block::HostFileSink {
+ public:
+  ZeroCopyRead(Connection& connection, const RequestHeader& request)
+      : connection_(connection), request_(request) {}
+
+  coro::Task<int> send_from(int fd, std::uint64_t file_offset, std::uint64_t bytes) override {
+    const ReadReplyHeader header(connection_.structured_, request_);
+    const iovec parts[] = {header.vector()};
+    co_await connection_.send(parts, FileRange{fd, file_offset, bytes});
+    co_return 0;  // the read itself succeeded; a failed send ends the connection instead
+  }
+
+ private:
+  Connection& connection_;
+  const RequestHeader& request_;
+};
+
 Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
-    : server_(server), channel_(std::move(channel)), stream_(channel_.get()) {}
+    : server_(server), channel_(std::move(channel)), stream_(channel_.get()) {
+  // Room for several large READ replies in a Unix socket, so that the loop is not woken for
+  // every ~200 KiB the client drains (the default buffer); the kernel caps the request at
+  // net.core.wmem_max. TCP is left alone: setting SO_SNDBUF there would turn off the kernel's
+  // send-buffer autotuning, which grows further on its own.
+  sockaddr_storage local{};
+  socklen_t length = sizeof local;
+  if (::getsockname(channel_->fd(), reinterpret_cast<sockaddr*>(&local), &length) == 0 &&
+      local.ss_family == AF_UNIX) {
+    constexpr int kSendBufferBytes = 4 << 20;
+    ::setsockopt(channel_->fd(), SOL_SOCKET, SO_SNDBUF, &kSendBufferBytes,
+                 sizeof kSendBufferBytes);
+  }
+}
 
 Connection::~Connection() = default;
 
@@ -485,24 +540,23 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_return 0;
     }
   }
+  if (request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
+    ZeroCopyRead reply(*this, request);
+    const int result = co_await backend.read_zero_copy(request.offset, request.length, reply);
+    if (result != -ENOTSUP) {
+      if (result < 0) co_await send_error(request, result);
+      co_return result;
+    }
+  }
   ByteBuffer data(request.length);
   const int result = co_await backend.read(request.offset, data.span());
   if (result < 0) {
     co_await send_error(request, result);
     co_return result;
   }
-  if (structured_) {
-    const auto header = encode_offset_data_header(request.cookie, request.offset,
-                                                  request.length, true);
-    const iovec parts[] = {bytes_iovec(header.data(), header.size()),
-                           bytes_iovec(data.data(), data.size())};
-    co_await send(parts);
-  } else {
-    const auto header = encode_simple_reply(Error::kNone, request.cookie);
-    const iovec parts[] = {bytes_iovec(header.data(), header.size()),
-                           bytes_iovec(data.data(), data.size())};
-    co_await send(parts);
-  }
+  const ReadReplyHeader header(structured_, request);
+  const iovec parts[] = {header.vector(), bytes_iovec(data.data(), data.size())};
+  co_await send(parts);
   co_return 0;
 }
 
@@ -560,8 +614,8 @@ coro::Task<void> Connection::send_error(const RequestHeader& request, int errno_
   }
 }
 
-coro::Task<void> Connection::send(std::span<const iovec> parts) {
-  const bool sent = co_await replies_.send(*stream_, parts);
+coro::Task<void> Connection::send(std::span<const iovec> parts, FileRange tail) {
+  const bool sent = co_await replies_.send(*stream_, parts, tail);
   if (!sent) channel_->shutdown_read();  // the peer is gone: stop reading, wind down
 }
 

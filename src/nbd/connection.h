@@ -78,7 +78,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   coro::Task<int> handle_block_status(const RequestHeader& request);
   coro::Task<void> send_simple(const RequestHeader& request, Error error);
   coro::Task<void> send_error(const RequestHeader& request, int errno_value);
-  coro::Task<void> send(std::span<const iovec> parts);
+  // Sends one reply; `tail` (a zero-copy READ's data) follows `parts` if it names a file.
+  coro::Task<void> send(std::span<const iovec> parts, FileRange tail = {});
+
+  class ZeroCopyRead;  // a READ's reply with its data sent straight from the page cache
 
   Server& server_;
   std::unique_ptr<io::Channel> channel_;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Protocol edge cases through libnbd's Python binding (the `nbd` module nbdsh uses):
 out-of-range requests and their errno, zero-length and unaligned requests, the 32 MiB payload
-limit, 64+ requests in flight, multi-conn flush visibility, read-only exports, base:allocation
+limit, large reads from cached and uncached pages (sendfile and its fallback), 64+ requests in flight, multi-conn flush visibility, read-only exports, base:allocation
 block status, structured reads of holes, option negotiation (LIST/INFO/GO) and the
 EXPORT_NAME / simple-reply fallbacks. Strict mode is switched off where the point is to see
 what the *server* answers rather than what libnbd refuses locally."""
@@ -211,6 +211,53 @@ class LibnbdTest(si.InteropTest):
         self.assertEqual(h2.pread(32 * MiB, 4 * MiB), big, "data changed by a rejected write")
         self.assertEqual(h2.pread(4 * MiB, 0), bytes(4 * MiB))
         self.assert_serving(server)
+
+    def test_large_reads_from_the_page_cache(self):
+        # Reads of 64 KiB and more of a raw file export leave by sendfile() when their pages
+        # are cached, and by an ordinary read when they are not: both must give the same
+        # bytes, with structured and simple replies, over Unix and TCP sockets, at odd offsets
+        # and up to the last byte, after writes through the server, and many in flight.
+        size = 8 * MiB + 4097
+        content = bytearray(si.pattern(11, size))
+        image = self.make_image("disk.img", size, [(0, bytes(content))])
+        for tcp in (False, True):
+            server = self.server(image, ["-f", "raw"], tcp=tcp)
+            structured = self.connect(server.uri())
+            simple = nbd.NBD()
+            self.handles.append(simple)
+            simple.set_request_structured_replies(False)
+            simple.connect_uri(server.uri())
+            self.assertFalse(simple.get_structured_replies_negotiated())
+            cases = [(0, MiB), (12345, 3 * MiB + 17), (size - MiB, MiB), (size - 65536, 65536),
+                     (4 * MiB - 1, 2 * MiB)]
+            for evicted in (False, True):
+                if evicted:
+                    fd = os.open(image, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+                for h in (structured, simple):
+                    for offset, length in cases:
+                        self.assertEqual(h.pread(length, offset),
+                                         bytes(content[offset:offset + length]),
+                                         f"read {length} at {offset} (tcp={tcp}, "
+                                         f"evicted={evicted})")
+            # A write through the server, then a large read of the same range.
+            data = si.pattern(12, 300 * KiB)
+            structured.pwrite(data, 2 * MiB + 3)
+            content[2 * MiB + 3:2 * MiB + 3 + len(data)] = data
+            self.assertEqual(structured.pread(MiB, 2 * MiB), bytes(content[2 * MiB:3 * MiB]))
+            # 32 reads of 1 MiB in flight on one connection.
+            buffers = [nbd.Buffer(MiB) for _ in range(32)]
+            offsets = [(i * 769 * KiB + i) % (size - MiB) for i in range(32)]
+            cookies = [structured.aio_pread(buffers[i], offsets[i]) for i in range(32)]
+            results = self.wait_all(structured, cookies)
+            self.assertEqual([r for r in results.values() if r is not None], [])
+            for i in range(32):
+                self.assertEqual(bytes(buffers[i].to_bytearray()),
+                                 bytes(content[offsets[i]:offsets[i] + MiB]), f"read {i}")
+            structured.shutdown()
+            simple.shutdown()
+            server.stop()
 
     # ---- concurrency ------------------------------------------------------------------------
 

@@ -1,13 +1,17 @@
 // io::Channel and its kinds: an echo server with 200 concurrent clients over TCP and Unix
 // sockets; a reader moved between IoThreads mid-stream (nothing lost or duplicated, and it
 // continues on the new thread); a peer that sends one byte at a time; a peer that vanishes;
-// close() waking a blocked reader; child processes (output to EOF, exit codes, signals).
+// close() waking a blocked reader; send_file() of ranges larger than the socket buffer, past
+// the end of the file, to a vanished peer, and by copying where pages cannot be passed on;
+// child processes (output to EOF, exit codes, signals).
 #include "io/channel.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -269,6 +273,92 @@ TEST(ChannelTest, CloseWakesABlockedReader) {
   coro::block_on(io.context(), [](coro::Event& d) -> coro::Task<void> { co_await d.wait(); }(done));
   EXPECT_EQ(result.load(), -ECANCELED);
   ::close(pair.theirs);
+}
+
+// A temporary file of `size` patterned bytes (unlinked; the fd stays open).
+struct PatternFile {
+  int fd = -1;
+  std::string bytes;
+  explicit PatternFile(std::size_t size) : bytes(size, '\0') {
+    for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<char>(i * 13 + i / 1000);
+    char path[] = "/tmp/spindle-sendfile-XXXXXX";
+    fd = ::mkstemp(path);
+    EXPECT_GE(fd, 0);
+    ::unlink(path);
+    EXPECT_EQ(::write(fd, bytes.data(), size), static_cast<ssize_t>(size));
+  }
+  ~PatternFile() { ::close(fd); }
+};
+
+TEST(ChannelTest, SendFileMovesARangeLargerThanTheSocketBuffer) {
+  aio::IoThread io("sendfile");
+  PatternFile file(8 << 20);
+  SocketPair pair;
+  const std::uint64_t offset = 12345, length = 6 << 20;
+  std::string received(length, '\0');
+  std::thread reader([&] {  // a slow reader: the sender must wait for room several times
+    std::size_t done = 0;
+    while (done < length) {
+      const ssize_t n = ::read(pair.theirs, received.data() + done,
+                               std::min<std::size_t>(length - done, 100000));
+      ASSERT_GT(n, 0);
+      done += static_cast<std::size_t>(n);
+      std::this_thread::sleep_for(100us);
+    }
+  });
+  const int result = coro::block_on(io.context(), [](int fd, int file_fd, std::uint64_t at, std::uint64_t bytes) -> coro::Task<int> {
+    Channel channel(fd);
+    EXPECT_TRUE(channel.can_send_file());
+    co_return co_await channel.send_file(file_fd, at, bytes);
+  }(pair.ours, file.fd, offset, length));
+  reader.join();
+  EXPECT_EQ(result, 0);
+  EXPECT_TRUE(received == file.bytes.substr(offset, length));
+  EXPECT_EQ(::lseek(file.fd, 0, SEEK_CUR), static_cast<off_t>(file.bytes.size()));  // untouched
+  ::close(pair.theirs);
+}
+
+TEST(ChannelTest, SendFilePastTheEndOfTheFileOrToAVanishedPeerFails) {
+  aio::IoThread io("sendfile-errors");
+  PatternFile file(1000);
+  SocketPair pair;
+  const auto results = coro::block_on(io.context(), [](int fd, int file_fd, int peer) -> coro::Task<std::vector<int>> {
+    Channel channel(fd);
+    std::vector<int> out;
+    out.push_back(co_await channel.send_file(file_fd, 500, 1000));  // only 500 bytes exist
+    ::close(peer);
+    out.push_back(co_await channel.send_file(file_fd, 0, 100));
+    co_return out;
+  }(pair.ours, file.fd, pair.theirs));
+  EXPECT_EQ(results, (std::vector<int>{-EIO, -EPIPE}));
+}
+
+TEST(ChannelTest, SendFileCopiesWhereThePagesCannotBePassedOn) {
+  aio::IoThread io("sendfile-pipe");
+  PatternFile file(300000);  // more than one copy chunk
+  int fds[2];
+  ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
+  std::string received;
+  std::thread reader([&] {
+    char buffer[65536];
+    for (;;) {
+      const ssize_t n = ::read(fds[0], buffer, sizeof buffer);
+      if (n <= 0) break;
+      received.append(buffer, static_cast<std::size_t>(n));
+    }
+  });
+  const auto results = coro::block_on(io.context(), [](int fd, int file_fd) -> coro::Task<std::vector<int>> {
+    Channel pipe_end(fd);
+    EXPECT_FALSE(pipe_end.can_send_file());
+    std::vector<int> out;
+    out.push_back(co_await pipe_end.send_file(file_fd, 7, 299990));
+    out.push_back(co_await pipe_end.send_file(file_fd, 299990, 11));  // one byte short
+    co_return out;
+  }(fds[1], file.fd));
+  reader.join();
+  EXPECT_EQ(results, (std::vector<int>{0, -EIO}));
+  EXPECT_TRUE(received == file.bytes.substr(7, 299990) + file.bytes.substr(299990));
+  ::close(fds[0]);
 }
 
 coro::Task<std::string> read_to_end(Channel& channel);

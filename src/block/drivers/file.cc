@@ -219,6 +219,12 @@ coro::Task<BlockStatus> FileNode::block_status(std::uint64_t offset, std::uint64
   co_return status;
 }
 
+std::optional<HostFileRange> FileNode::host_file_range(std::uint64_t offset,
+                                                      std::uint64_t bytes) const noexcept {
+  if (options_.direct || offset + bytes > size()) return std::nullopt;
+  return HostFileRange{fd_, offset};
+}
+
 coro::Task<int> FileNode::truncate(std::uint64_t new_size) {
   if (options_.read_only) co_return -EROFS;
   if (::ftruncate(fd_, static_cast<off_t>(new_size)) < 0) co_return -errno;

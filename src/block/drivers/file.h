@@ -53,6 +53,9 @@ class FileNode final : public BlockNode {
   coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override;
   coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
   coro::Task<int> truncate(std::uint64_t new_size) override;
+  // The file itself, unless it is opened O_DIRECT (its pages are not cached to pass on).
+  std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                               std::uint64_t bytes) const noexcept override;
 
  private:
   coro::Task<int> read_exactly(std::uint64_t offset, std::byte* data, std::size_t length);

@@ -39,6 +39,10 @@ class RawNode final : public BlockNode {
     return child_->block_status(offset, bytes);
   }
   coro::Task<int> truncate(std::uint64_t new_size) override { return child_->truncate(new_size); }
+  std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                               std::uint64_t bytes) const noexcept override {
+    return child_->host_file_range(offset, bytes);
+  }
   coro::Task<int> close() override { return child_->close(); }
 
  private:
