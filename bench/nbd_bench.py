@@ -5,12 +5,19 @@ engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency a
 (% of one core, from /proc/PID/stat) per row, and the ratio of Spindle's IOPS to the best peer's,
 plus server CPU-seconds per million requests. A QED row compares spindle-nbd with qemu-nbd -f qed.
 
+With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
+median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
+2-core VM swings by tens of percent between runs. The 1 MiB row also shows "socket ceiling":
+no NBD server at all, one process sendfile()s the image into a Unix socket and another
+receives it, the most any server can deliver to a single receiving client on this machine.
+
 Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--size-mb 1024]
-                                  [--runtime 5] [--only NAME]
+                                  [--runtime 5] [--repeat 1] [--only NAME]
                                   [--baseline-spindle-nbd OTHER_BUILD [--no-peers]]
 Everything runs on this machine (Unix sockets only); the image lives under /tmp.
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, socket as socketlib, statistics, subprocess, sys
+import tempfile, time
 
 JOBS = [
     # name, fio arguments
@@ -55,6 +62,34 @@ def run_fio(socket, job_args, runtime, size_mb):
     return iops, bw, lat_ns / 1000, ops
 
 
+def socket_ceiling(image, runtime, chunk=1 << 20):
+    """Bytes/s one receiving process gets from a Unix socket fed by sendfile() from the page
+    cache: the ceiling for a single-connection read row, without any NBD server."""
+    sender, receiver = socketlib.socketpair()
+    sender.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, 4 << 20)
+    pid = os.fork()
+    if pid == 0:  # the receiver
+        sender.close()
+        buffer = memoryview(bytearray(chunk))
+        while receiver.recv_into(buffer, chunk):
+            pass
+        os._exit(0)
+    receiver.close()
+    fd = os.open(image, os.O_RDONLY)
+    size = os.fstat(fd).st_size // chunk * chunk
+    sent, offset = 0, 0
+    started = time.time()
+    while time.time() - started < runtime:
+        n = os.sendfile(sender.fileno(), fd, offset, chunk)
+        sent += n
+        offset = (offset + n) % size
+    elapsed = time.time() - started
+    sender.close()
+    os.close(fd)
+    os.waitpid(pid, 0)
+    return sent / elapsed
+
+
 def serve(name, command, socket):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -76,11 +111,42 @@ def stop(proc, socket):
         os.unlink(socket)
 
 
+def best_other(results):
+    """The strongest comparison in one round: the best peer by IOPS, else the baseline."""
+    peers = [v for k, v in results.items() if not k.startswith("spindle") and k != "socket ceiling"]
+    if peers:
+        return max(peers, key=lambda v: v[0]), "best peer"
+    if "spindle baseline" in results:
+        return results["spindle baseline"], "baseline"
+    return None, ""
+
+
+def compare(rounds, medians):
+    """Spindle's median IOPS, CPU % and CPU per request against those of the peer with the
+    highest median IOPS, plus the range of the per-round ratio to each round's best peer."""
+    if best_other(rounds[0])[0] is None:
+        return ""
+    versus = best_other(rounds[0])[1]
+    others = [name for name in rounds[0] if name != "spindle-nbd" and name != "socket ceiling"
+              and (versus == "baseline" or not name.startswith("spindle"))]
+    median_of = {name: [statistics.median(r[name][i] for r in rounds) for i in range(5)]
+                 for name in others}
+    best = max(median_of.values(), key=lambda v: v[0])
+    text = (f"{medians[0] / best[0]:.2f}x IOPS, {medians[3] / best[3]:.2f}x CPU, "
+            f"{medians[4] / best[4]:.2f}x CPU/req vs {versus}")
+    if len(rounds) > 1:
+        ratios = [r["spindle-nbd"][0] / best_other(r)[0][0] for r in rounds]
+        text += f" (IOPS ratio {min(ratios):.2f}-{max(ratios):.2f})"
+    return text
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--spindle-nbd", default="build/tools/spindle-nbd")
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runtime", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per job; the table shows medians and the ratio's range")
     parser.add_argument("--only", default=None, help="run only the job with this name")
     parser.add_argument("--baseline-spindle-nbd", default=None,
                         help="another spindle-nbd build to run as an extra row (A/B comparisons)")
@@ -128,35 +194,40 @@ def main():
         for job_name, job_args, server_list in jobs:
             if args.only and args.only != job_name:
                 continue
-            results = {}
-            for server_name, command in server_list:
-                proc = serve(server_name, command, socket)
-                try:
-                    cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
-                    iops, bw, lat_us, ops = run_fio(socket, job_args, args.runtime, args.size_mb)
-                    cpu = cpu_seconds(proc.pid) - cpu_before
-                    wall = time.time() - wall_before
-                finally:
-                    stop(proc, socket)
-                results[server_name] = (iops, bw, lat_us, 100 * cpu / wall,
-                                        cpu / ops * 1e6 if ops else 0)
-            rows.append((job_name, results))
+            rounds = []  # one {server: (iops, MB/s, lat us, CPU %, CPU s/Mreq)} per round
+            for _ in range(max(args.repeat, 1)):
+                results = {}
+                for server_name, command in server_list:
+                    proc = serve(server_name, command, socket)
+                    try:
+                        cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
+                        iops, bw, lat_us, ops = run_fio(socket, job_args, args.runtime,
+                                                        args.size_mb)
+                        cpu = cpu_seconds(proc.pid) - cpu_before
+                        wall = time.time() - wall_before
+                    finally:
+                        stop(proc, socket)
+                    results[server_name] = (iops, bw, lat_us, 100 * cpu / wall,
+                                            cpu / ops * 1e6 if ops else 0)
+                if job_name.startswith("1M seqread"):
+                    rate = socket_ceiling(image, args.runtime)
+                    results["socket ceiling"] = (rate / (1 << 20), rate / 1e6, 0, 0, 0)
+                rounds.append(results)
+            rows.append((job_name, rounds))
+        rounds_note = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
         print(f"\nNBD servers over a Unix socket, fio --ioengine=nbd, {args.size_mb} MiB page-cached "
-              f"image, {args.runtime} s per run, {cores} CPUs")
+              f"image, {args.runtime} s per run{rounds_note}, {cores} CPUs")
         header = (f"{'job':22} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
                   f"{'CPU %':>6} | {'CPU s/Mreq':>10} | ratio")
         print(header)
         print("-" * len(header))
-        for job_name, results in rows:
-            peers = [v for k, v in results.items() if not k.startswith("spindle")]
-            best = max(peers, key=lambda v: v[0]) if peers else None
-            versus = "best peer"
-            if best is None and "spindle baseline" in results:
-                best, versus = results["spindle baseline"], "baseline"
-            for server_name, (iops, bw, lat, cpu, cpu_per_m) in results.items():
+        for job_name, rounds in rows:
+            for server_name in rounds[0]:
+                medians = [statistics.median(r[server_name][i] for r in rounds) for i in range(5)]
+                iops, bw, lat, cpu, cpu_per_m = medians
                 ratio = ""
-                if server_name == "spindle-nbd" and best:
-                    ratio = f"{iops / best[0]:.2f}x IOPS, {cpu / best[3]:.2f}x CPU vs {versus}"
+                if server_name == "spindle-nbd":
+                    ratio = compare(rounds, medians)
                 print(f"{job_name:22} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
                       f"{cpu:6.1f} | {cpu_per_m:10.1f} | {ratio}")
     finally:
