@@ -7,17 +7,16 @@ plus server CPU-seconds per million requests. A QED row compares spindle-nbd wit
 
 With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
 median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
-2-core VM swings by tens of percent between runs. The 1 MiB row also shows "socket ceiling":
-no NBD server at all, one process sendfile()s the image into a Unix socket and another
-receives it, the most any server can deliver to a single receiving client on this machine.
+2-core VM swings by tens of percent between runs. The 1 MiB row also shows "spindle zero-copy"
+(--zero-copy=always: sendfile from the page cache), which spends far less server CPU but, with
+the client on the same machine, delivers less than the default copying path.
 
 Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--size-mb 1024]
                                   [--runtime 5] [--repeat 1] [--only NAME]
                                   [--baseline-spindle-nbd OTHER_BUILD [--no-peers]]
 Everything runs on this machine (Unix sockets only); the image lives under /tmp.
 """
-import argparse, json, os, shutil, signal, socket as socketlib, statistics, subprocess, sys
-import tempfile, time
+import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 JOBS = [
     # name, fio arguments
@@ -62,34 +61,6 @@ def run_fio(socket, job_args, runtime, size_mb):
     return iops, bw, lat_ns / 1000, ops
 
 
-def socket_ceiling(image, runtime, chunk=1 << 20):
-    """Bytes/s one receiving process gets from a Unix socket fed by sendfile() from the page
-    cache: the ceiling for a single-connection read row, without any NBD server."""
-    sender, receiver = socketlib.socketpair()
-    sender.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, 4 << 20)
-    pid = os.fork()
-    if pid == 0:  # the receiver
-        sender.close()
-        buffer = memoryview(bytearray(chunk))
-        while receiver.recv_into(buffer, chunk):
-            pass
-        os._exit(0)
-    receiver.close()
-    fd = os.open(image, os.O_RDONLY)
-    size = os.fstat(fd).st_size // chunk * chunk
-    sent, offset = 0, 0
-    started = time.time()
-    while time.time() - started < runtime:
-        n = os.sendfile(sender.fileno(), fd, offset, chunk)
-        sent += n
-        offset = (offset + n) % size
-    elapsed = time.time() - started
-    sender.close()
-    os.close(fd)
-    os.waitpid(pid, 0)
-    return sent / elapsed
-
-
 def serve(name, command, socket):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -113,7 +84,7 @@ def stop(proc, socket):
 
 def best_other(results):
     """The strongest comparison in one round: the best peer by IOPS, else the baseline."""
-    peers = [v for k, v in results.items() if not k.startswith("spindle") and k != "socket ceiling"]
+    peers = [v for k, v in results.items() if not k.startswith("spindle")]
     if peers:
         return max(peers, key=lambda v: v[0]), "best peer"
     if "spindle baseline" in results:
@@ -127,8 +98,10 @@ def compare(rounds, medians):
     if best_other(rounds[0])[0] is None:
         return ""
     versus = best_other(rounds[0])[1]
-    others = [name for name in rounds[0] if name != "spindle-nbd" and name != "socket ceiling"
-              and (versus == "baseline" or not name.startswith("spindle"))]
+    if versus == "baseline":
+        others = ["spindle baseline"]
+    else:
+        others = [name for name in rounds[0] if not name.startswith("spindle")]
     median_of = {name: [statistics.median(r[name][i] for r in rounds) for i in range(5)]
                  for name in others}
     best = max(median_of.values(), key=lambda v: v[0])
@@ -197,7 +170,11 @@ def main():
             rounds = []  # one {server: (iops, MB/s, lat us, CPU %, CPU s/Mreq)} per round
             for _ in range(max(args.repeat, 1)):
                 results = {}
-                for server_name, command in server_list:
+                extra = []
+                if job_name.startswith("1M seqread"):
+                    extra = [("spindle zero-copy", [spindle, "-t", "-f", "raw", "--zero-copy=always",
+                                                    "-k", socket, image])]
+                for server_name, command in server_list[:1] + extra + server_list[1:]:
                     proc = serve(server_name, command, socket)
                     try:
                         cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
@@ -209,9 +186,6 @@ def main():
                         stop(proc, socket)
                     results[server_name] = (iops, bw, lat_us, 100 * cpu / wall,
                                             cpu / ops * 1e6 if ops else 0)
-                if job_name.startswith("1M seqread"):
-                    rate = socket_ceiling(image, args.runtime)
-                    results["socket ceiling"] = (rate / (1 << 20), rate / 1e6, 0, 0, 0)
                 rounds.append(results)
             rows.append((job_name, rounds))
         rounds_note = f", median of {args.repeat} rounds" if args.repeat > 1 else ""

@@ -54,6 +54,7 @@ set(SPINDLE_RUNTIME_SOURCES
 
 # spindle_nbd: the server.
 set(SPINDLE_NBD_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/nbd/buffer_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/connection.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/export_stats.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/reply_writer.cc

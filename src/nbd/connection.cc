@@ -1,5 +1,7 @@
 #include "nbd/connection.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -25,8 +27,9 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
 // READs at least this long go from the page cache to the socket with sendfile() when they can
-// (no TLS, a raw file export, pages resident). Smaller ones are cheaper read into memory and
-// corked with their neighbours' replies into one writev.
+// (ServerOptions::zero_copy_reads allows it for this client, no TLS, a raw file export, pages
+// resident). Smaller ones are cheaper read into memory and corked with their neighbours'
+// replies into one writev.
 constexpr std::uint32_t kZeroCopyReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
 // Bytes of READ/WRITE/CACHE buffers one connection may have in flight at once.
@@ -77,6 +80,32 @@ struct ReadReplyHeader {
   iovec vector() const { return bytes_iovec(bytes.data(), size); }
 };
 
+// Whether the socket's peer runs on this machine: a Unix socket, or TCP over loopback.
+bool peer_is_local(int fd) {
+  sockaddr_storage peer{};
+  socklen_t length = sizeof peer;
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) != 0) return true;
+  if (peer.ss_family == AF_INET) {
+    const auto& v4 = reinterpret_cast<const sockaddr_in&>(peer);
+    return (ntohl(v4.sin_addr.s_addr) >> 24) == 127;
+  }
+  if (peer.ss_family == AF_INET6) {
+    const in6_addr& address = reinterpret_cast<const sockaddr_in6&>(peer).sin6_addr;
+    if (IN6_IS_ADDR_LOOPBACK(&address)) return true;
+    return IN6_IS_ADDR_V4MAPPED(&address) && address.s6_addr[12] == 127;
+  }
+  return true;  // AF_UNIX and anything else
+}
+
+bool wants_zero_copy(ZeroCopyReads policy, int fd) {
+  switch (policy) {
+    case ZeroCopyReads::never: return false;
+    case ZeroCopyReads::always: return true;
+    case ZeroCopyReads::remote: return !peer_is_local(fd);
+  }
+  return false;
+}
+
 }  // namespace
 
 class Connection::ZeroCopyRead final : public block::HostFileSink {
@@ -97,7 +126,10 @@ class Connection::ZeroCopyRead final : public block::HostFileSink {
 };
 
 Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
-    : server_(server), channel_(std::move(channel)), stream_(channel_.get()) {
+    : server_(server),
+      channel_(std::move(channel)),
+      stream_(channel_.get()),
+      zero_copy_reads_(wants_zero_copy(server.options_.zero_copy_reads, channel_->fd())) {
   // Room for several large READ replies in a Unix socket, so that the loop is not woken for
   // every ~200 KiB the client drains (the default buffer); the kernel caps the request at
   // net.core.wmem_max. TCP is left alone: setting SO_SNDBUF there would turn off the kernel's
@@ -431,7 +463,7 @@ coro::Task<void> Connection::transmission() {
       slot_free_.reset();
       co_await slot_free_.wait();
     }
-    ByteBuffer payload(request_payload_length(*request));
+    ByteBuffer payload = buffers_->acquire(request_payload_length(*request));
     if (payload.size() > 0) {
       const int got_payload = co_await receive(payload.data(), payload.size());
       if (got_payload != 0) break;
@@ -499,7 +531,7 @@ coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer pa
     }
     case Command::kCache: {
       // Prefetch: read it (the page cache keeps it) and drop the data.
-      ByteBuffer scratch(request.length);
+      ByteBuffer scratch = buffers_->acquire(request.length);
       if (request.length > 0) result = co_await backend.read(request.offset, scratch.span());
       co_await send_error(request, result);
       break;
@@ -540,7 +572,7 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_return 0;
     }
   }
-  if (request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
+  if (zero_copy_reads_ && request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
     ZeroCopyRead reply(*this, request);
     const int result = co_await backend.read_zero_copy(request.offset, request.length, reply);
     if (result != -ENOTSUP) {
@@ -548,7 +580,7 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_return result;
     }
   }
-  ByteBuffer data(request.length);
+  ByteBuffer data = buffers_->acquire(request.length);
   const int result = co_await backend.read(request.offset, data.span());
   if (result < 0) {
     co_await send_error(request, result);

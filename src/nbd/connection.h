@@ -24,6 +24,7 @@
 #include "coro/task.h"
 #include "io/channel.h"
 #include "io/tls_session.h"
+#include "nbd/buffer_pool.h"
 #include "nbd/protocol.h"
 #include "nbd/reply_writer.h"
 
@@ -31,20 +32,6 @@ namespace spindle::nbd {
 
 class Server;
 struct ExportConfig;
-
-// A request's data buffer, left uninitialized (every byte is written before it is read).
-class ByteBuffer {
- public:
-  explicit ByteBuffer(std::size_t size)
-      : data_(size ? std::make_unique_for_overwrite<std::byte[]>(size) : nullptr), size_(size) {}
-  std::byte* data() noexcept { return data_.get(); }
-  std::size_t size() const noexcept { return size_; }
-  std::span<std::byte> span() noexcept { return {data_.get(), size_}; }
-
- private:
-  std::unique_ptr<std::byte[]> data_;
-  std::size_t size_;
-};
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
@@ -92,6 +79,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool no_zeroes_ = false;
   bool structured_ = false;
   bool base_allocation_ = false;  // SET_META_CONTEXT selected base:allocation for export_
+  const bool zero_copy_reads_;    // large READs may leave by sendfile (ServerOptions)
   TransmissionPolicy policy_;
 
   std::vector<std::byte> receive_buffer_;
@@ -99,6 +87,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::size_t receive_end_ = 0;
 
   ReplyWriter replies_;
+  std::shared_ptr<BufferPool> buffers_ = std::make_shared<BufferPool>();
   std::size_t in_flight_ = 0;
   std::uint64_t bytes_in_flight_ = 0;
   coro::Event slot_free_{true};

@@ -45,6 +45,14 @@ struct ExportConfig {
 // before STARTTLS (the spec's FORCEDTLS).
 enum class TlsMode { off, on, require };
 
+// Large READs of raw file exports can leave by sendfile() straight from the page cache (see
+// Connection). That spares the server two copies, but then the client's kernel copies from
+// page-cache memory, not from socket buffers the server just wrote and the CPU cache still
+// holds; a client on the same machine, whose copy is the bottleneck, then gets less: 1 MiB
+// reads over a Unix socket measured about 1.2 GB/s against 2.0 GB/s copied (docs/benchmarks.md).
+// remote (default): sendfile for clients on other machines (TCP, not loopback) only.
+enum class ZeroCopyReads { never, remote, always };
+
 struct ServerOptions {
   std::size_t io_threads = 0;  // 0: one per CPU
   std::chrono::milliseconds handshake_timeout{10'000};
@@ -53,6 +61,7 @@ struct ServerOptions {
   std::size_t max_name_length = 4096;
   TlsMode tls_mode = TlsMode::off;
   std::shared_ptr<const io::TlsCredentials> tls_credentials;  // needed unless tls_mode is off
+  ZeroCopyReads zero_copy_reads = ZeroCopyReads::remote;
 };
 
 class Connection;

@@ -8,6 +8,7 @@ what the *server* answers rather than what libnbd refuses locally."""
 
 import errno
 import os
+import subprocess
 import sys
 import time
 import unittest
@@ -213,15 +214,18 @@ class LibnbdTest(si.InteropTest):
         self.assert_serving(server)
 
     def test_large_reads_from_the_page_cache(self):
-        # Reads of 64 KiB and more of a raw file export leave by sendfile() when their pages
-        # are cached, and by an ordinary read when they are not: both must give the same
-        # bytes, with structured and simple replies, over Unix and TCP sockets, at odd offsets
-        # and up to the last byte, after writes through the server, and many in flight.
+        # Reads of 64 KiB and more of a raw file export are copied through a pooled buffer, or
+        # with --zero-copy=always leave by sendfile() when their pages are cached and by an
+        # ordinary read when they are not: every way must give the same bytes, with structured
+        # and simple replies, over Unix and TCP sockets, at odd offsets and up to the last
+        # byte, after writes through the server, and many in flight.
         size = 8 * MiB + 4097
         content = bytearray(si.pattern(11, size))
         image = self.make_image("disk.img", size, [(0, bytes(content))])
-        for tcp in (False, True):
-            server = self.server(image, ["-f", "raw"], tcp=tcp)
+        for tcp, zero_copy in ((False, "always"), (True, "always"), (False, "remote"),
+                               (True, "never")):
+            where = f"tcp={tcp}, --zero-copy={zero_copy}"
+            server = self.server(image, ["-f", "raw", f"--zero-copy={zero_copy}"], tcp=tcp)
             structured = self.connect(server.uri())
             simple = nbd.NBD()
             self.handles.append(simple)
@@ -239,13 +243,14 @@ class LibnbdTest(si.InteropTest):
                     for offset, length in cases:
                         self.assertEqual(h.pread(length, offset),
                                          bytes(content[offset:offset + length]),
-                                         f"read {length} at {offset} (tcp={tcp}, "
+                                         f"read {length} at {offset} ({where}, "
                                          f"evicted={evicted})")
             # A write through the server, then a large read of the same range.
             data = si.pattern(12, 300 * KiB)
             structured.pwrite(data, 2 * MiB + 3)
             content[2 * MiB + 3:2 * MiB + 3 + len(data)] = data
-            self.assertEqual(structured.pread(MiB, 2 * MiB), bytes(content[2 * MiB:3 * MiB]))
+            self.assertEqual(structured.pread(MiB, 2 * MiB), bytes(content[2 * MiB:3 * MiB]),
+                             where)
             # 32 reads of 1 MiB in flight on one connection.
             buffers = [nbd.Buffer(MiB) for _ in range(32)]
             offsets = [(i * 769 * KiB + i) % (size - MiB) for i in range(32)]
@@ -254,10 +259,15 @@ class LibnbdTest(si.InteropTest):
             self.assertEqual([r for r in results.values() if r is not None], [])
             for i in range(32):
                 self.assertEqual(bytes(buffers[i].to_bytearray()),
-                                 bytes(content[offsets[i]:offsets[i] + MiB]), f"read {i}")
+                                 bytes(content[offsets[i]:offsets[i] + MiB]), f"read {i} ({where})")
             structured.shutdown()
             simple.shutdown()
             server.stop()
+        proc = subprocess.run([si.SPINDLE_NBD, "-k", os.path.join(self.tmp, "x.sock"),
+                               "--zero-copy=sometimes", image], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        self.assertNotEqual(proc.returncode, 0, "--zero-copy=sometimes accepted")
+        self.assertIn("zero-copy", proc.stderr.decode())
 
     # ---- concurrency ------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "spindle-nbd 0.1");
   std::string image, format, export_name, description, socket_path, bind = "127.0.0.1";
   std::string aio = "io_uring", cache = "writeback", discard = "ignore", pid_file;
+  std::string zero_copy = "remote";
   std::string tls, tls_creds, tls_psk;
   bool tls_verify_peer = false;
   std::vector<std::string> export_specs;
@@ -158,6 +159,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "writeback"}));
   app.add_option("--discard", discard, "TRIM handling: ignore or unmap")
       ->check(CLI::IsMember({"ignore", "unmap"}));
+  app.add_option("--zero-copy", zero_copy,
+                 "sendfile() for large reads of raw files: remote (clients on other machines, "
+                 "the default), always or never")
+      ->check(CLI::IsMember({"remote", "always", "never"}));
   // One value per --export, so that a trailing IMAGE stays the positional argument.
   app.add_option("--export", export_specs,
                  "Add an export: name=N,file=F[,format=raw|qed][,read-only=on][,description=D]")
@@ -243,6 +248,9 @@ int main(int argc, char** argv) {
   options.handshake_timeout = std::chrono::seconds(handshake_timeout);
   options.tls_mode = tls_mode;
   options.tls_credentials = tls_credentials;
+  options.zero_copy_reads = zero_copy == "always"   ? nbd::ZeroCopyReads::always
+                            : zero_copy == "never" ? nbd::ZeroCopyReads::never
+                                                   : nbd::ZeroCopyReads::remote;
   nbd::Server server(main, options, std::move(exports));
 
   std::string uri;
