@@ -62,7 +62,9 @@ class ByteBuffer {
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
   static constexpr std::size_t kMinPooledSize = 64 * 1024;
-  static constexpr std::size_t kMaxCachedBytes = 32u << 20;
+  // Enough for 8 reads of 1 MiB in flight (or 32 of 256 KiB); more is freed on release, so
+  // an idle connection holds at most this much.
+  static constexpr std::size_t kMaxCachedBytes = 8u << 20;
   static constexpr std::size_t kPooledAlignment = 4096;
 
   // A buffer of exactly `size` bytes (size 0: an empty buffer).
