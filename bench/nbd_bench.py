@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Side-by-side NBD server benchmark: spindle-nbd, qemu-nbd (--aio=threads and io_uring) and
 nbdkit's file plugin serve the same page-cached raw file over a Unix socket, and fio's nbd
-engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency and server CPU
-(% of one core, from /proc/PID/stat) per row, and the ratio of Spindle's IOPS to the best peer's,
-plus server CPU-seconds per million requests. A QED row compares spindle-nbd with qemu-nbd -f qed.
+engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency, server CPU
+(% of one core, from /proc/PID/stat) and fio's own CPU (from wait4) per row, and the ratio of
+Spindle's IOPS to the best peer's, plus server CPU-seconds per million requests. A QED row compares spindle-nbd with qemu-nbd -f qed.
 
 With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
 median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
@@ -16,7 +16,8 @@ Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--siz
                                   [--baseline-spindle-nbd OTHER_BUILD [--no-peers]]
 Everything runs on this machine (Unix sockets only); the image lives under /tmp.
 """
-import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, threading
+import time
 
 JOBS = [
     # name, fio arguments
@@ -47,18 +48,34 @@ def wait_for_socket(path, proc, timeout=10):
 
 
 def run_fio(socket, job_args, runtime, size_mb):
+    """Runs one fio job; returns IOPS, MB/s, mean latency (us), requests, and fio's own CPU %
+    (user+sys of one core): the client shares the machine, so it shows who is the bottleneck."""
     uri = f"nbd+unix:///?socket={socket}"
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size_mb}M",
            "--time_based", f"--runtime={runtime}", "--output-format=json", "--norandommap",
            "--randrepeat=0"] + job_args
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 60, check=True)
-    data = json.loads(out.stdout[out.stdout.index("{"):])
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    watchdog = threading.Timer(runtime + 60, proc.kill)
+    watchdog.start()
+    try:
+        stdout = proc.stdout.read()
+        # wait4 rather than Popen.wait: its rusage is fio's CPU (with its job processes).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        watchdog.cancel()
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed with {proc.returncode}")
+    client_cpu = usage.ru_utime + usage.ru_stime
+    data = json.loads(stdout[stdout.index("{"):])
     job = data["jobs"][0]
     iops = job["read"]["iops"] + job["write"]["iops"]
     bw = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6
     ops = job["read"]["total_ios"] + job["write"]["total_ios"]
     lat_ns = max(job["read"]["lat_ns"]["mean"], job["write"]["lat_ns"]["mean"])
-    return iops, bw, lat_ns / 1000, ops
+    return iops, bw, lat_ns / 1000, ops, 100 * client_cpu / wall
 
 
 def serve(name, command, socket):
@@ -102,7 +119,7 @@ def compare(rounds, medians):
         others = ["spindle baseline"]
     else:
         others = [name for name in rounds[0] if not name.startswith("spindle")]
-    median_of = {name: [statistics.median(r[name][i] for r in rounds) for i in range(5)]
+    median_of = {name: [statistics.median(r[name][i] for r in rounds) for i in range(6)]
                  for name in others}
     best = max(median_of.values(), key=lambda v: v[0])
     text = (f"{medians[0] / best[0]:.2f}x IOPS, {medians[3] / best[3]:.2f}x CPU, "
@@ -178,32 +195,32 @@ def main():
                     proc = serve(server_name, command, socket)
                     try:
                         cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
-                        iops, bw, lat_us, ops = run_fio(socket, job_args, args.runtime,
-                                                        args.size_mb)
+                        iops, bw, lat_us, ops, fio_cpu = run_fio(socket, job_args,
+                                                                 args.runtime, args.size_mb)
                         cpu = cpu_seconds(proc.pid) - cpu_before
                         wall = time.time() - wall_before
                     finally:
                         stop(proc, socket)
                     results[server_name] = (iops, bw, lat_us, 100 * cpu / wall,
-                                            cpu / ops * 1e6 if ops else 0)
+                                            cpu / ops * 1e6 if ops else 0, fio_cpu)
                 rounds.append(results)
             rows.append((job_name, rounds))
         rounds_note = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
         print(f"\nNBD servers over a Unix socket, fio --ioengine=nbd, {args.size_mb} MiB page-cached "
               f"image, {args.runtime} s per run{rounds_note}, {cores} CPUs")
         header = (f"{'job':22} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
-                  f"{'CPU %':>6} | {'CPU s/Mreq':>10} | ratio")
+                  f"{'CPU %':>6} | {'CPU s/Mreq':>10} | {'fio CPU %':>9} | ratio")
         print(header)
         print("-" * len(header))
         for job_name, rounds in rows:
             for server_name in rounds[0]:
-                medians = [statistics.median(r[server_name][i] for r in rounds) for i in range(5)]
-                iops, bw, lat, cpu, cpu_per_m = medians
+                medians = [statistics.median(r[server_name][i] for r in rounds) for i in range(6)]
+                iops, bw, lat, cpu, cpu_per_m, fio_cpu = medians
                 ratio = ""
                 if server_name == "spindle-nbd":
                     ratio = compare(rounds, medians)
                 print(f"{job_name:22} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
-                      f"{cpu:6.1f} | {cpu_per_m:10.1f} | {ratio}")
+                      f"{cpu:6.1f} | {cpu_per_m:10.1f} | {fio_cpu:9.1f} | {ratio}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
