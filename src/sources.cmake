@@ -57,6 +57,7 @@ set(SPINDLE_NBD_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/nbd/buffer_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/connection.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/export_stats.cc
+  ${CMAKE_CURRENT_LIST_DIR}/nbd/mapped_file_cache.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/reply_writer.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/server.cc
 )

@@ -26,10 +26,11 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // Reads this large are checked for holes first, so a sparse image sends OFFSET_HOLE chunks
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
-// READs at least this long go from the page cache to the socket with sendfile() when they can
-// (ServerOptions::zero_copy_reads allows it for this client, no TLS, a raw file export, pages
-// resident). Smaller ones are cheaper read into memory and corked with their neighbours'
-// replies into one writev.
+// READs at least this long of a raw file export whose pages are resident skip the io_uring read
+// into a buffer (unless --zero-copy=never, and never under TLS): sendfile() for clients that
+// ServerOptions::zero_copy_reads selects, otherwise a writev from a mapping of the file (one
+// kernel copy). Smaller reads are cheaper read into memory and corked with their neighbours'
+// replies into one writev (the residency check is a system call of its own).
 constexpr std::uint32_t kZeroCopyReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
 // Bytes of READ/WRITE/CACHE buffers one connection may have in flight at once.
@@ -97,7 +98,7 @@ bool peer_is_local(int fd) {
   return true;  // AF_UNIX and anything else
 }
 
-bool wants_zero_copy(ZeroCopyReads policy, int fd) {
+bool wants_sendfile(ZeroCopyReads policy, int fd) {
   switch (policy) {
     case ZeroCopyReads::never: return false;
     case ZeroCopyReads::always: return true;
@@ -115,9 +116,17 @@ class Connection::ZeroCopyRead final : public block::HostFileSink {
 
   coro::Task<int> send_from(int fd, std::uint64_t file_offset, std::uint64_t bytes) override {
     const ReadReplyHeader header(connection_.structured_, request_);
-    const iovec parts[] = {header.vector()};
-    co_await connection_.send(parts, FileRange{fd, file_offset, bytes});
-    co_return 0;  // the read itself succeeded; a failed send ends the connection instead
+    if (connection_.sendfile_reads_) {
+      const iovec parts[] = {header.vector()};
+      co_await connection_.send(parts, FileRange{fd, file_offset, bytes});
+      co_return 0;  // the read itself succeeded; a failed send ends the connection instead
+    }
+    // One copy: the socket write reads the page cache through a mapping.
+    const MappedFileCache::Lease lease = connection_.mapped_.map(fd, file_offset, bytes);
+    if (!lease) co_return -ENOTSUP;  // read it the ordinary way
+    const iovec parts[] = {header.vector(), bytes_iovec(lease.data(), bytes)};
+    co_await connection_.send(parts);
+    co_return 0;
   }
 
  private:
@@ -129,7 +138,8 @@ Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
     : server_(server),
       channel_(std::move(channel)),
       stream_(channel_.get()),
-      zero_copy_reads_(wants_zero_copy(server.options_.zero_copy_reads, channel_->fd())) {
+      copy_free_reads_(server.options_.zero_copy_reads != ZeroCopyReads::never),
+      sendfile_reads_(wants_sendfile(server.options_.zero_copy_reads, channel_->fd())) {
   // Room for several large READ replies in a Unix socket, so that the loop is not woken for
   // every ~200 KiB the client drains (the default buffer); the kernel caps the request at
   // net.core.wmem_max. TCP is left alone: setting SO_SNDBUF there would turn off the kernel's
@@ -572,7 +582,9 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_return 0;
     }
   }
-  if (zero_copy_reads_ && request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
+  // Only on a plain socket: TLS encrypts in user space, where neither sendfile nor a mapping
+  // can be used (a mapped file truncated meanwhile would raise SIGBUS there).
+  if (copy_free_reads_ && request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
     ZeroCopyRead reply(*this, request);
     const int result = co_await backend.read_zero_copy(request.offset, request.length, reply);
     if (result != -ENOTSUP) {

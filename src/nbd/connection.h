@@ -25,6 +25,7 @@
 #include "io/channel.h"
 #include "io/tls_session.h"
 #include "nbd/buffer_pool.h"
+#include "nbd/mapped_file_cache.h"
 #include "nbd/protocol.h"
 #include "nbd/reply_writer.h"
 
@@ -79,7 +80,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool no_zeroes_ = false;
   bool structured_ = false;
   bool base_allocation_ = false;  // SET_META_CONTEXT selected base:allocation for export_
-  const bool zero_copy_reads_;    // large READs may leave by sendfile (ServerOptions)
+  const bool copy_free_reads_;    // large READs of resident pages skip the buffer (not "never")
+  const bool sendfile_reads_;     // ... and leave by sendfile, not a mapping (ServerOptions)
   TransmissionPolicy policy_;
 
   std::vector<std::byte> receive_buffer_;
@@ -87,6 +89,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::size_t receive_end_ = 0;
 
   ReplyWriter replies_;
+  MappedFileCache mapped_;
   std::shared_ptr<BufferPool> buffers_ = std::make_shared<BufferPool>();
   std::size_t in_flight_ = 0;
   std::uint64_t bytes_in_flight_ = 0;

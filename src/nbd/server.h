@@ -45,12 +45,14 @@ struct ExportConfig {
 // before STARTTLS (the spec's FORCEDTLS).
 enum class TlsMode { off, on, require };
 
-// Large READs of raw file exports can leave by sendfile() straight from the page cache (see
-// Connection). That spares the server two copies, but then the client's kernel copies from
-// page-cache memory, not from socket buffers the server just wrote and the CPU cache still
-// holds; a client on the same machine, whose copy is the bottleneck, then gets less: 1 MiB
-// reads over a Unix socket measured about 1.2 GB/s against 2.0 GB/s copied (docs/benchmarks.md).
-// remote (default): sendfile for clients on other machines (TCP, not loopback) only.
+// How large READs of raw file exports whose pages are cached avoid the copy into a buffer
+// (see Connection and docs/spindle-nbd.md). sendfile() spares the server both copies, but then
+// a client on the same machine copies from page-cache memory rather than from socket buffers
+// the server just wrote (still in the CPU cache), and that copy limits it: 1 MiB reads over a
+// Unix socket measured 1.44 GB/s by sendfile. For such clients a writev from a mapping of the
+// file (one kernel copy) is faster. remote (default): sendfile for clients on other machines
+// (TCP, not loopback), the mapping for local ones; always: sendfile for all; never: neither
+// (read into a buffer, write it).
 enum class ZeroCopyReads { never, remote, always };
 
 struct ServerOptions {
