@@ -109,9 +109,9 @@ bool wants_sendfile(ZeroCopyReads policy, int fd) {
 
 }  // namespace
 
-class Connection::ZeroCopyRead final : public block::HostFileSink {
+class Connection::PageCacheRead final : public block::HostFileSink {
  public:
-  ZeroCopyRead(Connection& connection, const RequestHeader& request)
+  PageCacheRead(Connection& connection, const RequestHeader& request)
       : connection_(connection), request_(request) {}
 
   coro::Task<int> send_from(int fd, std::uint64_t file_offset, std::uint64_t bytes) override {
@@ -585,7 +585,7 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
   // Only on a plain socket: TLS encrypts in user space, where neither sendfile nor a mapping
   // can be used (a mapped file truncated meanwhile would raise SIGBUS there).
   if (copy_free_reads_ && request.length >= kZeroCopyReadThreshold && stream_->can_send_file()) {
-    ZeroCopyRead reply(*this, request);
+    PageCacheRead reply(*this, request);
     const int result = co_await backend.read_zero_copy(request.offset, request.length, reply);
     if (result != -ENOTSUP) {
       if (result < 0) co_await send_error(request, result);

@@ -69,7 +69,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Sends one reply; `tail` (a zero-copy READ's data) follows `parts` if it names a file.
   coro::Task<void> send(std::span<const iovec> parts, FileRange tail = {});
 
-  class ZeroCopyRead;  // a READ's reply with its data sent straight from the page cache
+  class PageCacheRead;  // a READ reply whose data goes from the page cache to the socket
+                        // without a buffer (sendfile, or writev from a mapping)
 
   Server& server_;
   std::unique_ptr<io::Channel> channel_;

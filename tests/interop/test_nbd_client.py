@@ -87,6 +87,12 @@ class NbdClientTest(si.InteropTest):
                   (size - 4 * KiB, si.pattern(3, 4 * KiB))]
         return self.make_image(name, size, chunks)
 
+    def assert_tls_refused(self, uri):
+        """spindle-img cannot open `uri` (wrong CA): exit 1 and a handshake error."""
+        proc = img("info", uri, check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn("TLS handshake failed", proc.stderr)
+
     def assert_same(self, a, fmt_a, b, fmt_b):
         proc = run(["qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, a, b], timeout=60,
                    check=False)
@@ -248,10 +254,8 @@ class NbdClientTest(si.InteropTest):
         out = self.path("out.qed")
         img("convert", "-O", "qed", uri, out)
         self.assert_same(src, "raw", out, "qed")
-        proc = img("info", f"nbds+unix:///?socket={server.socket_path}&tls-certificates={other}",
-                   check=False)
-        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
-        self.assertIn("TLS handshake failed", proc.stderr)
+        self.assert_tls_refused(f"nbds+unix:///?socket={server.socket_path}"
+                                f"&tls-certificates={other}")
         proc = img("info", server.uri(), check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("requires TLS", proc.stderr)
@@ -268,10 +272,7 @@ class NbdClientTest(si.InteropTest):
         back = self.path("back.raw")
         img("convert", "-O", "raw", quri, back)
         self.assert_same(src, "raw", back, "raw")
-        proc = img("info", f"nbds+unix:///disk?socket={sock}&tls-certificates={other}",
-                   check=False)
-        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
-        self.assertIn("TLS handshake failed", proc.stderr)
+        self.assert_tls_refused(f"nbds+unix:///disk?socket={sock}&tls-certificates={other}")
 
     def test_nbd_server_simple_replies_only(self):
         if shutil.which("nbd-server") is None:

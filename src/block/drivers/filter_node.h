@@ -1,9 +1,9 @@
 // FilterNode: the base of nodes that sit over one child and change only some requests
-// (blkdebug, throttle, the O_DIRECT aligning node). Everything a subclass does not override is
-// forwarded to the child, so the filter is transparent: size, limits, block status, the
-// backing-chain walk (backing_node() returns the child's backing node, so BlockBackend's walk
-// for unallocated ranges continues below the child), truncate, close, and the graph's
-// background-work hooks (filters keep none of their own).
+// (blkdebug, throttle, the O_DIRECT aligning node; raw changes none). Everything a subclass
+// does not override is forwarded to the child, so the filter is transparent: size, limits,
+// block status, the backing-chain walk (backing_node() returns the child's backing node, so
+// BlockBackend's walk for unallocated ranges continues below the child), truncate, close, and
+// the graph's background-work hooks (filters keep none of their own).
 //
 // Thread-safety: `child_` is immutable after construction; every forwarded call has the child's
 // contract (any coroutine, any context, as BlockNode).
