@@ -38,6 +38,8 @@ namespace spindle::block {
 
 // Takes a range of an image as pages of a host file rather than as bytes in memory
 // (BlockBackend::read_zero_copy), e.g. to sendfile() them to a socket.
+// Thread-safety: send_from() runs in the coroutine that called read_zero_copy(), on its
+// context, once per call; the sink needs no locking of its own for that.
 class HostFileSink {
  public:
   // Passes on `bytes` bytes of `fd` from `file_offset`: 0 or -errno.
