@@ -9,9 +9,11 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "aio/context.h"
 #include "aio/thread_pool.h"
+#include "aio/timer.h"
 #include "coro/sleep.h"
 
 namespace spindle::io {
@@ -73,8 +75,12 @@ coro::Task<int> complete_connect(Channel& channel) {
   co_return error;
 }
 
+bool past(std::int64_t deadline_ns) {
+  return deadline_ns > 0 && aio::now_ns(aio::Clock::monotonic) >= deadline_ns;
+}
+
 coro::Task<ChannelResult> connect_to(const sockaddr* address, socklen_t length, int family,
-                                     bool tcp) {
+                                     bool tcp, std::int64_t deadline_ns) {
   const int fd = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) co_return ChannelResult::failure(errno);
   auto channel = std::make_unique<Channel>(fd);
@@ -83,13 +89,26 @@ coro::Task<ChannelResult> connect_to(const sockaddr* address, socklen_t length, 
   // back off briefly and try again, for up to about five seconds.
   for (int attempt = 0; ::connect(fd, address, length) < 0; ++attempt) {
     if (errno == EAGAIN && family == AF_UNIX && attempt < 5000) {
+      if (past(deadline_ns)) co_return ChannelResult::failure(ETIMEDOUT);
       co_await coro::sleep(std::chrono::milliseconds(1));
       continue;
     }
     if (errno != EINPROGRESS) co_return ChannelResult::failure(errno);
-    if (const int error = co_await complete_connect(*channel); error != 0) {
-      co_return ChannelResult::failure(error);
+    // A peer that drops our SYNs (a full accept queue, a firewall) would keep us waiting for
+    // the kernel's retries, minutes: at the deadline the timer closes the socket, which ends
+    // the wait (the close wakes the waiter later, never inside the timer's callback).
+    bool expired = false;
+    std::optional<aio::Timer> timer;
+    if (deadline_ns > 0) {
+      timer.emplace(*aio::current_context(), aio::Clock::monotonic, [&] {
+        expired = true;
+        channel->close();
+      });
+      timer->arm_at(deadline_ns);
     }
+    const int error = co_await complete_connect(*channel);
+    if (expired) co_return ChannelResult::failure(ETIMEDOUT);
+    if (error != 0) co_return ChannelResult::failure(error);
     break;
   }
   co_return std::move(channel);
@@ -190,7 +209,8 @@ coro::Task<ChannelResult> Listener::accept() {
   }
 }
 
-coro::Task<ChannelResult> connect_tcp(std::string host, std::uint16_t port) {
+coro::Task<ChannelResult> connect_tcp(std::string host, std::uint16_t port,
+                                      std::int64_t deadline_ns) {
   auto addresses = std::make_unique<AddressList>();
   resolve(host, port, /*passive=*/false, /*numeric=*/true, *addresses);
   if (addresses->error == EAI_NONAME) {  // not a literal address: resolve on the thread pool
@@ -202,18 +222,20 @@ coro::Task<ChannelResult> connect_tcp(std::string host, std::uint16_t port) {
   if (addresses->error) co_return ChannelResult::failure(errno_from_resolver(addresses->error));
   int last_error = EHOSTUNREACH;
   for (addrinfo* ai = addresses->head; ai; ai = ai->ai_next) {
-    auto result = co_await connect_to(ai->ai_addr, ai->ai_addrlen, ai->ai_family, true);
+    if (past(deadline_ns)) co_return ChannelResult::failure(ETIMEDOUT);
+    auto result =
+        co_await connect_to(ai->ai_addr, ai->ai_addrlen, ai->ai_family, true, deadline_ns);
     if (result) co_return result;
     last_error = result.error();
   }
   co_return ChannelResult::failure(last_error);
 }
 
-coro::Task<ChannelResult> connect_unix(std::string path) {
+coro::Task<ChannelResult> connect_unix(std::string path, std::int64_t deadline_ns) {
   sockaddr_un address{};
   if (!fill_unix_address(path, address)) co_return ChannelResult::failure(ENAMETOOLONG);
   co_return co_await connect_to(reinterpret_cast<sockaddr*>(&address), sizeof address, AF_UNIX,
-                                false);
+                                false, deadline_ns);
 }
 
 }  // namespace spindle::io

@@ -44,8 +44,14 @@ class Listener {
   std::uint16_t port_;
 };
 
+// Connects from a coroutine. `deadline_ns` (CLOCK_MONOTONIC, 0 = none) bounds the attempt:
+// past it the connect fails with ETIMEDOUT instead of waiting out the kernel's SYN retries.
+// A host name's resolution on the thread pool cannot be interrupted; the deadline is checked
+// when it returns.
 coro::Task<base::Result<std::unique_ptr<Channel>>> connect_tcp(std::string host,
-                                                                std::uint16_t port);
-coro::Task<base::Result<std::unique_ptr<Channel>>> connect_unix(std::string path);
+                                                                std::uint16_t port,
+                                                                std::int64_t deadline_ns = 0);
+coro::Task<base::Result<std::unique_ptr<Channel>>> connect_unix(std::string path,
+                                                                 std::int64_t deadline_ns = 0);
 
 }  // namespace spindle::io

@@ -36,6 +36,7 @@
 #include "io/tls_credentials.h"
 #include "nbd/protocol.h"
 #include "nbd/server.h"
+#include "support/full_accept_queue.h"
 
 namespace spindle::block::nbd {
 namespace {
@@ -800,16 +801,32 @@ class SilentServer {
   std::thread thread_;
 };
 
-TEST(NbdClient, SilentServerTimesOutTheHandshake) {
-  SilentServer silent;
+// Opens `uri` (which sets connect-timeout=0.3) and expects it to fail with ETIMEDOUT after
+// about that long, naming the option.
+void expect_open_times_out(const std::string& uri) {
   const auto start = Clock::now();
-  NbdOpenResult opened = open_uri(silent.uri("&connect-timeout=0.3"));
+  NbdOpenResult opened = open_uri(uri);
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   EXPECT_FALSE(opened.node);
   EXPECT_EQ(opened.error, ETIMEDOUT) << opened.message;
   EXPECT_NE(opened.message.find("connect-timeout"), std::string::npos) << opened.message;
   EXPECT_GE(seconds, 0.25);
   EXPECT_LT(seconds, 5.0);
+}
+
+TEST(NbdClient, SilentServerTimesOutTheHandshake) {
+  SilentServer silent;
+  expect_open_times_out(silent.uri("&connect-timeout=0.3"));
+}
+
+TEST(NbdClient, ConnectTimeoutCoversATcpConnectThatNeverCompletes) {
+  // A listener that nobody accepts from, its queue full: the kernel drops further SYNs, and
+  // without a deadline the connect would wait out minutes of retries.
+  auto listener = io::Listener::tcp("127.0.0.1", 0, /*backlog=*/0);
+  ASSERT_TRUE(listener);
+  const std::uint16_t port = listener.value()->port();
+  const testing_support::FullAcceptQueue full(port);
+  expect_open_times_out("nbd://127.0.0.1:" + std::to_string(port) + "/disk?connect-timeout=0.3");
 }
 
 // A proxy in front of a Unix socket that serves any number of client connections one after

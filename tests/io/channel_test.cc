@@ -1,7 +1,8 @@
 // io::Channel and its kinds: an echo server with 200 concurrent clients over TCP and Unix
 // sockets; a reader moved between IoThreads mid-stream (nothing lost or duplicated, and it
 // continues on the new thread); a peer that sends one byte at a time; a peer that vanishes;
-// close() waking a blocked reader; send_file() of ranges larger than the socket buffer, past
+// close() waking a blocked reader; connects bounded by a deadline (SYNs dropped, a full Unix
+// backlog); send_file() of ranges larger than the socket buffer, past
 // the end of the file, to a vanished peer, and by copying where pages cannot be passed on;
 // child processes (output to EOF, exit codes, signals).
 #include "io/channel.h"
@@ -9,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,11 +21,13 @@
 #include <vector>
 
 #include "aio/io_thread.h"
+#include "aio/timer.h"
 #include "coro/block_on.h"
 #include "coro/event.h"
 #include "coro/task.h"
 #include "io/command.h"
 #include "io/socket.h"
+#include "support/full_accept_queue.h"
 #include "support/thread_identity.h"
 
 namespace spindle::io {
@@ -138,6 +142,55 @@ TEST(ChannelTest, ConnectionRefusedIsAnError) {
     co_return result ? 0 : result.error();
   }(port));
   EXPECT_EQ(error, ECONNREFUSED);
+}
+
+TEST(ChannelTest, ConnectToAPeerDroppingSynsEndsAtTheDeadline) {
+  auto listener = Listener::tcp("127.0.0.1", 0, /*backlog=*/0);
+  ASSERT_TRUE(listener);
+  const std::uint16_t port = listener.value()->port();
+  const testing_support::FullAcceptQueue full(port);
+  aio::IoThread io("deadline");
+  const std::int64_t start = aio::now_ns(aio::Clock::monotonic);
+  const int error = coro::block_on(io.context(), [](std::uint16_t p, std::int64_t deadline)
+                                                     -> coro::Task<int> {
+    auto result = co_await connect_tcp("127.0.0.1", p, deadline);
+    co_return result ? 0 : result.error();
+  }(port, start + 300'000'000));
+  const double seconds = static_cast<double>(aio::now_ns(aio::Clock::monotonic) - start) / 1e9;
+  EXPECT_EQ(error, ETIMEDOUT);
+  EXPECT_GE(seconds, 0.29);
+  EXPECT_LT(seconds, 3.0);  // the kernel's own SYN retries would take minutes
+}
+
+TEST(ChannelTest, ConnectToAFullUnixBacklogEndsAtTheDeadline) {
+  const std::string path = "/tmp/spindle-backlog-" + std::to_string(::getpid());
+  auto listener = Listener::unix_socket(path, /*backlog=*/0);
+  ASSERT_TRUE(listener);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, path.c_str(), sizeof address.sun_path - 1);
+  std::vector<int> queued;
+  for (int i = 0; i < 64; ++i) {  // until the backlog refuses with EAGAIN
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    queued.push_back(fd);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 &&
+        errno == EAGAIN) {
+      break;
+    }
+  }
+  aio::IoThread io("unix-deadline");
+  const std::int64_t start = aio::now_ns(aio::Clock::monotonic);
+  const int error = coro::block_on(io.context(), [](std::string where, std::int64_t deadline)
+                                                     -> coro::Task<int> {
+    auto result = co_await connect_unix(where, deadline);
+    co_return result ? 0 : result.error();
+  }(path, start + 200'000'000));
+  const double seconds = static_cast<double>(aio::now_ns(aio::Clock::monotonic) - start) / 1e9;
+  EXPECT_EQ(error, ETIMEDOUT);
+  EXPECT_GE(seconds, 0.19);
+  EXPECT_LT(seconds, 2.0);  // not the five seconds of retries without a deadline
+  for (const int fd : queued) ::close(fd);
+  ::unlink(path.c_str());
 }
 
 struct SocketPair {

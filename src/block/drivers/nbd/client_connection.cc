@@ -25,9 +25,10 @@ namespace {
 constexpr std::uint32_t kMaxBlockStatusPayload = 4 + (1u << 20) * proto::kExtentSize;
 constexpr std::uint32_t kMaxErrorPayload = 64u << 10;
 
-coro::Task<base::Result<std::unique_ptr<io::Channel>>> open_socket(const NbdUri& uri) {
-  if (uri.unix_socket) co_return co_await io::connect_unix(uri.socket_path);
-  co_return co_await io::connect_tcp(uri.host, uri.port);
+coro::Task<base::Result<std::unique_ptr<io::Channel>>> open_socket(const NbdUri& uri,
+                                                                    std::int64_t deadline_ns) {
+  if (uri.unix_socket) co_return co_await io::connect_unix(uri.socket_path, deadline_ns);
+  co_return co_await io::connect_tcp(uri.host, uri.port, deadline_ns);
 }
 
 }  // namespace
@@ -64,19 +65,28 @@ void ClientConnection::close_channel() noexcept {
 coro::Task<int> ClientConnection::establish() {
   timed_out_ = false;
   // The timer closes the socket; every blocked read/write then fails and the handshake ends.
+  // One deadline covers the connect (io::connect_* enforce it) and the handshake.
   std::optional<aio::Timer> timer;
+  std::int64_t deadline_ns = 0;
   if (uri_.connect_timeout > 0) {
     timer.emplace(*context_, aio::Clock::monotonic, [this] {
       timed_out_ = true;
       close_channel();
     });
-    timer->arm_in(std::chrono::duration_cast<std::chrono::nanoseconds>(
-        std::chrono::duration<double>(uri_.connect_timeout)));
+    deadline_ns = aio::now_ns(aio::Clock::monotonic) +
+                  std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::duration<double>(uri_.connect_timeout))
+                      .count();
+    timer->arm_at(deadline_ns);
   }
-  auto channel = co_await open_socket(uri_);
+  auto channel = co_await open_socket(uri_, deadline_ns);
   if (!channel.ok()) {
-    error_message_ = fmt::format("cannot connect to {}: {}", describe(uri_),
-                                 std::strerror(channel.error()));
+    error_message_ =
+        channel.error() == ETIMEDOUT && deadline_ns > 0
+            ? fmt::format("cannot connect to {}: no connection within {} s (connect-timeout)",
+                          describe(uri_), uri_.connect_timeout)
+            : fmt::format("cannot connect to {}: {}", describe(uri_),
+                          std::strerror(channel.error()));
     co_return -channel.error();
   }
   install_channel(std::move(channel).value());

@@ -4,9 +4,8 @@
 // Handshake (fixed newstyle only): NO_ZEROES when offered; STARTTLS first when the URI asks for
 // TLS (a refusal ends the open: never clear text); STRUCTURED_REPLY; SET_META_CONTEXT
 // base:allocation; GO with INFO_BLOCK_SIZE, falling back to EXPORT_NAME on ERR_UNSUP. A timer
-// (uri.connect_timeout) closes the socket if the handshake has not finished in time, so a
-// server that accepts but never speaks cannot hold an open forever (-ETIMEDOUT). The TCP
-// connect itself is left to the kernel's timeout.
+// (uri.connect_timeout) bounds the connect and the handshake together: a peer that drops our
+// SYNs, or a server that accepts but never speaks, cannot hold an open forever (-ETIMEDOUT).
 //
 // Transmission: each request gets a cookie and a Pending record in `in_flight_`, is sent under
 // `send_mutex_` (header and WRITE payload in one writev), and then waits on its own coro::Event.
