@@ -11,6 +11,6 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 ninja -C build spindle-runtime-bench spindle-io-bench spindle-nbd spindle-img
 build/bench/spindle-runtime-bench "$@"
 build/bench/spindle-io-bench "$@"
-python3 bench/nbd_bench.py --spindle-nbd build/tools/spindle-nbd --repeat 3  # NBD servers
+python3 bench/nbd_bench.py --spindle-nbd build/tools/spindle-nbd --repeat 5  # NBD servers
 python3 bench/img_bench.py --spindle-img build/tools/spindle-img          # vs qemu-img bench
 python3 bench/nbd_client_bench.py --spindle-img build/tools/spindle-img   # NBD client

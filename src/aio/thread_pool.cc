@@ -1,6 +1,10 @@
 #include "aio/thread_pool.h"
 
+#include <algorithm>
 #include <thread>
+
+#include "aio/timer.h"
+#include "base/cpu_relax.h"
 
 #include "base/fatal.h"
 
@@ -35,7 +39,9 @@ class CallbackJob final : public ThreadPool::Job {
 }  // namespace
 
 ThreadPool::ThreadPool(Context& context, Options options)
-    : context_(context), options_(options) {
+    : context_(context),
+      options_(options),
+      spin_window_ns_(std::chrono::nanoseconds(options.spin).count()) {
   if (options_.max_threads == 0) base::fatal("ThreadPool: max_threads must be at least 1");
 }
 
@@ -64,6 +70,22 @@ ThreadPool::Job* ThreadPool::submit(Work work, Completion done) {
   return job;
 }
 
+bool ThreadPool::wake_one() {
+  if (sleeping_ > wakeups_) {
+    ++wakeups_;
+    if (options_.spin.count() > 0) last_grant_ns_ = now_ns(Clock::monotonic);
+    ++spinning_;  // on the sleeper's behalf: later jobs need not wake another
+    signallers_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  if (workers_ < options_.max_threads) {
+    ++workers_;
+    ++spinning_;  // born looking for a job
+    std::thread([this] { worker_loop(); }).detach();
+  }
+  return false;
+}
+
 void ThreadPool::enqueue(Job* job) {
   bool signal = false;
   {
@@ -78,20 +100,9 @@ void ThreadPool::enqueue(Job* job) {
       queue_head_ = job;
     }
     queue_tail_ = job;
+    queued_hint_.store(++queued_jobs_, std::memory_order_relaxed);
     unfinished_jobs_.fetch_add(1, std::memory_order_relaxed);
-    // Every worker that is not running a job takes one queued job before it sleeps (or is asleep
-    // and needs the signal below). Increments of busy_workers_ happen under the mutex, so the
-    // value read here is never below the truth; a stale higher one at worst starts a worker that
-    // was not needed.
-    const std::size_t free_workers = workers_ - busy_workers_.load(std::memory_order_relaxed);
-    if (free_workers > queued_jobs_++) {
-      // notify_one() costs no syscall when nobody waits (the free worker is still awake).
-      signal = true;
-      signallers_.fetch_add(1, std::memory_order_relaxed);
-    } else if (workers_ < options_.max_threads) {
-      ++workers_;
-      std::thread([this] { worker_loop(); }).detach();
-    }
+    if (spinning_ == 0) signal = wake_one();  // else the spinner takes it
   }
   if (signal) {
     work_available_.notify_one();
@@ -106,37 +117,93 @@ bool ThreadPool::cancel(Job* job) noexcept {
     (job->queue_prev_ ? job->queue_prev_->queue_next_ : queue_head_) = job->queue_next_;
     (job->queue_next_ ? job->queue_next_->queue_prev_ : queue_tail_) = job->queue_prev_;
     job->state_ = Job::State::cancelled;
-    --queued_jobs_;
+    queued_hint_.store(--queued_jobs_, std::memory_order_relaxed);
   }
   context_.post(job);  // completes with -ECANCELED in the context, like any other completion
   return true;
 }
 
+void ThreadPool::adapt_spin_window(std::int64_t slept_ns) noexcept {
+  constexpr std::int64_t kInitialSpinNs = 4000;
+  const std::int64_t max_ns = std::chrono::nanoseconds(options_.spin).count();
+  if (slept_ns > max_ns) {  // halve, so that one late job (a preempted client) costs little
+    spin_window_ns_ = spin_window_ns_ / 2 < kInitialSpinNs ? 0 : spin_window_ns_ / 2;
+  } else if (slept_ns > spin_window_ns_) {  // a longer spin would have caught this job
+    spin_window_ns_ =
+        spin_window_ns_ == 0 ? kInitialSpinNs : std::min(spin_window_ns_ * 2, max_ns);
+  }
+}
+
+void ThreadPool::spin(std::unique_lock<std::mutex>& lock) noexcept {
+  const std::int64_t end = now_ns(Clock::monotonic) + spin_window_ns_;
+  lock.unlock();
+  for (unsigned iteration = 1; queued_hint_.load(std::memory_order_relaxed) == 0; ++iteration) {
+    if (iteration % 64 == 0 && now_ns(Clock::monotonic) >= end) break;
+    base::cpu_relax();
+  }
+  lock.lock();
+}
+
 void ThreadPool::worker_loop() noexcept {
   std::unique_lock lock(mutex_);
+  bool spinning = true;  // wake_one() counted this worker in spinning_
+  bool spun = false;     // since the last job
   for (;;) {
-    if (queue_head_ == nullptr && !stopping_ &&
-        !work_available_.wait_for(lock, options_.idle_timeout,
-                                  [&] { return queue_head_ != nullptr || stopping_; })) {
-      break;  // idle for too long
+    if (Job* job = queue_head_) {
+      queue_head_ = job->queue_next_;
+      (queue_head_ ? queue_head_->queue_prev_ : queue_tail_) = nullptr;
+      job->state_ = Job::State::running;
+      queued_hint_.store(--queued_jobs_, std::memory_order_relaxed);
+      bool signal = false;
+      if (spinning) {
+        spinning = false;
+        // The last searcher found work: recruit another while jobs are left.
+        if (--spinning_ == 0 && queued_jobs_ > 0) signal = wake_one();
+      }
+      lock.unlock();
+      if (signal) {
+        work_available_.notify_one();
+        signallers_.fetch_sub(1, std::memory_order_release);
+      }
+      job->execute_(job);
+      // Posted without the mutex, so the context's thread never waits for it. The job may be
+      // freed as soon as the context runs it; this worker (still counted in workers_) keeps the
+      // pool alive.
+      context_.post(job);
+      spun = false;
+      lock.lock();
+      continue;
     }
-    if (queue_head_ == nullptr) break;  // stopping (the queue is empty by then)
-    Job* job = queue_head_;
-    queue_head_ = job->queue_next_;
-    (queue_head_ ? queue_head_->queue_prev_ : queue_tail_) = nullptr;
-    job->state_ = Job::State::running;
-    --queued_jobs_;
-    busy_workers_.fetch_add(1, std::memory_order_relaxed);
-    lock.unlock();
-    job->execute_(job);
-    // Not busy any more: an enqueue() from now on counts on this worker re-checking the queue
-    // below instead of starting another one.
-    busy_workers_.fetch_sub(1, std::memory_order_relaxed);
-    // Posted without the mutex, so the context's thread never waits for it. The job may be freed
-    // as soon as the context runs it; this worker (still counted in workers_) keeps the pool alive.
-    context_.post(job);
-    lock.lock();
+    if (stopping_) break;
+    // The queue is empty. Spin first (one worker at a time), then sleep.
+    if (!spinning && !spun && spinning_ == 0 && spin_window_ns_ > 0) {
+      spinning = true;
+      ++spinning_;
+    }
+    if (spinning && !spun && spin_window_ns_ > 0) {
+      spun = true;
+      spin(lock);
+      continue;  // takes a job that arrived, or comes back here to sleep
+    }
+    if (spinning) {
+      spinning = false;
+      --spinning_;  // under mutex_ and with the queue seen empty: enqueue() wakes someone now
+    }
+    ++sleeping_;
+    const std::int64_t slept_at = options_.spin.count() > 0 ? now_ns(Clock::monotonic) : 0;
+    const bool granted = work_available_.wait_for(
+        lock, options_.idle_timeout, [&] { return wakeups_ > 0 || stopping_; });
+    --sleeping_;
+    if (granted && wakeups_ > 0) {
+      --wakeups_;
+      if (options_.spin.count() > 0) adapt_spin_window(last_grant_ns_ - slept_at);
+      spinning = true;  // wake_one() counted us in spinning_
+      spun = false;
+      continue;
+    }
+    if (!granted && queue_head_ == nullptr) break;  // idle for too long
   }
+  if (spinning) --spinning_;
   --workers_;
   // Notify under the lock: the destructor may free the pool once it sees zero workers.
   workers_gone_.notify_all();

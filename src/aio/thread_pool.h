@@ -11,33 +11,54 @@
 // Workers are started on demand up to `max_threads` and exit after `idle_timeout` without work.
 // Completions are work items on the context, so they are serialized there.
 //
+// Waking a sleeping thread costs tens of microseconds on a VM, far more than a page-cache read,
+// so the pool wakes as few workers as the queue needs: a worker that finds the queue empty
+// first spins (one worker at a time), and a job queued while someone spins wakes nobody. The
+// spin is adaptive, like a Context's busy polling: it starts at `spin`, halves (to nothing below
+// 4 us) each time a worker slept longer than `spin` before a job came (a spin that long would
+// not have caught it, only burnt a core), and doubles again, up to `spin`, while jobs come
+// soon after a worker went to sleep. The sleep is measured to the grant, not to the wake-up, whose latency
+// the spin exists to avoid.
+//
 // Thread-safety: submit(), run() and enqueue() from any thread; cancel() from the pool's context
 // thread (a Job handle stays valid until its completion has run there); the destructor once every
 // job has completed. Fields and what protects them:
-//   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, workers_, stopping_   mutex_
-//   busy_workers_       atomic: incremented under mutex_ when a worker takes a job, decremented
-//                       without it when the job function returns (before its completion is
-//                       posted); read under mutex_ by enqueue()
+//   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, workers_, sleeping_,
+//   spinning_, wakeups_, spin_window_ns_, last_grant_ns_, stopping_                 mutex_
+//   queued_hint_        atomic copy of queued_jobs_ (stored under mutex_), read by the spinner
+//                       without the mutex: a stale value only ends its spin late or early, and
+//                       it re-checks the queue under mutex_ before it stops spinning
 //   unfinished_jobs_    atomic: incremented under mutex_ by enqueue(), decremented by the
 //                       completion in the context thread without the mutex
-//   signallers_         atomic: enqueue() calls between their unlock and their notify_one()
-// Job functions, completion posts and condition-variable signals all run without mutex_.
+//   signallers_         atomic: calls between their unlock and their notify_one()
+// Job functions, completion posts, spins and condition-variable signals all run without mutex_.
 //
-// Protocol (the parts that run outside mutex_):
-//  * enqueue(): under mutex_ it links the job and decides. Each worker not running a job
-//    (workers_ - busy_workers_, including one just started) takes one queued job before it
-//    sleeps, or is asleep on work_available_ and must be signalled: if there are more of them
-//    than jobs queued before this one, signal; otherwise start a worker (up to max_threads), or
-//    leave the job for the first busy worker that finishes. The signal is sent after the unlock, so the
-//    woken worker does not at once block on a mutex the signaller still holds. The job can run,
-//    complete and the pool be destroyed before that notify_one(), so a signalling enqueue() counts
-//    itself in signallers_ under the mutex and uncounts itself after notify_one(); the destructor
-//    waits for signallers_ == 0 before the condition variable goes away.
-//  * worker: takes a job under mutex_ (state running, ++busy_workers_), runs it unlocked,
-//    --busy_workers_, posts the completion unlocked, then re-takes mutex_ for the next job. From
-//    the post on it touches only the pool, never the job (its completion may free it). The pool
-//    itself stays alive: the worker is counted in workers_ until it leaves under mutex_, and the
-//    destructor waits for workers_ == 0, notified under the mutex.
+// Protocol:
+//  * States of a worker: running a job; spinning (awake, no job; spinning_ counts them, and
+//    also workers granted a wake-up that have not yet left their wait); asleep on
+//    work_available_ (sleeping_). A wake-up is a grant: wake_one() increments wakeups_ and
+//    spinning_ on behalf of the sleeper, and a sleeper leaves its wait only by consuming a grant
+//    (or at stopping_ / idle timeout), so spurious wake-ups and notify races cannot lose or
+//    double-count one. Without a sleeper to grant, wake_one() starts a worker (born spinning)
+//    if workers_ < max_threads.
+//  * enqueue(): under mutex_ links the job; if spinning_ == 0, wake_one(). The invariant that
+//    makes this enough: while a job is queued, either some worker is counted in spinning_ (it
+//    re-checks the queue under mutex_ before it stops spinning or sleeps), or every worker is
+//    running a job (it takes the next queued job under mutex_ when it finishes), or
+//    max_threads are running.
+//  * A spinner that takes a job leaves spinning_; if jobs remain and spinning_ is now 0 it calls
+//    wake_one() (Go's scheduler does the same: one searching thread at a time, each found job
+//    recruiting the next).
+//  * The notify_one() of a grant is sent after the unlock, so the woken worker does not at once
+//    block on a mutex the signaller still holds. The job can run, complete and the pool be
+//    destroyed before that notify_one(), so the signaller counts itself in signallers_ under the
+//    mutex and uncounts itself after notify_one(); the destructor waits for signallers_ == 0
+//    before the condition variable goes away.
+//  * worker: takes a job under mutex_ (state running), runs it unlocked, posts the completion
+//    unlocked, then re-takes mutex_ for the next job. From the post on it touches only the
+//    pool, never the job (its completion may free it). The pool itself stays alive: the worker
+//    is counted in workers_ until it leaves under mutex_, and the destructor waits for
+//    workers_ == 0, notified under the mutex.
 //  * completion (context thread, Job::deliver): reads state_ (written under mutex_ before the
 //    post; the context queue's release/acquire publishes it), decrements unfinished_jobs_, then
 //    runs the job's completion, which may free the job or the pool.
@@ -51,6 +72,7 @@
 #include <condition_variable>
 #include <coroutine>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -68,6 +90,8 @@ class ThreadPool {
   struct Options {
     std::size_t max_threads = 64;
     std::chrono::milliseconds idle_timeout{10'000};
+    // The longest a worker that runs out of jobs spins before sleeping (0: never spins).
+    std::chrono::microseconds spin{50};
   };
 
   // A unit of work; subclasses say what to run on the worker and what to do on completion.
@@ -120,6 +144,14 @@ class ThreadPool {
 
  private:
   void worker_loop() noexcept;
+  // Under mutex_: grants a sleeping worker a wake-up, or starts a worker. Returns whether the
+  // caller must notify_one() (after unlocking, counted in signallers_).
+  bool wake_one();
+  // Spins without the mutex (held on entry and on return) until a job may be queued or
+  // spin_window_ns_ has passed.
+  void spin(std::unique_lock<std::mutex>& lock) noexcept;
+  // Under mutex_: a worker that slept `slept_ns` until its wake-up grant adjusts the window.
+  void adapt_spin_window(std::int64_t slept_ns) noexcept;
 
   Context& context_;
   const Options options_;
@@ -128,9 +160,14 @@ class ThreadPool {
   std::condition_variable workers_gone_;
   Job* queue_head_ = nullptr;
   Job* queue_tail_ = nullptr;
-  std::size_t workers_ = 0;                   // mutex_
-  std::size_t queued_jobs_ = 0;               // mutex_
-  std::atomic<std::size_t> busy_workers_{0};  // see the protocol above
+  std::size_t workers_ = 0;       // mutex_
+  std::size_t queued_jobs_ = 0;   // mutex_
+  std::size_t sleeping_ = 0;      // mutex_: workers waiting on work_available_
+  std::size_t spinning_ = 0;      // mutex_: awake workers without a job, and granted sleepers
+  std::size_t wakeups_ = 0;       // mutex_: grants not yet taken by a sleeper
+  std::int64_t spin_window_ns_;      // mutex_: how long the next spin lasts
+  std::int64_t last_grant_ns_ = 0;   // mutex_: when wake_one() last granted a wake-up
+  std::atomic<std::size_t> queued_hint_{0};
   std::atomic<std::size_t> unfinished_jobs_{0};
   std::atomic<std::size_t> signallers_{0};
   bool stopping_ = false;  // mutex_
