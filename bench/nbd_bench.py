@@ -3,7 +3,8 @@
 nbdkit's file plugin serve the same page-cached raw file over a Unix socket, and fio's nbd
 engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency, server CPU
 (% of one core, from /proc/PID/stat) and fio's own CPU (from wait4) per row, and the ratio of
-Spindle's IOPS to the best peer's, plus server CPU-seconds per million requests. A QED row compares spindle-nbd with qemu-nbd -f qed.
+Spindle's IOPS to the best peer's, plus server CPU-seconds per million requests. Two QED rows (4 KiB
+random and 1 MiB sequential reads) compare spindle-nbd with qemu-nbd -f qed.
 
 With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
 median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
@@ -179,9 +180,15 @@ def main():
             ("spindle-nbd", [spindle, "-t", "-f", "qed", "-k", socket, qed]),
             ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "qed", "-e", "8", "-k", socket, qed]),
         ]
+        if args.no_peers:
+            qed_servers = qed_servers[:1]
+        if args.baseline_spindle_nbd:
+            qed_servers.insert(1, ("spindle baseline", [baseline, "-t", "-f", "qed", "-k", socket,
+                                                        qed]))
         rows = []
-        jobs = [(n, a, servers) for n, a in JOBS] + [("QED 4k randread QD32",
-                                                      JOBS[0][1], qed_servers)]
+        jobs = [(n, a, servers) for n, a in JOBS] + [
+            ("QED 4k randread QD32", JOBS[0][1], qed_servers),
+            ("QED 1M seqread QD8", JOBS[2][1], qed_servers)]
         for job_name, job_args, server_list in jobs:
             if args.only and args.only != job_name:
                 continue

@@ -459,6 +459,61 @@ TEST_F(QedTest, AllocatingWriteLayoutMatchesQemu) {
   EXPECT_EQ(fs::file_size(path("ours.qed")), 655360u);
 }
 
+// host_file_range() (the zero-copy read path) names where a range lies in the image file only
+// inside one run of allocated clusters that are contiguous in the file, and only while their L2
+// table is cached; everything else (unallocated or zero clusters, a run that ends or jumps
+// inside the range, an uncached table) is "nowhere", so the caller reads the ordinary way.
+TEST_F(QedTest, HostFileRangeOnlyInsideCachedContiguousDataRuns) {
+  constexpr std::uint64_t kCluster = kDefaultClusterSize;
+  create("z.qed", CreateOptions{.size = 8 << 20});
+  BlockNodeRef node = open_image("z.qed");
+  ASSERT_TRUE(node);
+  Bytes first(4 * kCluster);
+  for (std::size_t i = 0; i < first.size(); ++i) first[i] = std::byte(i * 13 + i / 4096);
+  ASSERT_EQ(write(*node, 0, first), 0);  // four clusters, allocated in order
+  // Two clusters allocated in reverse order: adjacent in the guest, not in the file.
+  ASSERT_EQ(write(*node, 4 * 1024 * 1024 + kCluster, pattern(kCluster, 0x22)), 0);
+  ASSERT_EQ(write(*node, 4 * 1024 * 1024, pattern(kCluster, 0x11)), 0);
+  ASSERT_EQ(run(node->write_zeroes(6 * 1024 * 1024, kCluster, 0)), 0);
+
+  const int fd = ::open(path("z.qed").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  auto bytes_at = [&](const HostFileRange& range, std::size_t size) {
+    Bytes got(size);
+    EXPECT_EQ(::pread(fd, got.data(), size, static_cast<off_t>(range.offset)),
+              static_cast<ssize_t>(size));
+    return got;
+  };
+  const auto whole = node->host_file_range(0, first.size());
+  ASSERT_TRUE(whole);
+  EXPECT_EQ(bytes_at(*whole, first.size()), first);
+  const auto inside = node->host_file_range(kCluster + 100, 1000);
+  ASSERT_TRUE(inside);
+  EXPECT_EQ(bytes_at(*inside, 1000),
+            Bytes(first.begin() + kCluster + 100, first.begin() + kCluster + 1100));
+  const auto second = node->host_file_range(4 * 1024 * 1024, kCluster);
+  ASSERT_TRUE(second);
+  EXPECT_EQ(bytes_at(*second, kCluster), pattern(kCluster, 0x11));
+
+  EXPECT_FALSE(node->host_file_range(3 * kCluster, 2 * kCluster));  // runs into unallocated
+  EXPECT_FALSE(node->host_file_range(5 * kCluster, 4096));          // unallocated
+  EXPECT_FALSE(node->host_file_range(4 * 1024 * 1024, 2 * kCluster));  // not contiguous
+  EXPECT_FALSE(node->host_file_range(6 * 1024 * 1024, 4096));          // a zero cluster
+  EXPECT_FALSE(node->host_file_range(0, 0));
+
+  ASSERT_EQ(close(*node), 0);
+  node = open_image("z.qed");  // nothing cached: the lookup would have to read the table
+  ASSERT_TRUE(node);
+  EXPECT_FALSE(node->host_file_range(0, 4096));
+  Bytes some(4096);
+  ASSERT_EQ(run(node->read(0, std::span(some), 0)), 0);  // loads the table
+  const auto cached = node->host_file_range(0, 4096);
+  ASSERT_TRUE(cached);
+  EXPECT_EQ(bytes_at(*cached, 4096), Bytes(first.begin(), first.begin() + 4096));
+  ASSERT_EQ(close(*node), 0);
+  ::close(fd);
+}
+
 TEST_F(QedTest, CopyOnWriteFromBackingFiles) {
   REQUIRE_QEMU();
   must_run("qemu-img create -q -f raw '" + path("base.raw") + "' 1000k");

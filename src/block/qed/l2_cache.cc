@@ -12,6 +12,13 @@ TableRef L2Cache::find(std::uint64_t offset) {
   return nullptr;
 }
 
+TableRef L2Cache::peek(std::uint64_t offset) const {
+  for (const auto& [cached_offset, table] : entries_) {
+    if (cached_offset == offset) return table;
+  }
+  return nullptr;
+}
+
 TableRef L2Cache::insert(std::uint64_t offset, TableRef table) {
   if (TableRef existing = find(offset)) return existing;
   entries_.emplace_front(offset, std::move(table));

@@ -22,6 +22,8 @@ class L2Cache {
 
   // The cached table at `offset` (moved to the front), or null.
   TableRef find(std::uint64_t offset);
+  // The same without touching the recency order.
+  TableRef peek(std::uint64_t offset) const;
   // Adds `table` for `offset`; if one is already cached, returns that one instead.
   TableRef insert(std::uint64_t offset, TableRef table);
   void clear() noexcept { entries_.clear(); }

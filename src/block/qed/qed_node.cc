@@ -140,11 +140,16 @@ coro::Task<int> QedNode::find_run(std::uint64_t pos, std::uint64_t length, Run& 
     if (result < 0) co_return result;
     table = l2_cache_.insert(l2_offset, std::move(loaded));
   }
-  run.l2 = table;
+  co_return scan_l2(std::move(table), pos, length, run);
+}
 
+int QedNode::scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Run& run) const {
+  length = std::min(length, geometry_.l2_end(pos) - pos);
+  run.l2 = std::move(table);
+  const Table& entries = *run.l2;
   const std::uint64_t cluster_size = geometry_.cluster_size;
   std::uint64_t index = geometry_.l2_index(pos);
-  const std::uint64_t first = (*table)[index];
+  const std::uint64_t first = entries[index];
   auto kind_of = [](std::uint64_t entry) {
     if (entry == kUnallocatedEntry) return Kind::kUnallocated;
     if (entry == kZeroClusterEntry) return Kind::kZero;
@@ -152,13 +157,13 @@ coro::Task<int> QedNode::find_run(std::uint64_t pos, std::uint64_t length, Run& 
   };
   run.kind = kind_of(first);
   if (run.kind == Kind::kData) {
-    if (!is_cluster_offset_valid(header_, file_size_, first)) co_return -EINVAL;
+    if (!is_cluster_offset_valid(header_, file_size_, first)) return -EINVAL;
     run.host_offset = first + geometry_.in_cluster(pos);
   }
   std::uint64_t bytes = cluster_size - geometry_.in_cluster(pos);
   std::uint64_t expected = first + cluster_size;
   while (bytes < length && ++index < geometry_.table_entries) {
-    const std::uint64_t entry = (*table)[index];
+    const std::uint64_t entry = entries[index];
     if (kind_of(entry) != run.kind) break;
     if (run.kind == Kind::kData) {
       if (entry != expected || !is_cluster_offset_valid(header_, file_size_, entry)) break;
@@ -167,7 +172,27 @@ coro::Task<int> QedNode::find_run(std::uint64_t pos, std::uint64_t length, Run& 
     bytes += cluster_size;
   }
   run.bytes = std::min(bytes, length);
-  co_return 0;
+  return 0;
+}
+
+std::optional<HostFileRange> QedNode::host_file_range(std::uint64_t offset,
+                                                      std::uint64_t bytes) const noexcept {
+  if (bytes == 0 || !table_lock_.try_lock()) return std::nullopt;
+  std::optional<std::uint64_t> host_offset;
+  const std::uint64_t l1_index = geometry_.l1_index(offset);
+  if (l1_index < l1_.size() && l1_[l1_index] != 0 &&
+      is_table_offset_valid(header_, file_size_, l1_[l1_index])) {
+    if (TableRef table = l2_cache_.peek(l1_[l1_index])) {
+      Run run;
+      if (scan_l2(std::move(table), offset, bytes, run) == 0 && run.kind == Kind::kData &&
+          run.bytes >= bytes) {
+        host_offset = run.host_offset;
+      }
+    }
+  }
+  table_lock_.unlock();
+  if (!host_offset) return std::nullopt;
+  return file_->host_file_range(*host_offset, bytes);
 }
 
 coro::Task<int> QedNode::read_backing(std::uint64_t pos, std::span<std::byte> buffer) {

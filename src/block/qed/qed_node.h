@@ -94,6 +94,14 @@ class QedNode final : public BlockNode {
 
   const char* driver_name() const noexcept override { return "qed"; }
   std::string filename() const override { return file_->filename(); }
+  // A range inside one run of allocated, contiguous data clusters whose L2 table is cached,
+  // where the child stores it in a host file. Never waits: with the table lock busy or the
+  // table not cached it says "nowhere" and the caller reads the ordinary way. Clusters are
+  // never moved or reused once allocated, so the range stays valid after the lock is released
+  // (a concurrent overlapping write may land before or after, as with any overlapping
+  // requests).
+  std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                               std::uint64_t bytes) const noexcept override;
   std::uint64_t size() const noexcept override {
     return image_size_.load(std::memory_order_acquire);
   }
@@ -156,6 +164,9 @@ class QedNode final : public BlockNode {
 
   // With table_lock_ held: the run at `pos` of at most `length` bytes.
   coro::Task<int> find_run(std::uint64_t pos, std::uint64_t length, Run& run);
+  // With table_lock_ held: the run at `pos` of at most `length` bytes (not past the end of
+  // `table`'s reach) as `table` maps it. -EINVAL for a corrupt first entry.
+  int scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Run& run) const;
   // Reads guest bytes [pos, pos + size) of the backing node (zeros past its end or without one).
   coro::Task<int> read_backing(std::uint64_t pos, std::span<std::byte> buffer);
   // Copy-on-write fill for [pos, pos + buffer.size()) of a cluster being allocated.
@@ -186,7 +197,7 @@ class QedNode final : public BlockNode {
   std::atomic<std::uint64_t> image_size_;
 
   coro::Mutex allocation_lock_;
-  coro::Mutex table_lock_;
+  mutable coro::Mutex table_lock_;  // mutable: host_file_range() try-locks it
   Header header_;             // table_lock_
   Table l1_;                  // table_lock_
   L2Cache l2_cache_;          // table_lock_
