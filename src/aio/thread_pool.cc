@@ -86,10 +86,18 @@ bool ThreadPool::wake_one() {
   return false;
 }
 
+bool ThreadPool::queue_starved(std::int64_t now) const noexcept {
+  constexpr std::int64_t kStarvedNs = 200'000;
+  return queue_head_ != nullptr && now - queue_head_->queued_at_ns_ > kStarvedNs;
+}
+
 void ThreadPool::enqueue(Job* job) {
   bool signal = false;
+  const std::int64_t now = now_ns(Clock::monotonic);
   {
     std::lock_guard lock(mutex_);
+    const bool starved = queue_starved(now);  // before this job joins the queue
+    job->queued_at_ns_ = now;
     job->pool_ = this;
     job->state_ = Job::State::queued;
     job->queue_next_ = nullptr;
@@ -102,7 +110,7 @@ void ThreadPool::enqueue(Job* job) {
     queue_tail_ = job;
     queued_hint_.store(++queued_jobs_, std::memory_order_relaxed);
     unfinished_jobs_.fetch_add(1, std::memory_order_relaxed);
-    if (spinning_ == 0) signal = wake_one();  // else the spinner takes it
+    if (spinning_ == 0 || starved) signal = wake_one();  // else the spinner takes it
   }
   if (signal) {
     work_available_.notify_one();
@@ -155,11 +163,13 @@ void ThreadPool::worker_loop() noexcept {
       job->state_ = Job::State::running;
       queued_hint_.store(--queued_jobs_, std::memory_order_relaxed);
       bool signal = false;
+      const bool waited_long = queued_jobs_ > 0 && queue_starved(now_ns(Clock::monotonic));
       if (spinning) {
         spinning = false;
         // The last searcher found work: recruit another while jobs are left.
         if (--spinning_ == 0 && queued_jobs_ > 0) signal = wake_one();
       }
+      if (!signal && waited_long) signal = wake_one();  // long jobs: more hands
       lock.unlock();
       if (signal) {
         work_available_.notify_one();

@@ -12,19 +12,27 @@
 // Completions are work items on the context, so they are serialized there.
 //
 // Waking a sleeping thread costs tens of microseconds on a VM, far more than a page-cache read,
-// so the pool wakes as few workers as the queue needs: a worker that finds the queue empty
-// first spins (one worker at a time), and a job queued while someone spins wakes nobody. The
-// spin is adaptive, like a Context's busy polling: it starts at `spin`, halves (to nothing below
-// 4 us) each time a worker slept longer than `spin` before a job came (a spin that long would
-// not have caught it, only burnt a core), and doubles again, up to `spin`, while jobs come
-// soon after a worker went to sleep. The sleep is measured to the grant, not to the wake-up, whose latency
-// the spin exists to avoid.
+// so the pool wakes as few workers as the queue needs:
+//  * a worker that finds the queue empty first spins (one worker at a time), and a job queued
+//    while someone spins wakes nobody;
+//  * a worker that takes a job as the spinner wakes (or starts) one more if jobs are still
+//    queued and nobody else spins, so a stream of short jobs is run by the spinner and whichever
+//    workers have just finished a job;
+//  * a job left queued for 200 us means every awake worker is busy (long jobs, such as disk
+//    reads on a cold cache): then each job submitted or taken wakes one more worker, so long
+//    jobs spread over as many workers as they need.
+// The spin is adaptive, like a Context's busy polling: it starts at `spin`, halves (to nothing
+// below 4 us) each time a worker slept longer than `spin` before a job came (a spin that long
+// would not have caught it, only burnt a core), and doubles again, up to `spin`, while jobs
+// come soon after a worker went to sleep. The sleep is measured to the grant, not to the
+// wake-up, whose latency the spin exists to avoid.
 //
 // Thread-safety: submit(), run() and enqueue() from any thread; cancel() from the pool's context
 // thread (a Job handle stays valid until its completion has run there); the destructor once every
 // job has completed. Fields and what protects them:
-//   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, workers_, sleeping_,
-//   spinning_, wakeups_, spin_window_ns_, last_grant_ns_, stopping_                 mutex_
+//   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, Job::queued_at_ns_,
+//   workers_, sleeping_, spinning_, wakeups_, spin_window_ns_, last_grant_ns_,
+//   stopping_                                                                        mutex_
 //   queued_hint_        atomic copy of queued_jobs_ (stored under mutex_), read by the spinner
 //                       without the mutex: a stale value only ends its spin late or early, and
 //                       it re-checks the queue under mutex_ before it stops spinning
@@ -41,6 +49,10 @@
 //    (or at stopping_ / idle timeout), so spurious wake-ups and notify races cannot lose or
 //    double-count one. Without a sleeper to grant, wake_one() starts a worker (born spinning)
 //    if workers_ < max_threads.
+//  * Long jobs need as many workers as jobs queued, soon, not one more per wake-up: a job still
+//    queued after kStarvedNs (200 us) means every awake worker is busy, so enqueue() then wakes
+//    one more even while someone spins, and so does a worker that takes a job while the next
+//    one has waited that long.
 //  * enqueue(): under mutex_ links the job; if spinning_ == 0, wake_one(). The invariant that
 //    makes this enough: while a job is queued, either some worker is counted in spinning_ (it
 //    re-checks the queue under mutex_ before it stops spinning or sleeps), or every worker is
@@ -113,6 +125,7 @@ class ThreadPool {
     State state_ = State::queued;  // protected by ThreadPool::mutex_
     Job* queue_prev_ = nullptr;    // protected by ThreadPool::mutex_
     Job* queue_next_ = nullptr;
+    std::int64_t queued_at_ns_ = 0;  // protected by ThreadPool::mutex_
   };
 
   using Work = std::function<int()>;
@@ -147,6 +160,9 @@ class ThreadPool {
   // Under mutex_: grants a sleeping worker a wake-up, or starts a worker. Returns whether the
   // caller must notify_one() (after unlocking, counted in signallers_).
   bool wake_one();
+  // Under mutex_: whether the oldest queued job has waited long enough that every awake worker
+  // must be busy (see the protocol).
+  bool queue_starved(std::int64_t now_ns) const noexcept;
   // Spins without the mutex (held on entry and on return) until a job may be queued or
   // spin_window_ns_ has passed.
   void spin(std::unique_lock<std::mutex>& lock) noexcept;
