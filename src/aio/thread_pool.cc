@@ -5,7 +5,6 @@
 
 #include "aio/timer.h"
 #include "base/cpu_relax.h"
-
 #include "base/fatal.h"
 
 namespace spindle::aio {
