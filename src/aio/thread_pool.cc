@@ -70,6 +70,7 @@ ThreadPool::Job* ThreadPool::submit(Work work, Completion done) {
 }
 
 bool ThreadPool::wake_one() {
+  last_progress_ns_ = now_ns(Clock::monotonic);  // hands are on the way
   if (sleeping_ > wakeups_) {
     ++wakeups_;
     if (options_.spin.count() > 0) last_grant_ns_ = now_ns(Clock::monotonic);
@@ -87,7 +88,8 @@ bool ThreadPool::wake_one() {
 
 bool ThreadPool::queue_starved(std::int64_t now) const noexcept {
   constexpr std::int64_t kStarvedNs = 200'000;
-  return queue_head_ != nullptr && now - queue_head_->queued_at_ns_ > kStarvedNs;
+  return queue_head_ != nullptr && now - queue_head_->queued_at_ns_ > kStarvedNs &&
+         now - last_progress_ns_ > kStarvedNs;
 }
 
 void ThreadPool::enqueue(Job* job) {
@@ -162,7 +164,9 @@ void ThreadPool::worker_loop() noexcept {
       job->state_ = Job::State::running;
       queued_hint_.store(--queued_jobs_, std::memory_order_relaxed);
       bool signal = false;
-      const bool waited_long = queued_jobs_ > 0 && queue_starved(now_ns(Clock::monotonic));
+      const std::int64_t now = now_ns(Clock::monotonic);
+      const bool waited_long = queued_jobs_ > 0 && queue_starved(now);
+      last_progress_ns_ = now;
       if (spinning) {
         spinning = false;
         // The last searcher found work: recruit another while jobs are left.

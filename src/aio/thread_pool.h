@@ -18,9 +18,10 @@
 //  * a worker that takes a job as the spinner wakes (or starts) one more if jobs are still
 //    queued and nobody else spins, so a stream of short jobs is run by the spinner and whichever
 //    workers have just finished a job;
-//  * a job left queued for 200 us means every awake worker is busy (long jobs, such as disk
-//    reads on a cold cache): then each job submitted or taken wakes one more worker, so long
-//    jobs spread over as many workers as they need.
+//  * a job left queued for 200 us while no worker took a job or was woken for 200 us means
+//    every awake worker is busy with long jobs (disk reads on a cold cache): then a job
+//    submitted or taken wakes one more worker (at most one per 200 us), so long jobs spread
+//    over as many workers as they need.
 // The spin is adaptive, like a Context's busy polling: it starts at `spin`, halves (to nothing
 // below 4 us) each time a worker slept longer than `spin` before a job came (a spin that long
 // would not have caught it, only burnt a core), and doubles again, up to `spin`, while jobs
@@ -32,7 +33,7 @@
 // job has completed. Fields and what protects them:
 //   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, Job::queued_at_ns_,
 //   workers_, sleeping_, spinning_, wakeups_, spin_window_ns_, last_grant_ns_,
-//   stopping_                                                                        mutex_
+//   last_progress_ns_, stopping_                                                     mutex_
 //   queued_hint_        atomic copy of queued_jobs_ (stored under mutex_), read by the spinner
 //                       without the mutex: a stale value only ends its spin late or early, and
 //                       it re-checks the queue under mutex_ before it stops spinning
@@ -50,9 +51,11 @@
 //    double-count one. Without a sleeper to grant, wake_one() starts a worker (born spinning)
 //    if workers_ < max_threads.
 //  * Long jobs need as many workers as jobs queued, soon, not one more per wake-up: a job still
-//    queued after kStarvedNs (200 us) means every awake worker is busy, so enqueue() then wakes
+//    queued after kStarvedNs (200 us), with no job taken and no worker woken in that time
+//    (last_progress_ns_), means every awake worker is stuck in a job, so enqueue() then wakes
 //    one more even while someone spins, and so does a worker that takes a job while the next
-//    one has waited that long.
+//    one has waited that long. A slow-starting thread or a busy machine, where workers still
+//    take short jobs, does not look starved.
 //  * enqueue(): under mutex_ links the job; if spinning_ == 0, wake_one(). The invariant that
 //    makes this enough: while a job is queued, either some worker is counted in spinning_ (it
 //    re-checks the queue under mutex_ before it stops spinning or sleeps), or every worker is
@@ -183,6 +186,7 @@ class ThreadPool {
   std::size_t wakeups_ = 0;       // mutex_: grants not yet taken by a sleeper
   std::int64_t spin_window_ns_;      // mutex_: how long the next spin lasts
   std::int64_t last_grant_ns_ = 0;   // mutex_: when wake_one() last granted a wake-up
+  std::int64_t last_progress_ns_ = 0;  // mutex_: when a worker last took a job or was woken
   std::atomic<std::size_t> queued_hint_{0};
   std::atomic<std::size_t> unfinished_jobs_{0};
   std::atomic<std::size_t> signallers_{0};
