@@ -69,11 +69,11 @@ ThreadPool::Job* ThreadPool::submit(Work work, Completion done) {
   return job;
 }
 
-bool ThreadPool::wake_one() {
-  last_progress_ns_ = now_ns(Clock::monotonic);  // hands are on the way
+bool ThreadPool::wake_one(std::int64_t now) {
+  last_progress_ns_ = now;  // hands are on the way
   if (sleeping_ > wakeups_) {
     ++wakeups_;
-    if (options_.spin.count() > 0) last_grant_ns_ = now_ns(Clock::monotonic);
+    last_grant_ns_ = now;
     ++spinning_;  // on the sleeper's behalf: later jobs need not wake another
     signallers_.fetch_add(1, std::memory_order_relaxed);
     return true;
@@ -111,7 +111,7 @@ void ThreadPool::enqueue(Job* job) {
     queue_tail_ = job;
     queued_hint_.store(++queued_jobs_, std::memory_order_relaxed);
     unfinished_jobs_.fetch_add(1, std::memory_order_relaxed);
-    if (spinning_ == 0 || starved) signal = wake_one();  // else the spinner takes it
+    if (spinning_ == 0 || starved) signal = wake_one(now);  // else the spinner takes it
   }
   if (signal) {
     work_available_.notify_one();
@@ -170,9 +170,9 @@ void ThreadPool::worker_loop() noexcept {
       if (spinning) {
         spinning = false;
         // The last searcher found work: recruit another while jobs are left.
-        if (--spinning_ == 0 && queued_jobs_ > 0) signal = wake_one();
+        if (--spinning_ == 0 && queued_jobs_ > 0) signal = wake_one(now);
       }
-      if (!signal && waited_long) signal = wake_one();  // long jobs: more hands
+      if (!signal && waited_long) signal = wake_one(now);  // long jobs: more hands
       lock.unlock();
       if (signal) {
         work_available_.notify_one();

@@ -160,9 +160,10 @@ class ThreadPool {
 
  private:
   void worker_loop() noexcept;
-  // Under mutex_: grants a sleeping worker a wake-up, or starts a worker. Returns whether the
-  // caller must notify_one() (after unlocking, counted in signallers_).
-  bool wake_one();
+  // Under mutex_, at monotonic time `now`: grants a sleeping worker a wake-up, or starts a
+  // worker. Returns whether the caller must notify_one() (after unlocking, counted in
+  // signallers_).
+  bool wake_one(std::int64_t now);
   // Under mutex_: whether the oldest queued job has waited long enough that every awake worker
   // must be busy (see the protocol).
   bool queue_starved(std::int64_t now_ns) const noexcept;

@@ -26,8 +26,9 @@ constexpr std::uint32_t kBaseAllocationId = 1;
 // Reads this large are checked for holes first, so a sparse image sends OFFSET_HOLE chunks
 // instead of zeros; smaller reads skip the extra block-status query.
 constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
-// READs at least this long of a raw file export whose pages are resident skip the io_uring read
-// into a buffer (unless --zero-copy=never, and never under TLS): sendfile() for clients that
+// READs at least this long of bytes that lie in a host file (a raw export, or a run of QED data
+// clusters: BlockNode::host_file_range) whose pages are resident skip the io_uring read into a
+// buffer (unless --zero-copy=never, and never under TLS): sendfile() for clients that
 // ServerOptions::zero_copy_reads selects, otherwise a writev from a mapping of the file (one
 // kernel copy). Smaller reads are cheaper read into memory and corked with their neighbours'
 // replies into one writev (the residency check is a system call of its own).
