@@ -1,6 +1,8 @@
 // libFuzzer target for the NBD server itself (handshake, option handling, request loop,
 // replies), through its public API: every input is what a client sends. One nbd::Server with
-// two small null exports ("" writable, "ro" read-only) lives for the whole run; each input gets
+// two null exports ("" writable, 8 GiB, asking for 512-byte alignment like QED so that the
+// backend's read-modify-write paths run, and even a 4 GiB unaligned WRITE_ZEROES can be sent;
+// "ro" read-only, 1 MiB) lives for the whole run; each input gets
 // a fresh socketpair whose server end is handed to Server::serve(). This thread writes the input
 // as the client (reading replies meanwhile, so that neither side blocks on a full socket), then
 // shuts down its write side, drains the replies until the server closes the connection, and
@@ -44,6 +46,7 @@ namespace spindle::nbd {
 namespace {
 
 constexpr std::uint64_t kExportSize = 1 << 20;
+constexpr std::uint64_t kWritableExportSize = std::uint64_t{8} << 30;
 constexpr auto kHangLimit = std::chrono::seconds(5);
 
 Server& server() {
@@ -57,7 +60,7 @@ Server& server() {
     exports.push_back({.name = "",
                        .description = "writable null export",
                        .backend = std::make_shared<block::BlockBackend>(
-                           std::make_shared<block::NullNode>(kExportSize)),
+                           std::make_shared<block::NullNode>(kWritableExportSize, true, 512)),
                        .allow_unmap = true});
     exports.push_back({.name = "ro",
                        .description = "read-only",
@@ -133,9 +136,12 @@ void append_requests(Bytes& out, bool structured) {
   append_request(out, Command::kFlush, 0, 0);
   append_request(out, Command::kTrim, 4096, 4096);
   append_request(out, Command::kWriteZeroes, 8192, 65536, kCmdFlagNoHole);
+  append_request(out, Command::kWrite, 100, 1000);                      // unaligned: RMW
+  append_request(out, Command::kWriteZeroes, 1, 0xfffff000u);         // 4 GiB - 4 KiB
+  append_request(out, Command::kTrim, 700, 3000);
   append_request(out, Command::kCache, 0, 65536);
   append_request(out, Command::kBlockStatus, 0, kExportSize, kCmdFlagReqOne);
-  append_request(out, Command::kRead, kExportSize - 512, 1024);  // past the end: EINVAL
+  append_request(out, Command::kRead, kWritableExportSize - 512, 1024);  // past the end: EINVAL
   append_request(out, Command::kDisconnect, 0, 0);
 }
 

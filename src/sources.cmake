@@ -28,6 +28,7 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/aio/thread_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/timer_heap.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/uring.cc
+  ${CMAKE_CURRENT_LIST_DIR}/aio/uring_probe.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/coroutine.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/event.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/frame_allocator.cc
@@ -57,6 +58,7 @@ set(SPINDLE_NBD_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/nbd/buffer_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/connection.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/export_stats.cc
+  ${CMAKE_CURRENT_LIST_DIR}/nbd/in_flight_budget.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/mapped_file_cache.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/reply_writer.cc
   ${CMAKE_CURRENT_LIST_DIR}/nbd/server.cc

@@ -165,6 +165,94 @@ coro::Task<int> BlockBackend::write_aligned(std::uint64_t offset,
                    });
 }
 
+// ---- unaligned requests --------------------------------------------------------------------
+//
+// An unaligned request is split into a partial head block, an aligned middle and a partial
+// tail block. Only the edge blocks go through a bounce buffer of one block; the middle goes
+// down in place (or, for write_zeroes, as a write_zeroes). So no request allocates more than
+// one block, whatever its length.
+
+BlockBackend::Edges BlockBackend::edges(std::uint64_t offset, std::uint64_t bytes) const noexcept {
+  Edges e;
+  e.start = offset / alignment_ * alignment_;
+  e.end = (offset + bytes + alignment_ - 1) / alignment_ * alignment_;
+  const bool head_partial = offset % alignment_ != 0;
+  const bool tail_partial = (offset + bytes) % alignment_ != 0;
+  if (head_partial) e.head = e.start;
+  if (tail_partial && !(head_partial && e.end - e.start == alignment_)) e.tail = e.end - alignment_;
+  e.middle_begin = head_partial ? e.start + alignment_ : offset;
+  e.middle_end = tail_partial ? e.end - alignment_ : offset + bytes;
+  if (e.middle_end < e.middle_begin) e.middle_end = e.middle_begin;  // one block: no middle
+  return e;
+}
+
+coro::Task<int> BlockBackend::read_unaligned(std::uint64_t offset, std::span<std::byte> buffer,
+                                             std::uint32_t flags) {
+  const Edges e = edges(offset, buffer.size());
+  const std::uint64_t request_end = offset + buffer.size();
+  if (e.middle_end > e.middle_begin) {
+    const int result = co_await read_aligned(
+        e.middle_begin, buffer.subspan(e.middle_begin - offset, e.middle_end - e.middle_begin),
+        flags);
+    if (result < 0) co_return result;
+  }
+  std::vector<std::byte> block(alignment_);
+  const std::optional<std::uint64_t> edge_blocks[] = {e.head, e.tail};
+  for (const std::optional<std::uint64_t>& edge : edge_blocks) {
+    if (!edge) continue;
+    const int result = co_await read_aligned(*edge, block, flags);
+    if (result < 0) co_return result;
+    const std::uint64_t from = std::max(offset, *edge);
+    const std::uint64_t to = std::min(request_end, *edge + alignment_);
+    std::memcpy(buffer.data() + (from - offset), block.data() + (from - *edge), to - from);
+  }
+  co_return 0;
+}
+
+coro::Task<int> BlockBackend::patch_block(std::uint64_t block_start, std::uint64_t offset,
+                                          std::uint64_t bytes, const std::byte* data,
+                                          std::span<std::byte> block, std::uint32_t flags) {
+  int result = co_await read_aligned(block_start, block, 0);
+  if (result < 0) co_return result;
+  const std::uint64_t from = std::max(offset, block_start);
+  const std::uint64_t to = std::min(offset + bytes, block_start + alignment_);
+  if (data) {
+    std::memcpy(block.data() + (from - block_start), data + (from - offset), to - from);
+  } else {
+    std::memset(block.data() + (from - block_start), 0, to - from);
+  }
+  co_return co_await write_aligned(block_start, block, flags);
+}
+
+coro::Task<int> BlockBackend::modify_unaligned(std::uint64_t offset, std::uint64_t bytes,
+                                               const std::byte* data, std::uint32_t flags) {
+  const Edges e = edges(offset, bytes);
+  // Serialising over the whole range: overlapping requests wait, so no read-modify-write of an
+  // edge block undoes another request's bytes.
+  Tracked request{e.start, e.end, /*serialising=*/true};
+  co_await track(request);
+  int result = 0;
+  std::vector<std::byte> block(alignment_);
+  const std::uint32_t data_flags = flags & kFua;
+  if (e.head) result = co_await patch_block(*e.head, offset, bytes, data, block, data_flags);
+  if (result >= 0 && e.tail) {
+    result = co_await patch_block(*e.tail, offset, bytes, data, block, data_flags);
+  }
+  if (result >= 0 && e.middle_end > e.middle_begin) {
+    const std::uint64_t length = e.middle_end - e.middle_begin;
+    if (data) {
+      result = co_await write_aligned(
+          e.middle_begin, std::span(data + (e.middle_begin - offset), length), flags);
+    } else {
+      result = co_await root_->write_zeroes(e.middle_begin, length, flags);
+    }
+  }
+  untrack(request);
+  co_return result;
+}
+
+// ---- data path ------------------------------------------------------------------------------
+
 coro::Task<int> BlockBackend::read(std::uint64_t offset, std::span<std::byte> buffer,
                                    std::uint32_t flags) {
   if (int error = check_request(offset, buffer.size()); error < 0) co_return error;
@@ -173,12 +261,7 @@ coro::Task<int> BlockBackend::read(std::uint64_t offset, std::span<std::byte> bu
   if (offset % alignment_ == 0 && buffer.size() % alignment_ == 0) {
     co_return co_await read_aligned(offset, buffer, flags);
   }
-  const std::uint64_t start = offset / alignment_ * alignment_;
-  const std::uint64_t end = (offset + buffer.size() + alignment_ - 1) / alignment_ * alignment_;
-  std::vector<std::byte> bounce(end - start);
-  const int result = co_await read_aligned(start, bounce, flags);
-  if (result == 0) std::memcpy(buffer.data(), bounce.data() + (offset - start), buffer.size());
-  co_return result;
+  co_return co_await read_unaligned(offset, buffer, flags);
 }
 
 coro::Task<int> BlockBackend::read_zero_copy(std::uint64_t offset, std::uint64_t bytes,
@@ -191,29 +274,6 @@ coro::Task<int> BlockBackend::read_zero_copy(std::uint64_t offset, std::uint64_t
   co_return co_await sink.send_from(range->fd, range->offset, bytes);
 }
 
-coro::Task<int> BlockBackend::write_unaligned(std::uint64_t offset,
-                                              std::span<const std::byte> buffer,
-                                              std::uint32_t flags) {
-  const std::uint64_t start = offset / alignment_ * alignment_;
-  const std::uint64_t end = (offset + buffer.size() + alignment_ - 1) / alignment_ * alignment_;
-  Tracked request{start, end, /*serialising=*/true};
-  co_await track(request);
-  std::vector<std::byte> bounce(end - start);
-  // Read the partial head and tail blocks, then overlay the new bytes.
-  int result = co_await read_aligned(start, std::span(bounce.data(), alignment_), 0);
-  if (result == 0 && end - start > alignment_) {
-    result = co_await read_aligned(end - alignment_,
-                                   std::span(bounce.data() + (end - start - alignment_), alignment_),
-                                   0);
-  }
-  if (result == 0) {
-    std::memcpy(bounce.data() + (offset - start), buffer.data(), buffer.size());
-    result = co_await write_aligned(start, bounce, flags);
-  }
-  untrack(request);
-  co_return result;
-}
-
 coro::Task<int> BlockBackend::write(std::uint64_t offset, std::span<const std::byte> buffer,
                                     std::uint32_t flags) {
   if (read_only()) co_return -EROFS;
@@ -221,7 +281,7 @@ coro::Task<int> BlockBackend::write(std::uint64_t offset, std::span<const std::b
   co_await enter_request();
   InFlight in_flight(*this);
   if (offset % alignment_ != 0 || buffer.size() % alignment_ != 0) {
-    co_return co_await write_unaligned(offset, buffer, flags);
+    co_return co_await modify_unaligned(offset, buffer.size(), buffer.data(), flags);
   }
   if (alignment_ == 1) co_return co_await write_aligned(offset, buffer, flags);
   // Aligned writes still wait for an overlapping read-modify-write in progress.
@@ -236,13 +296,18 @@ coro::Task<int> BlockBackend::write_zeroes(std::uint64_t offset, std::uint64_t b
                                            std::uint32_t flags) {
   if (read_only()) co_return -EROFS;
   if (int error = check_request(offset, bytes); error < 0) co_return error;
-  if (offset % alignment_ != 0 || bytes % alignment_ != 0) {  // rare: zero through RMW
-    const std::vector<std::byte> zeros(bytes);
-    co_return co_await write(offset, zeros, flags & kFua);
-  }
+  const bool aligned = offset % alignment_ == 0 && bytes % alignment_ == 0;
+  // Unaligned edges are written as data: not the fast zeroing that kNoFallback asks for.
+  if (!aligned && (flags & kNoFallback)) co_return -ENOTSUP;
   co_await enter_request();
   InFlight in_flight(*this);
-  co_return co_await root_->write_zeroes(offset, bytes, flags);
+  if (!aligned) co_return co_await modify_unaligned(offset, bytes, nullptr, flags);
+  if (alignment_ == 1) co_return co_await root_->write_zeroes(offset, bytes, flags);
+  Tracked request{offset, offset + bytes, /*serialising=*/false};
+  co_await track(request);
+  const int result = co_await root_->write_zeroes(offset, bytes, flags);
+  untrack(request);
+  co_return result;
 }
 
 coro::Task<int> BlockBackend::discard(std::uint64_t offset, std::uint64_t bytes) {
@@ -254,7 +319,13 @@ coro::Task<int> BlockBackend::discard(std::uint64_t offset, std::uint64_t bytes)
   if (end <= start) co_return 0;
   co_await enter_request();
   InFlight in_flight(*this);
-  co_return co_await root_->discard(start, end - start);
+  if (alignment_ == 1) co_return co_await root_->discard(start, end - start);
+  // Like an aligned write, it must not land inside another request's read-modify-write.
+  Tracked request{start, end, /*serialising=*/false};
+  co_await track(request);
+  const int result = co_await root_->discard(start, end - start);
+  untrack(request);
+  co_return result;
 }
 
 coro::Task<int> BlockBackend::flush() {

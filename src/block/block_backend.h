@@ -1,9 +1,12 @@
 // BlockBackend: what users of an image hold (the NBD server, spindle-img, tests). It sits on the
 // root node of a graph and turns arbitrary byte requests into what drivers accept:
 //   * bounds: requests beyond the end fail with -EIO (-EINVAL for lengths that overflow);
-//   * alignment: unaligned reads go through an aligned bounce buffer; unaligned writes become
-//     read-modify-write under a *serialising* tracked request, so overlapping requests wait
-//     for it and concurrent RMWs of one block never lose each other's bytes;
+//   * alignment: the partial edge blocks of an unaligned read go through a one-block bounce
+//     buffer and the aligned middle is read in place; unaligned writes and write_zeroes
+//     read-modify-write their edge blocks under a *serialising* tracked request over the whole
+//     range and pass the aligned middle down, so overlapping requests (writes, write_zeroes
+//     and discards, which are tracked too) wait for it and never lose each other's bytes.
+//     No request allocates more than one block, whatever its length;
 //   * splitting by the root's max_transfer;
 //   * in-flight tracking and drain(): drained_begin() waits until nothing is in flight, holds
 //     new requests back until drained_end(), and tells the graph to finish its background
@@ -26,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <span>
 
 #include "aio/context.h"
@@ -116,8 +120,24 @@ class BlockBackend {
                                std::uint32_t flags);
   coro::Task<int> write_aligned(std::uint64_t offset, std::span<const std::byte> buffer,
                                 std::uint32_t flags);
-  coro::Task<int> write_unaligned(std::uint64_t offset, std::span<const std::byte> buffer,
-                                  std::uint32_t flags);
+  // An unaligned range: the partial edge blocks (head, tail: block starts; absent when that
+  // edge is aligned or both lie in one block) and the aligned middle [middle_begin, middle_end).
+  struct Edges {
+    std::uint64_t start = 0, end = 0;  // the range rounded out to whole blocks
+    std::optional<std::uint64_t> head, tail;
+    std::uint64_t middle_begin = 0, middle_end = 0;
+  };
+  Edges edges(std::uint64_t offset, std::uint64_t bytes) const noexcept;
+  coro::Task<int> read_unaligned(std::uint64_t offset, std::span<std::byte> buffer,
+                                 std::uint32_t flags);
+  // Writes `data` (or zeros when null) over [offset, offset + bytes) inside the block at
+  // `block_start`, by read-modify-write through `block` (one block of scratch).
+  coro::Task<int> patch_block(std::uint64_t block_start, std::uint64_t offset, std::uint64_t bytes,
+                              const std::byte* data, std::span<std::byte> block,
+                              std::uint32_t flags);
+  // An unaligned write (data) or write_zeroes (data == nullptr), serialised over its blocks.
+  coro::Task<int> modify_unaligned(std::uint64_t offset, std::uint64_t bytes,
+                                   const std::byte* data, std::uint32_t flags);
 
   const BlockNodeRef root_;
   const std::uint32_t alignment_;

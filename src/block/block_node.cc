@@ -9,9 +9,11 @@ namespace spindle::block {
 coro::Task<int> BlockNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                         std::uint32_t flags) {
   if (flags & kNoFallback) co_return -ENOTSUP;
-  constexpr std::uint64_t kChunk = 1 << 20;
-  const std::uint32_t alignment = limits().request_alignment;
-  const std::vector<std::byte> zeros(std::min<std::uint64_t>(bytes, kChunk));
+  const BlockLimits node_limits = limits();
+  std::uint64_t chunk = 1 << 20;
+  if (node_limits.max_transfer != 0) chunk = std::min(chunk, node_limits.max_transfer);
+  const std::uint32_t alignment = std::max<std::uint32_t>(node_limits.request_alignment, 1);
+  const std::vector<std::byte> zeros(std::min(bytes, chunk));
   while (bytes > 0) {
     std::uint64_t length = std::min<std::uint64_t>(bytes, zeros.size());
     if (length < bytes) length -= length % alignment;  // keep the pieces aligned

@@ -197,22 +197,30 @@ coro::Task<int> Channel::send_file(int file_fd, std::uint64_t offset, std::uint6
 }
 
 int Channel::shutdown_write() noexcept {
-  const int fd = fd_.load(std::memory_order_acquire);
   if (!is_socket_) return -ENOTSOCK;
+  std::lock_guard lock(fd_mutex_);
+  const int fd = fd_.load(std::memory_order_acquire);
+  if (fd < 0) return -EBADF;
   return ::shutdown(fd, SHUT_WR) < 0 ? -errno : 0;
 }
 
 int Channel::shutdown_read() noexcept {
-  const int fd = fd_.load(std::memory_order_acquire);
   if (!is_socket_) return -ENOTSOCK;
+  std::lock_guard lock(fd_mutex_);
+  const int fd = fd_.load(std::memory_order_acquire);
+  if (fd < 0) return -EBADF;
   return ::shutdown(fd, SHUT_RD) < 0 ? -errno : 0;
 }
 
 void Channel::close() noexcept {
   detach();
-  const int fd = fd_.exchange(-1, std::memory_order_acq_rel);
-  if (fd < 0) return;
-  ::close(fd);
+  int fd;
+  {
+    std::lock_guard lock(fd_mutex_);
+    fd = fd_.exchange(-1, std::memory_order_acq_rel);
+    if (fd < 0) return;
+    ::close(fd);
+  }
   for (auto* direction : {&readable_, &writable_}) {
     const std::uintptr_t state = direction->exchange(kClosed, std::memory_order_acq_rel);
     if (state != 0 && state != kReady && state != kClosed) {

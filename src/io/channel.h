@@ -17,9 +17,14 @@
 // Regular files and block devices cannot be polled: a channel over one reads and writes at the
 // file position through aio file I/O (io_uring or the thread pool), so it never blocks a loop.
 //
-// Thread-safety: at most one coroutine reads and one writes at a time (any context). attach(),
-// detach() and close() from any thread; destroy the channel only when no coroutine uses it and
-// from the attached context's thread (or after detach()).
+// Thread-safety: at most one coroutine reads and one writes at a time (any context). attach()
+// and detach() from any thread. shutdown_read()/shutdown_write() from any thread: `fd_mutex_`
+// orders them with close(), so they never act on an fd number that close() has released (and
+// the kernel may have reused for an unrelated socket). close() only from the channel's owner:
+// the attached context's thread (where its coroutines run and use the fd), or any thread while
+// no coroutine uses the channel; other threads shut the socket down (waiters then see EOF or
+// an error) and leave the close to the owner. Destroy the channel only when no coroutine uses
+// it and from the attached context's thread (or after detach()).
 #pragma once
 
 #include <sys/types.h>
@@ -29,6 +34,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <span>
 
 #include "aio/context.h"
@@ -57,7 +63,8 @@ class Channel final : public ByteStream {
   // Ends the read direction: a read blocked in the channel (from any thread) returns 0 (EOF),
   // and so do later ones; sockets only. 0 or -errno.
   int shutdown_read() noexcept;
-  // Closes the fd; coroutines waiting in the channel resume with -ECANCELED.
+  // Closes the fd; coroutines waiting in the channel resume with -ECANCELED. Owner only (see
+  // above).
   void close() noexcept;
   bool closed() const noexcept { return fd_.load(std::memory_order_acquire) < 0; }
 
@@ -80,6 +87,7 @@ class Channel final : public ByteStream {
   ssize_t try_writev(const iovec* vectors, int count) noexcept;
 
   std::atomic<int> fd_;
+  std::mutex fd_mutex_;  // held by close() and the shutdown calls around their use of fd_
   bool is_socket_ = false;
   bool pollable_ = true;  // false for regular files and block devices
   std::atomic<aio::Context*> context_{nullptr};

@@ -34,24 +34,30 @@ constexpr std::uint32_t kSparseReadThreshold = 64 * 1024;
 // replies into one writev (the residency check is a system call of its own).
 constexpr std::uint32_t kZeroCopyReadThreshold = 64 * 1024;
 constexpr std::uint32_t kMaxExtentsPerReply = 256;
-// Bytes of READ/WRITE/CACHE buffers one connection may have in flight at once.
+// Bytes of request buffers and working memory one connection may hold in flight at once.
 constexpr std::uint64_t kMaxBytesInFlight = 64u << 20;
+// CACHE reads its range in pieces this large (the data is dropped; only the page cache keeps it).
+constexpr std::uint64_t kCachePiece = 1u << 20;
 
+// What a request may hold while it runs, counted against both budgets. Data commands hold
+// their buffer; WRITE_ZEROES and TRIM at most a block layer's bounded working memory (a 1 MiB
+// zero buffer where a driver falls back to writing zeros); the rest a coroutine frame and a
+// small reply.
 std::uint64_t request_cost(const RequestHeader& request) {
+  constexpr std::uint64_t kMinimum = 4096;
   switch (request.command()) {
     case Command::kRead:
     case Command::kWrite:
+      return std::max<std::uint64_t>(request.length, kMinimum);
     case Command::kCache:
-      return request.length;
+      return std::clamp<std::uint64_t>(request.length, kMinimum, kCachePiece);
+    case Command::kWriteZeroes:
+    case Command::kTrim:
+      return 1u << 20;
     default:
-      return 0;
+      return kMinimum;
   }
 }
-// Once the receive loop has ended (client EOF or DISC, lost framing, server shutdown), the
-// replies still owed get this long to go out. A peer that stopped reading must not keep the
-// connection, and with it a server shutdown, alive forever: after the deadline the channel is
-// closed. Backend requests still run to completion; only their replies are dropped.
-constexpr std::chrono::seconds kDrainTimeout{2};
 
 iovec bytes_iovec(const void* data, std::size_t size) {
   return iovec{const_cast<void*>(data), size};
@@ -135,12 +141,18 @@ class Connection::PageCacheRead final : public block::HostFileSink {
   const RequestHeader& request_;
 };
 
-Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
+Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel, aio::Context& home,
+                       std::uint64_t serial)
     : server_(server),
       channel_(std::move(channel)),
       stream_(channel_.get()),
       copy_free_reads_(server.options_.zero_copy_reads != ZeroCopyReads::never),
-      sendfile_reads_(wants_sendfile(server.options_.zero_copy_reads, channel_->fd())) {
+      sendfile_reads_(wants_sendfile(server.options_.zero_copy_reads, channel_->fd())),
+      serial_(serial),
+      drain_deadline_(home, aio::Clock::monotonic, [this] {
+        peer_gone_ = true;
+        channel_->close();  // blocked reads and sends get -ECANCELED
+      }) {
   // Room for several large READ replies in a Unix socket, so that the loop is not woken for
   // every ~200 KiB the client drains (the default buffer); the kernel caps the request at
   // net.core.wmem_max. TCP is left alone: setting SO_SNDBUF there would turn off the kernel's
@@ -157,18 +169,34 @@ Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel)
 
 Connection::~Connection() = default;
 
-void Connection::stop_reading() noexcept { channel_->shutdown_read(); }
+bool Connection::stop(std::chrono::nanoseconds grace) noexcept {
+  if (stop_requested_.exchange(true, std::memory_order_acq_rel)) return false;
+  channel_->shutdown_read();  // a read blocked now, or later, sees EOF
+  slot_free_.set();           // the receive loop may be waiting for admission
+  arm_drain_deadline(grace);
+  return true;
+}
+
+void Connection::arm_drain_deadline(std::chrono::nanoseconds delay) noexcept {
+  // Once only: the first stop (or the end of the receive loop) sets the deadline.
+  if (!deadline_armed_.exchange(true, std::memory_order_acq_rel)) drain_deadline_.arm_in(delay);
+}
 
 coro::Task<void> Connection::run() {
   channel_->attach(*aio::current_context());
   const bool negotiated = co_await handshake();
+  handshaking_.store(false, std::memory_order_release);
   if (negotiated) co_await transmission();
-  aio::Timer drain_deadline(*aio::current_context(), aio::Clock::monotonic,
-                            [this] { channel_->close(); });  // blocked sends get -ECANCELED
-  drain_deadline.arm_in(kDrainTimeout);
+  // Once the receive loop has ended (client EOF or DISC, lost framing), the replies still owed
+  // get ServerOptions::drain_timeout to go out (a server stop arms the same deadline when it
+  // begins). A peer that stopped reading must not keep the connection, and with it a server
+  // shutdown, alive forever: after the deadline the channel is closed. Backend requests already
+  // started run to completion; their replies, and requests not started yet, are dropped.
+  arm_drain_deadline(server_.options_.drain_timeout);
   co_await idle_.wait();  // every request has sent its reply (or given up on the peer)
-  drain_deadline.cancel();
-  if (tls_) tls_->say_goodbye();
+  drain_deadline_.cancel();
+  server_.budget_.forget(&slot_free_);
+  if (tls_ && !peer_gone_) tls_->say_goodbye();
   channel_->close();
 }
 
@@ -455,32 +483,50 @@ coro::Task<int> Connection::receive(void* destination, std::size_t size) {
   co_return 0;
 }
 
-coro::Task<void> Connection::transmission() {
+coro::Task<bool> Connection::admit(std::uint64_t cost) {
   const std::size_t max_in_flight = std::max<std::size_t>(
       server_.options_.max_requests_per_connection, 1);
   for (;;) {
+    // Reset before checking: a completion or give_back() after the check sets it again.
+    slot_free_.reset();
+    if (stopping()) co_return false;
+    const bool fits_connection =
+        in_flight_ < max_in_flight &&
+        (in_flight_ == 0 || bytes_in_flight_ + cost <= kMaxBytesInFlight);
+    if (fits_connection && server_.budget_.try_take(cost, bytes_in_flight_, &slot_free_)) {
+      co_return true;
+    }
+    co_await slot_free_.wait();
+  }
+}
+
+coro::Task<int> Connection::skip_payload(std::uint64_t bytes) {
+  std::array<std::byte, 16 * 1024> scratch;
+  while (bytes > 0) {
+    const std::size_t piece = std::min<std::uint64_t>(bytes, scratch.size());
+    const int got = co_await receive(scratch.data(), piece);
+    if (got != 0) co_return got;
+    bytes -= piece;
+  }
+  co_return 0;
+}
+
+coro::Task<void> Connection::transmission() {
+  while (!stopping()) {
     std::array<std::byte, kRequestHeaderSize> header_bytes;
     const int got_header = co_await receive(header_bytes.data(), header_bytes.size());
-    if (got_header != 0) break;
+    if (got_header != 0) {
+      if (got_header != -ECONNRESET) peer_gone_ = true;  // (-ECONNRESET: our clean EOF)
+      break;
+    }
     const auto request = parse_request(header_bytes);
     if (!request) break;  // lost framing: hard disconnect
     const RequestVerdict verdict = validate_request(*request, policy_);
     if (verdict.disconnect) break;
-    // Admission: a bounded number of requests and of buffered bytes per connection, checked
-    // before a WRITE payload is read, so a client cannot make the server hold gigabytes.
-    const std::uint64_t cost = request_cost(*request);
-    while (in_flight_ >= max_in_flight ||
-           (in_flight_ > 0 && bytes_in_flight_ + cost > kMaxBytesInFlight)) {
-      slot_free_.reset();
-      co_await slot_free_.wait();
-    }
-    ByteBuffer payload = buffers_->acquire(request_payload_length(*request));
-    if (payload.size() > 0) {
-      const int got_payload = co_await receive(payload.data(), payload.size());
-      if (got_payload != 0) break;
-    }
     if (request->command() == Command::kDisconnect) break;
     if (!verdict.ok()) {
+      const int skipped = co_await skip_payload(request_payload_length(*request));
+      if (skipped != 0) break;
       // With structured replies a READ (or BLOCK_STATUS) must be answered with chunks even when
       // it is rejected up front: libnbd drops the connection on a simple reply to a READ.
       const Command command = request->command();
@@ -495,10 +541,30 @@ coro::Task<void> Connection::transmission() {
       }
       continue;
     }
+    // Admission, before a WRITE payload is read: a client cannot make the server hold more
+    // than the budgets allow, however many requests it pipelines.
+    const std::uint64_t cost = request_cost(*request);
+    const bool admitted = co_await admit(cost);
+    if (!admitted) break;
     if (in_flight_++ == 0) idle_.reset();
     bytes_in_flight_ += cost;
+    ByteBuffer payload = buffers_->acquire(request_payload_length(*request));
+    if (payload.size() > 0) {
+      const int got_payload = co_await receive(payload.data(), payload.size());
+      if (got_payload != 0) {
+        finish_request(cost);
+        break;
+      }
+    }
     coro::spawn(*aio::current_context(), handle_request(*request, std::move(payload)));
   }
+}
+
+void Connection::finish_request(std::uint64_t cost) noexcept {
+  bytes_in_flight_ -= cost;
+  server_.budget_.give_back(cost);
+  if (--in_flight_ == 0) idle_.set();
+  slot_free_.set();
 }
 
 coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer payload) {
@@ -507,7 +573,12 @@ coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer pa
   const std::int64_t start = aio::now_ns(aio::Clock::monotonic);
   int result = 0;
   auto kind = ExportStats::Kind::other;
-  switch (request.command()) {
+  // No reply can reach a client that is gone: its queued requests are dropped, not executed.
+  const Command command = peer_gone_ ? Command::kDisconnect : request.command();
+  switch (command) {
+    case Command::kDisconnect:
+      finish_request(request_cost(request));
+      co_return;
     case Command::kRead:
       kind = ExportStats::Kind::read;
       result = co_await handle_read(request);  // sends its own reply
@@ -541,9 +612,13 @@ coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer pa
       break;
     }
     case Command::kCache: {
-      // Prefetch: read it (the page cache keeps it) and drop the data.
-      ByteBuffer scratch = buffers_->acquire(request.length);
-      if (request.length > 0) result = co_await backend.read(request.offset, scratch.span());
+      // Prefetch: read it (the page cache keeps it) and drop the data, a piece at a time.
+      ByteBuffer scratch = buffers_->acquire(std::min<std::uint64_t>(request.length, kCachePiece));
+      for (std::uint64_t done = 0; done < request.length && result >= 0 && !peer_gone_;) {
+        const std::uint64_t piece = std::min<std::uint64_t>(request.length - done, kCachePiece);
+        result = co_await backend.read(request.offset + done, scratch.span().first(piece));
+        done += piece;
+      }
       co_await send_error(request, result);
       break;
     }
@@ -556,9 +631,7 @@ coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer pa
   }
   server_.stats(export_index_).record(kind, request.length,
                                       aio::now_ns(aio::Clock::monotonic) - start, result < 0);
-  bytes_in_flight_ -= request_cost(request);
-  if (--in_flight_ == 0) idle_.set();
-  slot_free_.set();
+  finish_request(request_cost(request));
 }
 
 coro::Task<int> Connection::handle_read(const RequestHeader& request) {
@@ -582,6 +655,7 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
       co_await send(parts);
       co_return 0;
     }
+    if (peer_gone_) co_return 0;  // gone while we looked: no buffer, no read
   }
   // Only on a plain socket: TLS encrypts in user space, where neither sendfile nor a mapping
   // can be used (a mapped file truncated meanwhile would raise SIGBUS there).
@@ -661,7 +735,10 @@ coro::Task<void> Connection::send_error(const RequestHeader& request, int errno_
 
 coro::Task<void> Connection::send(std::span<const iovec> parts, FileRange tail) {
   const bool sent = co_await replies_.send(*stream_, parts, tail);
-  if (!sent) channel_->shutdown_read();  // the peer is gone: stop reading, wind down
+  if (!sent) {  // the peer is gone: stop reading, wind down, drop what is queued
+    peer_gone_ = true;
+    channel_->shutdown_read();
+  }
 }
 
 }  // namespace spindle::nbd

@@ -8,17 +8,32 @@
 // through it (`stream_`); under TlsMode::require nothing but STARTTLS and ABORT is answered
 // before that.
 //
+// Admission: a request is started only while the connection has fewer than
+// `max_requests_per_connection` in flight and holds at most kMaxBytesInFlight (one request may
+// always run), and the server-wide InFlightBudget admits its cost; otherwise the receive loop
+// waits (slot_free_) before reading a WRITE's payload. Every command has a cost (request_cost).
+//
+// Stopping: stop() (server shutdown, or eviction of a connection still in its handshake) ends
+// the receive loop and arms the drain deadline at once, whatever the loop is waiting for (a
+// header, a payload, admission, an inline error reply, the handshake): when it fires the
+// channel is closed, which fails every blocked read and send. Once the peer is gone (a send
+// failed, the channel was closed), requests not yet started are dropped, not executed.
+//
 // Thread-safety: everything runs on the connection's context (its channel is attached there,
-// and request coroutines are spawned there and resume there); only stop_reading() is called
-// from other threads. `replies_`, in_flight_ and bytes_in_flight_ are used only on that
-// context.
+// and request coroutines are spawned there and resume there); only stop(), in_handshake() and
+// serial() are called from other threads (they use atomics, Channel::shutdown_read() and
+// Timer::arm_in(), which are thread-safe). `replies_`, in_flight_, bytes_in_flight_ and
+// peer_gone_ are used only on that context.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <vector>
 
+#include "aio/timer.h"
 #include "coro/event.h"
 #include "coro/mutex.h"
 #include "coro/task.h"
@@ -36,13 +51,19 @@ struct ExportConfig;
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(Server& server, std::unique_ptr<io::Channel> channel);
+  // `home`: the context run() will be called on (the drain deadline's timer lives there).
+  Connection(Server& server, std::unique_ptr<io::Channel> channel, aio::Context& home,
+             std::uint64_t serial);
   ~Connection();
 
-  // Runs the connection to its end on the current context (attaches the channel here).
+  // Runs the connection to its end on `home` (attaches the channel here).
   coro::Task<void> run();
-  // Makes the receive loop see end-of-stream: requests already read still get their replies.
-  void stop_reading() noexcept;
+  // Any thread. Ends the receive loop now; requests already read still get their replies for
+  // `grace`, then the channel is closed. Returns false if the connection was already stopping.
+  bool stop(std::chrono::nanoseconds grace) noexcept;
+  // Any thread: whether the client has not finished the handshake yet.
+  bool in_handshake() const noexcept { return handshaking_.load(std::memory_order_acquire); }
+  std::uint64_t serial() const noexcept { return serial_; }  // accept order
 
  private:
   enum class Next { keep_negotiating, transmit, close };
@@ -68,6 +89,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   coro::Task<void> send_error(const RequestHeader& request, int errno_value);
   // Sends one reply; `tail` (a zero-copy READ's data) follows `parts` if it names a file.
   coro::Task<void> send(std::span<const iovec> parts, FileRange tail = {});
+  // Reads and drops `bytes` of payload (a rejected WRITE's) through a small buffer.
+  coro::Task<int> skip_payload(std::uint64_t bytes);
+  // Waits until a request costing `cost` may start; false if the connection stops meanwhile.
+  coro::Task<bool> admit(std::uint64_t cost);
+  void arm_drain_deadline(std::chrono::nanoseconds delay) noexcept;
+  void finish_request(std::uint64_t cost) noexcept;  // a started request ended (or was dropped)
+  bool stopping() const noexcept { return stop_requested_.load(std::memory_order_acquire); }
 
   class PageCacheRead;  // a READ reply whose data goes from the page cache to the socket
                         // without a buffer (sendfile, or writev from a mapping)
@@ -94,8 +122,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::shared_ptr<BufferPool> buffers_ = std::make_shared<BufferPool>();
   std::size_t in_flight_ = 0;
   std::uint64_t bytes_in_flight_ = 0;
-  coro::Event slot_free_{true};
+  bool peer_gone_ = false;  // no reply can reach the client any more
+  coro::Event slot_free_{true};  // set when a request ends, budget is given back, or on stop()
   coro::Event idle_{true};
+
+  const std::uint64_t serial_;
+  std::atomic<bool> handshaking_{true};
+  std::atomic<bool> stop_requested_{false};
+  std::atomic<bool> deadline_armed_{false};
+  aio::Timer drain_deadline_;  // on home; closes the channel
 };
 
 }  // namespace spindle::nbd

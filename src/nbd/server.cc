@@ -12,7 +12,10 @@
 namespace spindle::nbd {
 
 Server::Server(aio::Context& control, ServerOptions options, std::vector<ExportConfig> exports)
-    : control_(control), options_(options), exports_(std::move(exports)) {
+    : control_(control),
+      options_(options),
+      exports_(std::move(exports)),
+      budget_(options.max_bytes_in_flight, options.connection_reserve_bytes) {
   if (exports_.empty()) base::fatal("nbd::Server needs at least one export");
   if (options_.tls_mode != TlsMode::off && !options_.tls_credentials) {
     base::fatal("nbd::Server: a TLS mode needs credentials");
@@ -50,7 +53,11 @@ coro::Task<void> Server::accept_loop(io::Listener& listener) {
       co_await coro::sleep(std::chrono::milliseconds(100));
       continue;
     }
-    if (active_.load() >= options_.max_connections) continue;  // dropped: closes at once
+    // Evicted connections are on their way out: they no longer count.
+    if (active_.load() - evicted_.load() >= options_.max_connections &&
+        !evict_oldest_handshake()) {
+      continue;  // dropped: closes at once
+    }
     start_connection(std::move(connection.value()));
   }
   if (accept_loops_.fetch_sub(1) == 1) accept_loops_done_.set();
@@ -58,16 +65,30 @@ coro::Task<void> Server::accept_loop(io::Listener& listener) {
 
 void Server::serve(std::unique_ptr<io::Channel> channel) { start_connection(std::move(channel)); }
 
+bool Server::evict_oldest_handshake() {
+  std::lock_guard lock(connections_mutex_);
+  Connection* oldest = nullptr;
+  for (const auto& connection : connections_) {
+    if (!connection->in_handshake() || evicted_connections_.contains(connection.get())) continue;
+    if (!oldest || connection->serial() < oldest->serial()) oldest = connection.get();
+  }
+  if (!oldest || !oldest->stop(std::chrono::nanoseconds(0))) return false;
+  evicted_connections_.insert(oldest);
+  evicted_.fetch_add(1);
+  return true;
+}
+
 void Server::start_connection(std::unique_ptr<io::Channel> channel) {
   channel->detach();  // it moves to the connection's IoThread
-  auto connection = std::make_shared<Connection>(*this, std::move(channel));
+  aio::IoThread& thread = *io_threads_[next_thread_.fetch_add(1) % io_threads_.size()];
+  auto connection = std::make_shared<Connection>(*this, std::move(channel), thread.context(),
+                                                 accepted_.load());
   {
     std::lock_guard lock(connections_mutex_);
     connections_.insert(connection);
   }
   if (active_.fetch_add(1) == 0) all_closed_.reset();
   accepted_.fetch_add(1);
-  aio::IoThread& thread = *io_threads_[next_thread_.fetch_add(1) % io_threads_.size()];
   coro::spawn(thread.context(), [](Server& server, std::shared_ptr<Connection> self) -> coro::Task<void> {
     co_await self->run();
     server.connection_finished(self.get());
@@ -78,6 +99,7 @@ void Server::connection_finished(Connection* connection) {
   std::shared_ptr<Connection> last_reference;  // released outside the lock
   {
     std::lock_guard lock(connections_mutex_);
+    if (evicted_connections_.erase(connection) != 0) evicted_.fetch_sub(1);
     for (auto it = connections_.begin(); it != connections_.end(); ++it) {
       if (it->get() == connection) {
         last_reference = *it;
@@ -98,7 +120,7 @@ coro::Task<void> Server::shutdown() {
   if (accept_loops_.load() > 0) co_await accept_loops_done_.wait();
   {
     std::lock_guard lock(connections_mutex_);
-    for (const auto& connection : connections_) connection->stop_reading();
+    for (const auto& connection : connections_) connection->stop(options_.drain_timeout);
   }
   co_await all_closed_.wait();
   for (const auto& config : exports_) {

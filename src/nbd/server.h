@@ -29,6 +29,7 @@
 #include "io/socket.h"
 #include "io/tls_credentials.h"
 #include "nbd/export_stats.h"
+#include "nbd/in_flight_budget.h"
 
 namespace spindle::nbd {
 
@@ -58,7 +59,15 @@ enum class ZeroCopyReads { never, remote, always };
 struct ServerOptions {
   std::size_t io_threads = 0;  // 0: one per CPU
   std::chrono::milliseconds handshake_timeout{10'000};
+  // Connections at once. When all are taken, a new connection replaces the oldest one still in
+  // its handshake (unauthenticated clients cannot starve served ones), or is closed at once.
   std::size_t max_connections = 100;
+  // Server-wide bytes that admitted requests may hold (see InFlightBudget); each connection
+  // may also hold up to `connection_reserve_bytes` beyond it.
+  std::uint64_t max_bytes_in_flight = 256u << 20;
+  std::uint64_t connection_reserve_bytes = 1u << 20;
+  // After a stop begins, replies still owed get this long before connections are closed.
+  std::chrono::milliseconds drain_timeout{2'000};
   std::size_t max_requests_per_connection = 64;
   std::size_t max_name_length = 4096;
   TlsMode tls_mode = TlsMode::off;
@@ -80,14 +89,16 @@ class Server {
   // Serves one already-connected channel (stdin/stdout mode, socket activation, tests).
   void serve(std::unique_ptr<io::Channel> channel);
 
-  // Stops accepting, lets connections finish the requests they have read, closes them,
-  // flushes and closes every export. Call from a coroutine on the control context.
+  // Stops accepting, lets connections finish the requests they have read (their replies get
+  // options.drain_timeout from now, whatever the clients do), closes them, flushes and closes
+  // every export. Call from a coroutine on the control context.
   coro::Task<void> shutdown();
 
   // Called (on the control context) whenever the last open connection closes.
   void set_on_idle(std::function<void()> callback) { on_idle_ = std::move(callback); }
 
   std::size_t connection_count() const noexcept { return active_.load(); }
+  std::uint64_t bytes_in_flight() const { return budget_.held(); }
   std::size_t total_connections() const noexcept { return accepted_.load(); }
   std::string stats_report() const;
   const std::vector<ExportConfig>& exports() const noexcept { return exports_; }
@@ -98,6 +109,8 @@ class Server {
   coro::Task<void> accept_loop(io::Listener& listener);
   void start_connection(std::unique_ptr<io::Channel> channel);
   void connection_finished(Connection* connection);
+  // Stops the oldest connection still in its handshake; false if there is none.
+  bool evict_oldest_handshake();
 
   aio::Context& control_;
   const ServerOptions options_;
@@ -108,12 +121,15 @@ class Server {
   std::atomic<std::size_t> next_thread_{0};
   std::atomic<std::size_t> active_{0};
   std::atomic<std::size_t> accepted_{0};
+  std::atomic<std::size_t> evicted_{0};  // stopped by eviction, not yet finished
   std::atomic<bool> stopping_{false};
   std::atomic<int> accept_loops_{0};
   coro::Event accept_loops_done_;
   coro::Event all_closed_{true};
   std::mutex connections_mutex_;
   std::set<std::shared_ptr<Connection>> connections_;
+  std::set<Connection*> evicted_connections_;  // guarded by connections_mutex_
+  InFlightBudget budget_;
   std::function<void()> on_idle_;
 };
 

@@ -1,8 +1,16 @@
 """Shared harness for the spindle-nbd interop and hostile-client tests (tests/interop/*.py).
 
 Every test script calls main() with the peer binaries it needs. main() parses
-`--spindle-nbd PATH`, prints "SKIPPED: ..." and exits 0 when a peer binary (or the python3-libnbd
-module) is missing, otherwise runs the script's unittest cases and exits non-zero on any failure.
+`--spindle-nbd PATH`, prints "SKIPPED: ..." and exits SKIP_EXIT_CODE (77, CTest's
+SKIP_RETURN_CODE for these tests) when a peer binary (or the python3-libnbd module) is missing,
+otherwise runs the script's unittest cases and exits non-zero on any failure. With
+SPINDLE_REQUIRE_PEERS=1 (scripts/test.sh, after installing every peer) a missing peer, or a test
+case skipped because something is "not installed", is a failure instead.
+
+A server that reports a sanitizer error (ThreadSanitizer, AddressSanitizer, UBSan) in its log, or
+exits with the sanitizers' exit code (SANITIZER_EXIT_CODE), fails the test that started it, even
+if every client call succeeded; servers still running at the end of a test are stopped with
+SIGTERM (a clean shutdown, which the sanitizers then check) before SIGKILL.
 
 Every test case (InteropTest) gets its own temp directory and starts its own spindle-nbd on a
 fresh image. Nothing can hang: every subprocess and socket call has a timeout, a per-test
@@ -31,12 +39,22 @@ import unittest
 
 SPINDLE_NBD = None  # set by main()
 
+# CTest's SKIP_RETURN_CODE for the interop tests (tests/CMakeLists.txt).
+SKIP_EXIT_CODE = 77
+# The exit status of a process TSan stopped (its default; scripts/test.sh spells out exitcode=66
+# in TSAN_OPTIONS). A report in the log is what we look for first; the exit status catches a
+# report that went elsewhere (log_path=...).
+SANITIZER_EXIT_CODE = 66
+SANITIZER_REPORT = re.compile(r"WARNING: ThreadSanitizer:|ERROR: (?:Address|Leak|Thread)Sanitizer"
+                              r"|SUMMARY: UndefinedBehaviorSanitizer|: runtime error: ")
+
 # Whole-script limit (CTest's TIMEOUT is 300 s): dump the stacks and exit non-zero before that.
 SCRIPT_TIMEOUT_S = 270
 # Per-test watchdog: the test's servers are SIGKILLed after this long.
 DEFAULT_TEST_TIMEOUT_S = 90
 
 MiB = 1 << 20
+GiB = 1 << 30
 KiB = 1 << 10
 
 # ---- wire constants (NBD spec; see shared/reference/nbd.md §1) --------------------------------
@@ -112,18 +130,25 @@ def main(required_binaries=(), needs_nbd_module=False):
         sys.exit(1)
     missing = [b for b in required_binaries if shutil.which(b) is None]
     if missing:
-        log(f"SKIPPED: peer binaries not installed: {', '.join(missing)}")
-        sys.exit(0)
+        skip(f"peer binaries not installed: {', '.join(missing)}")
     if needs_nbd_module and not _maybe_reexec_for_nbd_module():
-        log("SKIPPED: the python3 'nbd' module (python3-libnbd) is not installed")
-        sys.exit(0)
+        skip("the python3 'nbd' module (python3-libnbd) is not installed")
     faulthandler.dump_traceback_later(SCRIPT_TIMEOUT_S, exit=True)
     started = time.monotonic()
     program = unittest.main(argv=[sys.argv[0]] + rest, exit=False, verbosity=2)
     result = program.result
     elapsed = time.monotonic() - started
+    missing_peers = [reason for _, reason in result.skipped if "not installed" in reason]
+    if result.wasSuccessful() and missing_peers and peers_required():
+        log(f"FAILED: SPINDLE_REQUIRE_PEERS=1 and {len(missing_peers)} tests skipped for a "
+            f"missing peer: {'; '.join(sorted(set(missing_peers)))}")
+        sys.exit(1)
     if result.wasSuccessful() and result.testsRun > 0:
-        log(f"PASSED: {result.testsRun} tests in {elapsed:.1f} s")
+        if len(result.skipped) == result.testsRun:
+            log(f"SKIPPED: all {result.testsRun} tests skipped")
+            sys.exit(SKIP_EXIT_CODE)
+        skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+        log(f"PASSED: {result.testsRun} tests in {elapsed:.1f} s{skipped}")
         sys.exit(0)
     if result.testsRun == 0:
         log("FAILED: no tests ran")
@@ -131,6 +156,20 @@ def main(required_binaries=(), needs_nbd_module=False):
         log(f"FAILED: {len(result.failures)} failures, {len(result.errors)} errors "
             f"out of {result.testsRun} tests ({elapsed:.1f} s)")
     sys.exit(1)
+
+
+def peers_required():
+    return os.environ.get("SPINDLE_REQUIRE_PEERS", "") not in ("", "0")
+
+
+def skip(reason):
+    """The whole script cannot run here (a peer is missing): exit SKIP_EXIT_CODE, or fail when
+    SPINDLE_REQUIRE_PEERS is set (CI installed every peer, so a missing one is a broken setup)."""
+    if peers_required():
+        log(f"FAILED: {reason} (SPINDLE_REQUIRE_PEERS=1: scripts/install-deps.sh installs it)")
+        sys.exit(1)
+    log(f"SKIPPED: {reason}")
+    sys.exit(SKIP_EXIT_CODE)
 
 
 _sanitized = None
@@ -186,16 +225,19 @@ class Server:
     127.0.0.1 with a kernel-picked port (-p 0; the port is read from the startup banner)."""
 
     def __init__(self, test, image=None, args=(), tcp=False, persistent=True, name="",
-                 start_timeout=15):
+                 start_timeout=15, wrapper=()):
         self.test = test
         self.tcp = tcp
         self.name = name
         self.port = None
         self.returncode = None
+        # Set once the test signals, stops, kills or waits for the server: from then on its exit
+        # status is the test's business. An exit nobody asked for must be 0 (see _cleanup).
+        self.exit_expected = False
         index = len(test.servers)
         self.log_path = os.path.join(test.tmp, f"server{index}.log")
         self.socket_path = None if tcp else os.path.join(test.tmp, f"nbd{index}.sock")
-        cmd = [SPINDLE_NBD]
+        cmd = list(wrapper) + [SPINDLE_NBD]  # wrapper: e.g. [no_io_uring] (test_aio.py)
         if persistent:
             cmd.append("-t")
         if name:
@@ -233,6 +275,7 @@ class Server:
                         raise AssertionError("server reported port 0 for -p 0")
                 return
             if self.proc.poll() is not None:
+                self.exit_expected = True  # reported here (a test may expect it)
                 raise AssertionError(f"spindle-nbd exited with {self.proc.returncode} at startup: "
                                      f"{' '.join(self.cmd)}\n{text}")
             time.sleep(0.02)
@@ -266,11 +309,13 @@ class Server:
         return self.proc.poll() is None
 
     def signal(self, sig):
+        self.exit_expected = True
         if self.alive():
             self.proc.send_signal(sig)
 
     def wait(self, timeout):
         """Waits for exit; returns the exit status or None on timeout (the server keeps running)."""
+        self.exit_expected = True
         try:
             self.returncode = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -280,6 +325,7 @@ class Server:
     def stop(self, timeout=5.0):
         """SIGTERM, then SIGKILL if it has not exited within `timeout`. Returns
         (exit status, seconds to exit after SIGTERM, was it killed)."""
+        self.exit_expected = True
         if not self.alive():
             self.returncode = self.proc.returncode
             self._close_log()
@@ -296,6 +342,7 @@ class Server:
         return self.returncode, elapsed, killed
 
     def kill(self):
+        self.exit_expected = True
         if self.proc.poll() is None:
             self.proc.kill()
         try:
@@ -374,18 +421,41 @@ class InteropTest(unittest.TestCase):
         self.handles.clear()
         gc.collect()
         failed = self._outcome_failed()
+        bad_exits = []
         for server in self.servers:
-            if server.alive():
+            problem = None
+            if server.alive() and not self.watchdog_fired:
+                # A clean shutdown, so that the sanitizers see it (and report at exit).
+                rc, _, killed = server.stop(timeout=10)
+                if killed:
+                    log(f"note: spindle-nbd ignored SIGTERM for 10 s, killed: {server.cmd}")
+                elif rc != 0:
+                    problem = f"exit status {rc} after SIGTERM at the end of the test"
+            elif server.alive():
                 server.kill()
             else:
+                server.returncode = server.proc.returncode
                 server._close_log()
-            if failed or self.watchdog_fired:
+                if not server.exit_expected and server.returncode != 0:
+                    problem = f"exited with status {server.returncode} during the test"
+            text = server.log_text()
+            report = SANITIZER_REPORT.search(text)
+            if report or server.returncode == SANITIZER_EXIT_CODE:
+                problem = f"sanitizer report (exit status {server.returncode})"
+            if problem:
+                bad_exits.append(f"{' '.join(server.cmd)}: {problem}")
+            if failed or self.watchdog_fired or problem:
                 log(f"--- spindle-nbd log ({' '.join(server.cmd)}), exit {server.returncode}:")
-                log(server.log_text()[-6000:])
+                if report and report.start() < len(text) - 6000:
+                    log(text[report.start():report.start() + 6000])  # the first report
+                    log("--- ... (log tail)")
+                log(text[-6000:])
         strays = self.kill_strays()
         shutil.rmtree(self.tmp, ignore_errors=True)
         if strays:
             raise AssertionError(f"processes left running by the test (killed): {strays}")
+        if bad_exits:
+            raise AssertionError("spindle-nbd (log above): " + "; ".join(bad_exits))
         if self.watchdog_fired:
             raise AssertionError(f"test exceeded its {self.test_timeout_s} s watchdog "
                                  "(server hung?)")

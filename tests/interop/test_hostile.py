@@ -444,12 +444,11 @@ class OwnServerHostileTest(si.InteropTest):
         a = server.connect_raw()
         b = server.connect_raw()
         try:
-            read_greeting(a)
-            read_greeting(b)
-            time.sleep(0.1)
+            raw_handshake(a)
+            raw_handshake(b)
             c = server.connect_raw()
             try:
-                # Over the limit: dropped without a greeting.
+                # Over the limit, with both served: dropped without a greeting.
                 c.settimeout(PROMPT_CLOSE_S)
                 self.assertEqual(recv_exact(c, 18), b"", "third connection was served")
             except ConnectionResetError:
@@ -467,6 +466,31 @@ class OwnServerHostileTest(si.InteropTest):
                 break
             time.sleep(0.1)
         self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_serving(server)
+
+    def test_connection_limit_replaces_the_oldest_handshake(self):
+        # At the limit, a new connection replaces the oldest one still in its handshake, so
+        # connections that never authenticate cannot keep real clients out.
+        image = self.make_image("disk.img", 1 * MiB)
+        server = self.server(image, ["-e", "2"])
+        served = server.connect_raw()
+        oldest = server.connect_raw()
+        try:
+            raw_handshake(served)
+            read_greeting(oldest)                         # and then nothing
+            newcomer = server.connect_raw()
+            try:
+                raw_handshake(newcomer)                   # gets in
+                self.assertIsNotNone(wait_closed(oldest, PROMPT_CLOSE_S),
+                                     "the oldest unfinished handshake was not replaced")
+                for sock, cookie in ((served, 1), (newcomer, 2)):
+                    sock.sendall(request(CMD_READ, cookie, 0, 512))
+                    self.assertEqual(read_simple_reply(sock, 512)[:2], (0, cookie))
+            finally:
+                newcomer.close()
+        finally:
+            served.close()
+            oldest.close()
         self.assert_serving(server)
 
 

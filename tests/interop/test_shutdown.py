@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -156,6 +157,116 @@ class ShutdownTest(si.InteropTest):
         finally:
             s.close()
 
+    def unread_readers(self, server, count, reads, length=32 * MiB):
+        """`count` clients that pipeline `reads` READs of `length` and never read a reply."""
+        sockets = []
+        for _ in range(count):
+            s = server.connect_raw()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            si.raw_handshake(s)
+            s.settimeout(0.5)
+            sent = 0
+            try:
+                for i in range(reads):
+                    s.sendall(si.request(si.CMD_READ, i + 1, (i % 2) * length, length))
+                    sent += 1
+            except (socket.timeout, BrokenPipeError, ConnectionResetError):
+                pass  # the server stopped reading: the rest would not be read either
+            sockets.append(s)
+        return sockets
+
+    def acked_writer(self, server, blocks=256):
+        """A libnbd client that writes `blocks` FUA blocks; returns them (all acknowledged)."""
+        h = self.connect(server.uri())
+        written = {}
+        for i in range(blocks):
+            data = si.pattern(i + 7, BLOCK)
+            h.pwrite(data, (64 * MiB) + i * BLOCK, nbd.CMD_FLAG_FUA)
+            written[i] = data
+        return written
+
+    def check_acked_on_disk(self, image, written):
+        with open(image, "rb") as f:
+            for i, data in written.items():
+                f.seek(64 * MiB + i * BLOCK)
+                self.assertEqual(f.read(BLOCK), data, f"acknowledged block {i} lost")
+
+    def test_sigterm_with_pipelines_beyond_the_request_cap(self):
+        # Two clients with 64 unread 32 MiB READs each (beyond the 64 MiB per-connection budget
+        # and, for the second pair, far beyond the 64-request cap, so the receive loop is parked
+        # in admission), beside two writers: the server must still exit within the drain
+        # deadline, with every acknowledged write in the image.
+        image = self.make_image("disk.img", 128 * MiB, [(0, os.urandom(64 * MiB))])
+        server = self.server(image, ["--iothreads", "2", "--zero-copy=never"])
+        readers = self.unread_readers(server, 2, 64)
+        flooders = (self.unread_readers(server, 1, 65, length=4096) +     # the cap + 1
+                    self.unread_readers(server, 1, 500, length=4096))    # far beyond it
+        written = self.acked_writer(server)
+        try:
+            time.sleep(0.3)
+            elapsed = self.assert_clean_exit(server)
+            si.log(f"exit {elapsed:.2f} s after SIGTERM with 4 clients not reading replies")
+        finally:
+            for s in readers + flooders:
+                s.close()
+        self.check_acked_on_disk(image, written)
+
+    def test_sigterm_with_handshakes_in_flight(self):
+        # 40 clients in the middle of the handshake (cf. CVE-2024-7409): some silent, some
+        # between options, one flooding options without reading the replies.
+        image = self.make_image("disk.img", 4 * MiB)
+        server = self.server(image, ["--iothreads", "2"])
+        sockets = []
+        try:
+            for i in range(40):
+                s = server.connect_raw()
+                sockets.append(s)
+                if i % 3 == 0:
+                    continue                              # silent
+                si.read_greeting(s)
+                s.sendall(struct.pack(">I", 3))
+                if i % 3 == 1:
+                    s.sendall(struct.pack(">QII", si.IHAVEOPT, si.OPT_LIST, 0)[:10])  # half
+                    continue
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(0.3)
+                try:
+                    for _ in range(50):                   # the server blocks sending replies
+                        s.sendall(struct.pack(">QII", si.IHAVEOPT, si.OPT_LIST, 0) * 64)
+                except (socket.timeout, BrokenPipeError, ConnectionResetError):
+                    pass
+            h = self.connect(server.uri())
+            h.pwrite(b"\x42" * BLOCK, 0, nbd.CMD_FLAG_FUA)
+            elapsed = self.assert_clean_exit(server)
+            si.log(f"exit {elapsed:.2f} s after SIGTERM with 40 handshakes in flight")
+        finally:
+            for s in sockets:
+                s.close()
+        with open(image, "rb") as f:
+            self.assertEqual(f.read(BLOCK), b"\x42" * BLOCK)
+
+    def test_second_sigterm_exits_at_once(self):
+        image = self.make_image("disk.img", 128 * MiB, [(0, os.urandom(64 * MiB))])
+        # A long drain (a client that never reads keeps the first SIGTERM waiting for it).
+        server = self.server(image, ["--zero-copy=never"])
+        readers = self.unread_readers(server, 1, 64)
+        try:
+            time.sleep(0.3)
+            server.signal(signal.SIGTERM)
+            time.sleep(0.2)
+            if not server.alive():  # only if this machine stalled us past the 2 s deadline
+                self.skipTest("the first SIGTERM's drain ended before the second signal")
+            started = time.monotonic()
+            server.signal(signal.SIGTERM)
+            rc = server.wait(EXIT_LIMIT_S)
+            self.assertIsNotNone(rc, "a second SIGTERM did not end the server")
+            self.assertEqual(rc, 128 + signal.SIGTERM)
+            si.log(f"second SIGTERM: exit {time.monotonic() - started:.2f} s later")
+        finally:
+            for s in readers:
+                s.close()
+        self.assertFalse(os.path.exists(server.socket_path), "socket file left behind")
+
     def test_sigint(self):
         image = self.make_image("disk.img", 1 * MiB)
         server = self.server(image)
@@ -200,7 +311,7 @@ class ShutdownTest(si.InteropTest):
                 pid = int(f.read().strip())
             self.assertIn(pid, self.strays(), "no daemon running")
             uri = f"nbd+unix:///?socket={sock}"
-            self.assertEqual(run(["nbdinfo", "--size", uri], timeout=3).stdout.strip(),
+            self.assertEqual(run(["nbdinfo", "--size", uri], timeout=20).stdout.strip(),
                              b"1048576")
             h = self.connect(uri)
             h.pwrite(b"\x5f" * 512, 0, nbd.CMD_FLAG_FUA)
@@ -214,8 +325,9 @@ class ShutdownTest(si.InteropTest):
             self.assertFalse(os.path.exists(sock), "socket file left behind")
             with open(image, "rb") as f:
                 self.assertEqual(f.read(512), b"\x5f" * 512)
-            # With stdout/stderr captured, the parent's exit must end the capture.
-            run([si.SPINDLE_NBD, "--fork", "-t", "-k", sock, image], timeout=5)
+            # With stdout/stderr captured, the parent's exit must end the capture (a daemon
+            # holding them would hang this until the timeout: 20 s, room for a loaded machine).
+            run([si.SPINDLE_NBD, "--fork", "-t", "-k", sock, image], timeout=20)
         finally:
             self.kill_strays(grace=0)
 

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -19,6 +20,7 @@
 
 #include "aio/context.h"
 #include "aio/file_io.h"
+#include "aio/uring_probe.h"
 #include "block/block_backend.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
@@ -131,7 +133,7 @@ int main(int argc, char** argv) {
   CLI::App app{"spindle-nbd: serve disk images over the Network Block Device protocol"};
   app.set_version_flag("--version", "spindle-nbd 0.1");
   std::string image, format, export_name, description, socket_path, bind = "127.0.0.1";
-  std::string aio = "io_uring", cache = "writeback", discard = "ignore", pid_file;
+  std::string aio = "auto", cache = "writeback", discard = "ignore", pid_file;
   std::string zero_copy = "remote";
   std::string tls, tls_creds, tls_psk;
   bool tls_verify_peer = false;
@@ -147,14 +149,17 @@ int main(int argc, char** argv) {
   app.add_option("-D,--description", description, "Export description");
   app.add_flag("-r,--read-only", read_only, "Export read-only");
   app.add_flag("-t,--persistent", persistent, "Keep serving after the last client disconnects");
-  app.add_option("-e,--shared", shared, "Maximum simultaneous clients (default 100)")
-      ->check(CLI::Range(1, 100000));
+  app.add_option("-e,--shared", shared,
+                 "Maximum simultaneous clients (default 100; 0: unlimited, as in qemu-nbd)")
+      ->check(CLI::Range(0, 100000));
   app.add_option("-k,--socket", socket_path, "Listen on this Unix socket");
   app.add_option("-b,--bind", bind, "Address to listen on (default 127.0.0.1)");
   app.add_option("-p,--port", port, "TCP port (default 10809)")->check(CLI::Range(0, 65535));
   app.add_option("--iothreads", io_threads, "Event-loop threads (default: one per CPU)");
-  app.add_option("--aio", aio, "File I/O engine: io_uring or threads")
-      ->check(CLI::IsMember({"io_uring", "threads"}));
+  app.add_option("--aio", aio,
+                 "File I/O engine: auto (io_uring if it works here, else the thread pool; the "
+                 "default), io_uring or threads")
+      ->check(CLI::IsMember({"auto", "io_uring", "threads"}));
   app.add_option("--cache", cache, "Cache mode: none (O_DIRECT) or writeback")
       ->check(CLI::IsMember({"none", "writeback"}));
   app.add_option("--discard", discard, "TRIM handling: ignore or unmap")
@@ -171,6 +176,12 @@ int main(int argc, char** argv) {
   app.add_flag("--fork", fork_server, "Fork into the background once ready");
   app.add_option("--pid-file", pid_file, "Write the server's pid to this file");
   app.add_option("--handshake-timeout", handshake_timeout, "Seconds to finish the handshake");
+  std::uint64_t max_bytes_in_flight = nbd::ServerOptions{}.max_bytes_in_flight;
+  app.add_option("--max-bytes-in-flight", max_bytes_in_flight,
+                 "Request bytes all clients together may have in flight (default 256M; "
+                 "suffixes K, M, G)")
+      ->transform(CLI::AsSizeValue(false))
+      ->check(CLI::Range(std::uint64_t{1} << 20, std::uint64_t{1} << 40));
   app.add_flag("--stats", stats, "Print per-export statistics at exit (also on SIGUSR1)");
   app.add_option("--tls", tls,
                  "TLS: off, on (clients choose) or require (default when credentials are given)")
@@ -207,7 +218,24 @@ int main(int argc, char** argv) {
     specs.push_back(spec);
   }
   if (specs.empty()) die("no image given (see --help)");
-  aio::set_file_backend(aio == "threads" ? aio::FileBackend::threads : aio::FileBackend::io_uring);
+  // The file I/O engine, probed once: --aio=auto falls back to the thread pool where io_uring
+  // is refused (seccomp, kernel.io_uring_disabled, old kernels); --aio=io_uring insists.
+  std::string engine = "threads (thread pool)";
+  if (aio == "threads") {
+    aio::set_file_backend(aio::FileBackend::threads);
+  } else if (const aio::UringProbe uring = aio::probe_uring(); uring.available) {
+    aio::set_file_backend(aio == "auto" ? aio::FileBackend::automatic
+                                        : aio::FileBackend::io_uring);
+    engine = "io_uring";
+  } else if (aio == "io_uring") {
+    die(std::string("--aio=io_uring: io_uring is unavailable here (") + uring.step + ": " +
+        std::strerror(uring.error) + "); use --aio=auto or --aio=threads");
+  } else {
+    aio::set_file_backend(aio::FileBackend::threads);
+    engine = std::string("threads (thread pool; io_uring unavailable: ") + uring.step + ": " +
+             std::strerror(uring.error) + ")";
+  }
+  const std::string engine_line = "aio: " + engine + "\n";
 
   // --fork: fork before any thread exists (threads do not survive fork()). The parent waits
   // until the daemon is listening (or has failed) and exits with that outcome.
@@ -244,8 +272,10 @@ int main(int argc, char** argv) {
   aio::Context& main = aio::main_context();
   nbd::ServerOptions options;
   options.io_threads = io_threads;
-  options.max_connections = static_cast<std::size_t>(shared);
+  options.max_connections = shared == 0 ? std::numeric_limits<std::size_t>::max()  // unlimited
+                                         : static_cast<std::size_t>(shared);
   options.handshake_timeout = std::chrono::seconds(handshake_timeout);
+  options.max_bytes_in_flight = max_bytes_in_flight;
   options.tls_mode = tls_mode;
   options.tls_credentials = tls_credentials;
   options.zero_copy_reads = zero_copy == "always"   ? nbd::ZeroCopyReads::always
@@ -298,7 +328,8 @@ int main(int argc, char** argv) {
                    human_size(config.backend->size()).c_str(),
                    config.read_only ? ", read-only" : "");
     }
-    std::fprintf(stderr, "spindle-nbd: listening on %s\n", uri.c_str());
+    std::fprintf(stderr, "spindle-nbd: listening on %s (aio: %s)\n", uri.c_str(),
+                 engine.c_str());
     if (tls_mode != nbd::TlsMode::off) {
       std::fprintf(stderr, "spindle-nbd: TLS %s (%s); see docs/spindle-nbd.md for clients\n",
                    tls_mode == nbd::TlsMode::require ? "required" : "offered",
@@ -326,7 +357,14 @@ int main(int argc, char** argv) {
     signalfd_siginfo info;
     while (::read(signal_fd, &info, sizeof info) == sizeof info) {
       if (info.ssi_signo == SIGUSR1) {
-        std::fputs(server.stats_report().c_str(), stderr);
+        std::fputs((engine_line + server.stats_report()).c_str(), stderr);
+      } else if (shutting_down && info.ssi_signo != SIGHUP) {
+        // A second SIGTERM/SIGINT: the user does not want to wait for the drain. Acknowledged
+        // writes are in the kernel's page cache (or on disk under --cache=none) already.
+        std::fputs("spindle-nbd: second signal: exiting without waiting\n", stderr);
+        if (!pid_file.empty()) ::unlink(pid_file.c_str());
+        if (!socket_path.empty()) ::unlink(socket_path.c_str());
+        std::_Exit(128 + static_cast<int>(info.ssi_signo));
       } else {
         begin_shutdown();
       }
@@ -336,7 +374,7 @@ int main(int argc, char** argv) {
   while (!finished) main.poll(true);
   main.remove_fd_handler(signal_fd);
   ::close(signal_fd);
-  if (stats) std::fputs(server.stats_report().c_str(), stderr);
+  if (stats) std::fputs((engine_line + server.stats_report()).c_str(), stderr);
   if (!pid_file.empty()) ::unlink(pid_file.c_str());
   if (!socket_path.empty()) ::unlink(socket_path.c_str());
   return 0;

@@ -10,9 +10,10 @@ namespace spindle::block {
 
 namespace {
 
-// A filter over the O_DIRECT file that sends reads, writes and flushes through a BlockBackend,
-// so callers may issue requests of any alignment; everything else goes straight to the file
-// (write_zeroes and discard are fallocate calls, which need no alignment).
+// A filter over the O_DIRECT file that sends every request through a BlockBackend, so callers
+// may issue requests of any alignment. write_zeroes and discard go through it too (although
+// fallocate needs no alignment): the backend tracks them against its read-modify-writes, so an
+// unaligned write's write-back cannot undo zeros that landed between its read and its write.
 class AligningNode final : public FilterNode {
  public:
   explicit AligningNode(BlockNodeRef file)
@@ -30,6 +31,14 @@ class AligningNode final : public FilterNode {
     // The backend refuses writes past the end, but files grow (QED appends clusters).
     if (offset + buffer.size() > child_->size()) return grow_and_write(offset, buffer, flags);
     return backend_->write(offset, buffer, flags);
+  }
+  coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                               std::uint32_t flags) override {
+    if (offset + bytes > child_->size()) return child_->write_zeroes(offset, bytes, flags);  // grows
+    return backend_->write_zeroes(offset, bytes, flags);
+  }
+  coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override {
+    return backend_->discard(offset, bytes);
   }
   coro::Task<int> flush() override { return backend_->flush(); }
 

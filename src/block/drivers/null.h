@@ -12,11 +12,14 @@ namespace spindle::block {
 
 class NullNode final : public BlockNode {
  public:
-  explicit NullNode(std::uint64_t size, bool read_zeroes = true)
-      : size_(size), read_zeroes_(read_zeroes) {}
+  // `alignment` (a power of two): the request alignment it asks of BlockBackend, to put the
+  // backend's read-modify-write paths under a null device (tests, fuzzing).
+  explicit NullNode(std::uint64_t size, bool read_zeroes = true, std::uint32_t alignment = 1)
+      : size_(size), read_zeroes_(read_zeroes), alignment_(alignment) {}
 
   const char* driver_name() const noexcept override { return "null"; }
   std::uint64_t size() const noexcept override { return size_; }
+  BlockLimits limits() const noexcept override { return {alignment_, 0}; }
 
   coro::Task<int> read(std::uint64_t, std::span<std::byte> buffer, std::uint32_t) override {
     if (read_zeroes_) std::memset(buffer.data(), 0, buffer.size());
@@ -37,6 +40,7 @@ class NullNode final : public BlockNode {
  private:
   const std::uint64_t size_;
   const bool read_zeroes_;
+  const std::uint32_t alignment_;
 };
 
 }  // namespace spindle::block

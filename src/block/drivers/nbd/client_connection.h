@@ -32,8 +32,9 @@
 // coroutines and callbacks on that context's thread, so it needs no lock; `send_mutex_` keeps
 // two senders' bytes from interleaving across a suspension in writev, and keeps the reconnect
 // loop from replacing the stream under a sender. `channel_mutex_` guards the channel_ pointer
-// (replaced on reconnection) against abort() from other threads; Channel::close() itself is
-// thread-safe. abort() may be called from any thread. `details_` is immutable after connect().
+// (replaced on reconnection) against abort() from other threads; abort() posts the close to the
+// home context, the channel's owner (Channel::close() is owner-only). abort() may be called
+// from any thread. `details_` is immutable after connect().
 #pragma once
 
 #include <atomic>
