@@ -19,14 +19,19 @@
 //  7. FanIn/2Producers [one item]: 2 producer threads post 20000 callbacks each to one
 //     event-loop thread.
 //
-// Run:   build-bench/bench/spindle-runtime-bench          about 8 s on the 2-core VM
+// Run:   build-bench/bench/spindle-runtime-bench          about 40 s on the 2-core VM
 //        ... --benchmark_min_time=0.05                    quicker, noisier
 //        ... --benchmark_filter=PingPong                  a subset (regex, case-sensitive)
-//        ... --benchmark_repetitions=3                    the summary then uses the means
+//        ... --benchmark_repetitions=9                    more repetitions (default 5)
+//        ... --benchmark_enable_random_interleaving=true  repetitions of all rows interleaved
 // Google Benchmark flags pass through. Without --benchmark_min_time (or BENCHMARK_MIN_TIME in
-// the environment) every row runs for at least 0.2 s. At the end a summary table pairs each
-// Spindle row with its Asio row and checks the goals. Every benchmark verifies that it did the
-// work it claims; the exit status is 1 if one of those checks failed.
+// the environment) every row runs for at least 0.2 s per repetition, and without
+// --benchmark_repetitions (or BENCHMARK_REPETITIONS) 5 times. At the end a summary table pairs
+// each Spindle row with its Asio row: the median ns/op of each, and the ratio Asio/Spindle of
+// each repetition pair (repetition i of both rows) as its median and min-max; a row meets its
+// goals when the median ratio is >= 1 and the median ns/op is within the absolute goal. Every
+// benchmark verifies that it did the work it claims; the exit status is 1 if one of those
+// checks failed.
 #include <benchmark/benchmark.h>
 #include <fmt/core.h>
 
@@ -458,29 +463,40 @@ constexpr SummaryRow kSummaryRows[] = {
 
 // Pairs each Spindle row with its Asio row and checks the goals.
 void print_summary(const spindle::bench::SummaryReporter& results) {
-  using spindle::bench::format_ratio;
   using spindle::bench::format_value;
-  fmt::print("\nSummary (wall ns per operation, the mean over repetitions if any; ratio = "
-             "Asio / Spindle, > 1 means Spindle is faster)\n");
+  using spindle::bench::ratio_spread;
+  using spindle::bench::spread_of;
+  fmt::print("\nSummary (wall ns per operation, median over repetitions; ratio = Asio / Spindle "
+             "per repetition pair, its median and min-max; > 1 means Spindle is faster)\n");
   spindle::bench::Table table({{"row", 30, true},
                                {"Spindle ns/op", 13},
                                {"Asio ns/op", 13},
                                {"ratio", 6},
+                               {"ratio min-max", 13},
+                               {"runs", 4},
                                {"goal", 19, true},
                                {"met?"}});
   for (const SummaryRow& row : kSummaryRows) {
-    const std::optional<double> spindle = results.ns_per_operation(row.spindle);
-    const std::optional<double> asio = results.ns_per_operation(row.asio);
+    const std::vector<double> spindle_runs = results.ns_per_operation_runs(row.spindle);
+    const std::vector<double> asio_runs = results.ns_per_operation_runs(row.asio);
+    const auto spindle = spread_of(spindle_runs);
+    const auto asio = spread_of(asio_runs);
     if (!spindle && !asio) continue;  // filtered out
+    const auto ratio = ratio_spread(asio_runs, spindle_runs);
     const std::string goal =
         row.goal_ns ? fmt::format("<= {:g} ns, <= Asio", *row.goal_ns) : "<= Asio";
     std::string met = "n/a";
-    if (spindle && asio) {
-      const bool ok = *spindle <= *asio && (!row.goal_ns || *spindle <= *row.goal_ns);
+    if (ratio) {
+      const bool ok = ratio->median >= 1 && (!row.goal_ns || spindle->median <= *row.goal_ns);
       met = ok ? "yes" : "NO";
     }
-    table.add_row({row.label, format_value(spindle), format_value(asio),
-                   format_ratio(asio, spindle), goal, met});
+    const auto median = [](const std::optional<spindle::bench::Spread>& s) {
+      return s ? std::optional<double>(s->median) : std::nullopt;
+    };
+    table.add_row({row.label, format_value(median(spindle)), format_value(median(asio)),
+                   ratio ? fmt::format("{:.2f}", ratio->median) : "-",
+                   ratio ? fmt::format("{:.2f}-{:.2f}", ratio->min, ratio->max) : "-",
+                   ratio ? fmt::format("{}", ratio->count) : "-", goal, met});
   }
   table.print();
 }
@@ -488,5 +504,6 @@ void print_summary(const spindle::bench::SummaryReporter& results) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return spindle::bench::run_benchmarks(argc, argv, "0.2", register_benchmarks, print_summary);
+  return spindle::bench::run_benchmarks(argc, argv, "0.2", register_benchmarks, print_summary,
+                                        /*default_repetitions=*/5);
 }

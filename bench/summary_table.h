@@ -1,7 +1,8 @@
 // Shared plumbing of the benchmark programs: registering a benchmark together with the number
 // of operations one iteration performs, a console reporter that also remembers every result
 // (wall time per operation, user counters, failures) for a summary printed after the run, a
-// fixed-width text table for that summary, and a main() that defaults to a short minimum time.
+// fixed-width text table for that summary, the median and spread of per-repetition figures, and
+// a main() that defaults to a short minimum time (and, if asked, to several repetitions).
 //
 // Thread-safety: everything here runs on the benchmark (main) thread.
 #pragma once
@@ -10,6 +11,7 @@
 #include <fmt/core.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 #include <functional>
@@ -61,6 +63,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         totals.seconds += run.real_accumulated_time;
         totals.iterations += static_cast<double>(run.iterations);
         ++totals.runs;
+        if (run.iterations > 0) {
+          totals.ns_per_iteration_runs.push_back(run.real_accumulated_time * 1e9 /
+                                                 static_cast<double>(run.iterations));
+        }
         for (const auto& [name, counter] : run.counters) totals.counter_sums[name] += counter.value;
       } else if (run.aggregate_name == "mean") {  // --benchmark_repetitions: use the mean
         totals.mean_ns_per_iteration =
@@ -86,6 +92,19 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     return totals.seconds * 1e9 / (totals.iterations * operations->second);
   }
 
+  // Wall nanoseconds per operation of each repetition, in the order they ran (one entry
+  // without --benchmark_repetitions).
+  std::vector<double> ns_per_operation_runs(std::string_view name) const {
+    const auto found = totals_.find(name);
+    const auto operations = operations_per_iteration().find(name);
+    if (found == totals_.end() || operations == operations_per_iteration().end()) return {};
+    std::vector<double> runs;
+    for (const double ns : found->second.ns_per_iteration_runs) {
+      runs.push_back(ns / operations->second);
+    }
+    return runs;
+  }
+
   // Operations per second of wall time.
   std::optional<double> operations_per_second(std::string_view name) const {
     const std::optional<double> ns = ns_per_operation(name);
@@ -107,6 +126,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     double seconds = 0;
     double iterations = 0;
     int runs = 0;
+    std::vector<double> ns_per_iteration_runs;  // one per repetition
     std::map<std::string, double, std::less<>> counter_sums;
     std::optional<double> mean_ns_per_iteration;
   };
@@ -176,20 +196,57 @@ inline std::string format_ratio(std::optional<double> numerator,
   return fmt::format("{:.2f}", *numerator / *denominator);
 }
 
+// The median, smallest and largest of a set of figures (one per repetition), and how many.
+struct Spread {
+  double median = 0;
+  double min = 0;
+  double max = 0;
+  std::size_t count = 0;
+};
+
+inline std::optional<Spread> spread_of(std::vector<double> values) {
+  if (values.empty()) return std::nullopt;
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  const double median = n % 2 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+  return Spread{median, values.front(), values.back(), n};
+}
+
+// numerators[i] / denominators[i] for each repetition both have, as a Spread. Repetition i of
+// two rows ran close in time when the rows are interleaved (--benchmark_enable_random_interleaving)
+// and otherwise just in the same run of the program.
+inline std::optional<Spread> ratio_spread(const std::vector<double>& numerators,
+                                          const std::vector<double>& denominators) {
+  std::vector<double> ratios;
+  for (std::size_t i = 0; i < std::min(numerators.size(), denominators.size()); ++i) {
+    if (denominators[i] > 0) ratios.push_back(numerators[i] / denominators[i]);
+  }
+  return spread_of(std::move(ratios));
+}
+
 // Runs the benchmarks that `register_benchmarks` registers with a SummaryReporter, then
 // `print_summary`. Without --benchmark_min_time (or BENCHMARK_MIN_TIME in the environment)
-// every row runs for at least `default_min_time` seconds. Returns the exit status: 1 if a
+// every row runs for at least `default_min_time` seconds, and without --benchmark_repetitions
+// (or BENCHMARK_REPETITIONS) `default_repetitions` times. Returns the exit status: 1 if a
 // benchmark failed one of its checks (or an argument was not understood), else 0.
 inline int run_benchmarks(int argc, char** argv, const char* default_min_time,
                           const std::function<void()>& register_benchmarks,
-                          const std::function<void(const SummaryReporter&)>& print_summary) {
+                          const std::function<void(const SummaryReporter&)>& print_summary,
+                          int default_repetitions = 1) {
   std::vector<char*> arguments(argv, argv + argc);
   std::string min_time_argument = std::string("--benchmark_min_time=") + default_min_time;
+  std::string repetitions_argument =
+      "--benchmark_repetitions=" + std::to_string(default_repetitions);
   bool min_time_given = std::getenv("BENCHMARK_MIN_TIME") != nullptr;
+  bool repetitions_given = std::getenv("BENCHMARK_REPETITIONS") != nullptr;
   for (int i = 1; i < argc; ++i) {
     min_time_given |= std::string_view(argv[i]).starts_with("--benchmark_min_time");
+    repetitions_given |= std::string_view(argv[i]).starts_with("--benchmark_repetitions");
   }
   if (!min_time_given) arguments.push_back(min_time_argument.data());
+  if (!repetitions_given && default_repetitions > 1) {
+    arguments.push_back(repetitions_argument.data());
+  }
   int argument_count = static_cast<int>(arguments.size());
   arguments.push_back(nullptr);
 

@@ -14,6 +14,7 @@ packages=(
   qemu-utils                                       # qemu-img/qemu-io: QED oracle, NBD peer
   libnbd-bin python3-libnbd nbdkit fio python3     # NBD interop peers (nbdinfo, nbdcopy, nbdsh)
   nbd-server                                       # simple-replies-only peer (NBD client test)
+  strace                                           # spindle-img bench flush counts (test)
 )
 
 missing=()

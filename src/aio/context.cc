@@ -109,9 +109,18 @@ Uring* Context::uring() {
   return uring_.get();
 }
 
-Context::~Context() {
+bool Context::ring_busy() const noexcept {
+  return uring_ && (uring_->in_flight() > 0 || uring_->has_pending_submissions());
+}
+
+void Context::close_ring() noexcept {
   if (uring_) ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, uring_->completion_fd(), nullptr);
-  uring_.reset();
+  uring_.reset();  // aborts if operations are still in flight
+  uring_probed_ = false;
+}
+
+Context::~Context() {
+  close_ring();
   thread_pool_.reset();  // waits for its workers; aborts if jobs have not completed
   WorkFifo pending;
   pending.append(local_);
@@ -129,7 +138,7 @@ Context::~Context() {
     }
   }
   for (auto& [fd, handler] : handlers_) delete handler;
-  free_deleted_handlers();
+  for (FdHandler* handler : deleted_handlers_) delete handler;  // the last reference: no lock
   ::close(wake_fd_);
   ::close(epoll_fd_);
 }
@@ -180,9 +189,17 @@ void Context::post(WorkItem* item) noexcept {
     local_.push_back(item);
     return;
   }
-  // The item may run, and drop the last reference to this context, before push() returns.
-  ContextRef keep_alive(this);
-  if (queue_.push(item)) kick();
+  // The item may run, and drop the last reference to this context, as soon as it is pushed. Only
+  // a push that finds the consumer armed touches the context afterwards (to kick it), so only
+  // that one takes a reference, before the item becomes visible (remote_queue.h protocol).
+  bool pinned = false;
+  if (queue_.push(item, [this, &pinned] {
+        ref();
+        pinned = true;
+      })) {
+    kick();
+  }
+  if (pinned) unref();
 }
 
 void Context::set_poll_params(PollParams params) noexcept {
@@ -208,6 +225,7 @@ int Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writab
     // Never modify a published handler in place: the home thread may be dispatching it.
     old->live.store(false, std::memory_order_release);
     deleted_handlers_.push_back(old);
+    handlers_to_free_.store(true, std::memory_order_relaxed);
     handlers_.erase(found);
   }
   if (!on_readable && !on_writable) {
@@ -241,10 +259,14 @@ int Context::set_fd_handler(int fd, FdCallback on_readable, FdCallback on_writab
 }
 
 void Context::free_deleted_handlers() noexcept {
+  // Most polls have nothing to free: skip the lock. A handler removed concurrently, whose flag
+  // this load misses, is freed after the next outermost poll (or by the destructor).
+  if (!handlers_to_free_.load(std::memory_order_relaxed)) return;
   std::vector<FdHandler*> doomed;
   {
     std::lock_guard lock(fd_mutex_);
     doomed.swap(deleted_handlers_);
+    handlers_to_free_.store(false, std::memory_order_relaxed);
   }
   for (FdHandler* handler : doomed) delete handler;
 }
@@ -484,11 +506,16 @@ bool Context::poll(bool blocking) {
     base::fatal("context '{}': poll() called from a coroutine (it would block its thread)",
                 name_);
   }
+  // Misuse check without a locked instruction: the outermost poll() stores its thread's marker
+  // and checks on the way out that it is still there. A thread entering while another polls
+  // sees the other's marker; two threads entering together both store, and whichever store
+  // lost finds the other's marker (or null) at its exit. The acquire/release pair hands the
+  // home-thread state from one polling thread to the next.
   const void* const me = &t_thread_marker;
-  const void* expected = nullptr;
-  if (!poller_.compare_exchange_strong(expected, me, std::memory_order_acquire) &&
-      expected != me) {
-    base::fatal("context '{}': poll() from two threads at once", name_);
+  const void* const poller = poller_.load(std::memory_order_acquire);
+  if (poller != me) {
+    if (poller != nullptr) base::fatal("context '{}': poll() from two threads at once", name_);
+    poller_.store(me, std::memory_order_relaxed);
   }
   detail::CurrentContextScope bind(this);
   ++poll_depth_;
@@ -522,12 +549,14 @@ bool Context::poll(bool blocking) {
     if (uring_) uring_->after_wake();  // the completion eventfd goes off while we are awake
     if (blocking && !sleep_in_epoll) sleeping_on_futex_.store(false, std::memory_order_relaxed);
     if (armed) queue_.try_disarm();
-    const bool notified = notified_.exchange(false, std::memory_order_acq_rel);
+    // Read first: the exchange (a locked instruction) only when there is a notify to consume.
+    const bool notified = notified_.load(std::memory_order_relaxed) &&
+                          notified_.exchange(false, std::memory_order_acq_rel);
     if (measure) adapt_poll_window(now_ns(Clock::monotonic) - start_ns);
 
     progress |= run_work_items();
-    progress |= dispatch_fd_events(events, ready);
-    progress |= run_timers();
+    if (ready != 0) progress |= dispatch_fd_events(events, ready);
+    if (timers_armed()) progress |= run_timers();
     // A blocking poll that woke for nothing (a stale wake-up, a timer cancelled meanwhile)
     // waits again; only real work or an explicit notify() ends it.
     if (progress || !blocking || notified || timeout == 0) break;
@@ -535,6 +564,9 @@ bool Context::poll(bool blocking) {
 
   if (--poll_depth_ == 0) {
     free_deleted_handlers();
+    if (poller_.load(std::memory_order_relaxed) != me) {
+      base::fatal("context '{}': poll() from two threads at once", name_);
+    }
     poller_.store(nullptr, std::memory_order_release);
   }
   return progress;

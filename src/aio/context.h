@@ -16,7 +16,8 @@
 //      local_, batch_    home thread only (work posted from the home thread, the batch being run)
 //      poll_window_ns_   home thread only
 //      poll_max_ns_ ...  atomics, relaxed: a stale value used once is harmless
-//      handlers_ ...     fd_mutex_ (map, graveyard); handler `deleted` flag is atomic
+//      handlers_ ...     fd_mutex_ (map, graveyard); handler `live` flag is atomic;
+//                        handlers_to_free_ (atomic, written under fd_mutex_) lets poll() skip it
 //      timer heaps       timer_mutex_; earliest_deadline_ mirrors the heads for a lock-free check
 //      bottom halves     bh_registry_mutex_ (the registry list only; see bottom_half.h)
 //      thread_pool_, uring_  home thread only (created on first use); the ring's completion
@@ -133,6 +134,11 @@ class Context {
   ~Context();
 
   bool has_pending_work() const noexcept;
+  // For IoThread's last drain (home thread): whether the ring has operations submitted or
+  // prepared, and closing the ring once it has none, so that whichever thread polls the
+  // context later creates a ring of its own instead of entering this thread's (SINGLE_ISSUER).
+  bool ring_busy() const noexcept;
+  void close_ring() noexcept;
   std::int64_t timer_timeout_ns() const noexcept;
   std::int64_t blocking_timeout_ns(bool& armed) noexcept;
   std::size_t wait_for_events(std::int64_t timeout_ns, ::epoll_event* events,
@@ -140,6 +146,11 @@ class Context {
   bool run_work_items() noexcept;
   bool dispatch_fd_events(const ::epoll_event* events, std::size_t count) noexcept;
   bool run_timers() noexcept;
+  // Whether either clock has an armed timer (the lock-free mirror of the heap heads).
+  bool timers_armed() const noexcept {
+    return earliest_deadline_[0].load(std::memory_order_acquire) != TimerHeap::kNoDeadline ||
+           earliest_deadline_[1].load(std::memory_order_acquire) != TimerHeap::kNoDeadline;
+  }
   void adapt_poll_window(std::int64_t blocked_ns) noexcept;
   void kick() noexcept;
   void sleep_on_futex(std::uint32_t observed, std::int64_t timeout_ns) noexcept;
@@ -166,8 +177,12 @@ class Context {
   // which, for the kicker); both are atomics written by the home thread.
   std::atomic<std::uint32_t> futex_word_{0};
   std::atomic<bool> sleeping_on_futex_{false};
+  // The marker of the thread inside the outermost poll(), or null: the "two pollers" check.
   std::atomic<const void*> poller_{nullptr};
-  std::atomic<bool> dedicated_thread_{false};  // thread currently inside poll(), for misuse checks
+  // Whether a dedicated thread polls this context for its lifetime (an IoThread, set and cleared
+  // by it; the main thread for main_context()): has_dedicated_thread(), which picks the ring's
+  // flags. The thread currently inside poll() is `poller_`.
+  std::atomic<bool> dedicated_thread_{false};
   int poll_depth_ = 0;
 
   std::atomic<std::int64_t> poll_max_ns_{0};
@@ -178,6 +193,9 @@ class Context {
   std::mutex fd_mutex_;
   std::unordered_map<int, FdHandler*> handlers_;
   std::vector<FdHandler*> deleted_handlers_;
+  // Whether deleted_handlers_ may be non-empty: written under fd_mutex_, read without it by
+  // poll() to skip the lock (a stale false delays freeing to the next poll).
+  std::atomic<bool> handlers_to_free_{false};
   std::atomic<int> fd_handler_count_{0};
 
   mutable std::mutex timer_mutex_;

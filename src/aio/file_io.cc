@@ -3,8 +3,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -84,11 +86,16 @@ coro::Task<ssize_t> perform(OnRing on_ring, Blocking blocking) {
 
 }  // namespace
 
-coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset) {
+namespace {
+
+// One ring operation carries a 32-bit length, and the kernel moves at most MAX_RW_COUNT
+// (2 GiB - 4 KiB) per call anyway: longer reads and writes go out as pieces of this size.
+constexpr std::size_t kMaxPiece = std::size_t{1} << 30;
+
+coro::Task<ssize_t> pread_piece(int fd, void* buffer, std::uint32_t length, off_t offset) {
   return perform(
       [=](Uring& ring) {
-        return ring.read(fd, buffer, static_cast<std::uint32_t>(length),
-                         static_cast<std::uint64_t>(offset));
+        return ring.read(fd, buffer, length, static_cast<std::uint64_t>(offset));
       },
       [=] {
         return result_or_errno(offset < 0 ? ::read(fd, buffer, length)
@@ -96,16 +103,56 @@ coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset
       });
 }
 
-coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset) {
+coro::Task<ssize_t> pwrite_piece(int fd, const void* buffer, std::uint32_t length,
+                                 off_t offset) {
   return perform(
       [=](Uring& ring) {
-        return ring.write(fd, buffer, static_cast<std::uint32_t>(length),
-                          static_cast<std::uint64_t>(offset));
+        return ring.write(fd, buffer, length, static_cast<std::uint64_t>(offset));
       },
       [=] {
         return result_or_errno(offset < 0 ? ::write(fd, buffer, length)
                                           : ::pwrite(fd, buffer, length, offset));
       });
+}
+
+// Issues pieces of at most kMaxPiece bytes one after another until `length` is done, a piece
+// comes back short (end of file, a full disk, a pipe with less data: the same short result a
+// single call gives) or fails. An error after some progress reports the progress.
+coro::Task<ssize_t> transfer(bool write, int fd, char* buffer, std::size_t length,
+                             off_t offset) {
+  std::size_t done = 0;
+  for (;;) {
+    const auto piece = static_cast<std::uint32_t>(std::min(length - done, kMaxPiece));
+    const off_t at = offset < 0 ? offset : offset + static_cast<off_t>(done);
+    ssize_t result;
+    if (write) {
+      result = co_await pwrite_piece(fd, buffer + done, piece, at);
+    } else {
+      result = co_await pread_piece(fd, buffer + done, piece, at);
+    }
+    if (result < 0) co_return done > 0 ? static_cast<ssize_t>(done) : result;
+    done += static_cast<std::size_t>(result);
+    if (static_cast<std::size_t>(result) < piece || done == length) {
+      co_return static_cast<ssize_t>(done);
+    }
+  }
+}
+
+}  // namespace
+
+coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset) {
+  if (length <= kMaxPiece) {
+    return pread_piece(fd, buffer, static_cast<std::uint32_t>(length), offset);
+  }
+  return transfer(false, fd, static_cast<char*>(buffer), length, offset);
+}
+
+coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset) {
+  if (length <= kMaxPiece) {
+    return pwrite_piece(fd, buffer, static_cast<std::uint32_t>(length), offset);
+  }
+  // The buffer is only read: transfer() takes a char* for both directions.
+  return transfer(true, fd, const_cast<char*>(static_cast<const char*>(buffer)), length, offset);
 }
 
 coro::Task<ssize_t> preadv(int fd, std::span<const iovec> vectors, off_t offset) {

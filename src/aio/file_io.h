@@ -5,6 +5,11 @@
 // result: the byte count (reads may be short, 0 at end of file) or -errno. An offset of -1
 // means the file's current position (for pipes and other unseekable files).
 //
+// pread/pwrite of any length: a request longer than one operation can carry (1 GiB pieces; the
+// kernel moves at most 2 GiB - 4 KiB per call) is issued as consecutive pieces, stopping at the
+// first short or failed piece, so the result is what one call would give: the bytes moved, short
+// only at end of file / a full disk / a pipe's available data, or -errno if nothing moved.
+//
 // The backend is a process-wide switch: set_file_backend(), or the environment variable
 // SPINDLE_AIO=io_uring|threads read at first use. "automatic" prefers io_uring.
 //

@@ -25,8 +25,18 @@ void IoThread::run(std::atomic<bool>& started) {
   started.store(true, std::memory_order_release);
   started.notify_all();
   while (!stopping_) context_->poll(true);
-  while (context_->poll(false)) {  // finish work queued before the stop callback ran
+  drain();
+}
+
+void IoThread::drain() {
+  // Work queued before the stop callback ran, and what it leads to; ring operations in flight
+  // are waited for here, since only the thread that created the ring may enter it.
+  for (;;) {
+    if (context_->poll(false)) continue;
+    if (!context_->ring_busy()) break;
+    context_->poll(true);  // sleeps until a completion (or other work) arrives
   }
+  context_->close_ring();
 }
 
 void IoThread::stop() {
@@ -40,9 +50,9 @@ void IoThread::stop() {
   joined_ = true;
   context_->dedicated_thread_.store(false, std::memory_order_release);
   // If the loop had already ended itself, our stop callback (and anything else posted since)
-  // is still queued: run it here rather than leak it.
-  while (context_->poll(false)) {
-  }
+  // is still queued: run it here rather than leak it. File I/O it does gets a ring of this
+  // thread's own (the IoThread closed its ring before it exited).
+  drain();
 }
 
 }  // namespace spindle::aio

@@ -30,12 +30,17 @@ class IoThread {
   ContextRef context_ref() const noexcept { return context_; }
   std::thread::id thread_id() const noexcept { return thread_id_; }
 
-  // Ends the loop: work already queued is still run, then the thread exits and is joined.
-  // Work posted after the loop ended runs in the joining thread. Idempotent.
+  // Ends the loop: work already queued is still run, and io_uring operations in flight are
+  // waited for (a read parked on an empty pipe keeps stop() waiting until it completes); then
+  // the context's ring is closed on the IoThread, the thread exits and is joined. Work posted
+  // after the loop ended runs in the joining thread (its file I/O on a ring of that thread's
+  // own). Idempotent.
   void stop();
 
  private:
   void run(std::atomic<bool>& started);
+  // Polls until no work is queued and no ring operation is in flight, then closes the ring.
+  void drain();
 
   ContextRef context_;
   std::thread thread_;

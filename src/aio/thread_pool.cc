@@ -1,6 +1,7 @@
 #include "aio/thread_pool.h"
 
 #include <algorithm>
+#include <system_error>
 #include <thread>
 
 #include "aio/timer.h"
@@ -10,6 +11,8 @@
 namespace spindle::aio {
 
 namespace {
+
+std::atomic<unsigned> failing_thread_starts{0};  // fail_thread_starts_for_testing()
 
 // A callback-style job: owns its functions and frees itself after completing.
 class CallbackJob final : public ThreadPool::Job {
@@ -81,9 +84,50 @@ bool ThreadPool::wake_one(std::int64_t now) {
   if (workers_ < options_.max_threads) {
     ++workers_;
     ++spinning_;  // born looking for a job
-    std::thread([this] { worker_loop(); }).detach();
+    try {
+      start_worker_thread();
+    } catch (const std::exception&) {
+      // No thread: undo, so the invariant (a queued job has a spinner, a busy worker or
+      // max_threads running) does not count a worker that does not exist. enqueue() runs the
+      // queue itself if no worker is left at all.
+      --workers_;
+      --spinning_;
+    }
   }
   return false;
+}
+
+void ThreadPool::run_queue_on_caller(std::unique_lock<std::mutex>& lock) {
+  ++workers_;  // counted like a worker: keeps the pool alive and lets enqueue()s queue on us
+  while (Job* job = queue_head_) {
+    queue_head_ = job->queue_next_;
+    (queue_head_ ? queue_head_->queue_prev_ : queue_tail_) = nullptr;
+    job->state_ = Job::State::running;
+    queued_hint_.store(--queued_jobs_, std::memory_order_relaxed);
+    last_progress_ns_ = now_ns(Clock::monotonic);
+    lock.unlock();
+    job->execute_(job);
+    context_.post(job);  // may be freed from here on
+    lock.lock();
+  }
+  --workers_;
+  workers_gone_.notify_all();
+}
+
+void ThreadPool::fail_thread_starts_for_testing(unsigned count) noexcept {
+  failing_thread_starts.store(count, std::memory_order_relaxed);
+}
+
+void ThreadPool::start_worker_thread() {
+  unsigned failing = failing_thread_starts.load(std::memory_order_relaxed);
+  while (failing > 0 && !failing_thread_starts.compare_exchange_weak(
+                            failing, failing - 1, std::memory_order_relaxed)) {
+  }
+  if (failing > 0) {
+    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                            "ThreadPool: test hook failed the thread start");
+  }
+  std::thread([this] { worker_loop(); }).detach();
 }
 
 bool ThreadPool::queue_starved(std::int64_t now) const noexcept {
@@ -96,7 +140,7 @@ void ThreadPool::enqueue(Job* job) {
   bool signal = false;
   const std::int64_t now = now_ns(Clock::monotonic);
   {
-    std::lock_guard lock(mutex_);
+    std::unique_lock lock(mutex_);
     const bool starved = queue_starved(now);  // before this job joins the queue
     job->queued_at_ns_ = now;
     job->pool_ = this;
@@ -112,6 +156,8 @@ void ThreadPool::enqueue(Job* job) {
     queued_hint_.store(++queued_jobs_, std::memory_order_relaxed);
     unfinished_jobs_.fetch_add(1, std::memory_order_relaxed);
     if (spinning_ == 0 || starved) signal = wake_one(now);  // else the spinner takes it
+    // No worker and none could be started (the thread limit): run the queue on this thread.
+    if (workers_ == 0) run_queue_on_caller(lock);
   }
   if (signal) {
     work_available_.notify_one();

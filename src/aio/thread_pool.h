@@ -9,6 +9,8 @@
 //                                -ECANCELED; a running job cannot be interrupted
 //
 // Workers are started on demand up to `max_threads` and exit after `idle_timeout` without work.
+// If no worker exists and none can be started (std::thread fails), submit()/run() run the job on
+// the calling thread instead; its completion is still delivered in the context as usual.
 // Completions are work items on the context, so they are serialized there.
 //
 // Waking a sleeping thread costs tens of microseconds on a VM, far more than a page-cache read,
@@ -49,7 +51,10 @@
 //    spinning_ on behalf of the sleeper, and a sleeper leaves its wait only by consuming a grant
 //    (or at stopping_ / idle timeout), so spurious wake-ups and notify races cannot lose or
 //    double-count one. Without a sleeper to grant, wake_one() starts a worker (born spinning)
-//    if workers_ < max_threads.
+//    if workers_ < max_threads. A failed start (std::thread throws) undoes both counts; if that
+//    leaves workers_ == 0, enqueue() runs the queued jobs itself, on the submitting thread
+//    (counted in workers_ meanwhile, so later submits queue behind it). Otherwise the workers
+//    that exist take the jobs when they finish theirs. No job is lost and nothing throws.
 //  * Long jobs need as many workers as jobs queued, soon, not one more per wake-up: a job still
 //    queued after kStarvedNs (200 us), with no job taken and no worker woken in that time
 //    (last_progress_ns_), means every awake worker is stuck in a job, so enqueue() then wakes
@@ -158,8 +163,17 @@ class ThreadPool {
   // Queues a caller-owned job (used by RunAwaiter; the caller keeps it alive until completion).
   void enqueue(Job* job);
 
+  // Test seam: the next `count` worker starts (in any pool) fail as if std::thread had thrown
+  // std::system_error. Any thread.
+  static void fail_thread_starts_for_testing(unsigned count) noexcept;
+
  private:
   void worker_loop() noexcept;
+  // Starts a detached thread running worker_loop(); throws what std::thread throws.
+  void start_worker_thread();
+  // Under mutex_ (released around each job), when no worker exists and none could be started:
+  // runs every queued job on the calling thread, counted in workers_ meanwhile.
+  void run_queue_on_caller(std::unique_lock<std::mutex>& lock);
   // Under mutex_, at monotonic time `now`: grants a sleeping worker a wake-up, or starts a
   // worker. Returns whether the caller must notify_one() (after unlocking, counted in
   // signallers_).

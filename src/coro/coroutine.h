@@ -15,7 +15,9 @@
 // Thread-safety: enter() only from a thread with a current Context (or any thread for a
 // coroutine that has never run); wake()/schedule() from any thread. A Coroutine's fields:
 //   home_, scheduled_by_, running_   atomics; the claim on scheduled_by_ (CAS from null) is what
-//                                    gives one party the right to resume it
+//                                    gives one party the right to resume it. home_ is written by
+//                                    the resuming thread, and by schedule() from any thread, but
+//                                    only by the claim's holder while the coroutine is suspended
 //   resume_point_, detached_          written only by the thread running the coroutine, read by
 //                                    the resuming thread after the claim/queue hand-off
 // Every Task promise derives from Coroutine, so a root costs no extra allocation.
@@ -64,9 +66,6 @@ class Coroutine : private aio::WorkItem {
   friend void detail::root_finished(Coroutine* co, std::coroutine_handle<> frame) noexcept;
   friend Coroutine* park(std::coroutine_handle<> leaf) noexcept;
   friend void unpark(Coroutine* co) noexcept;
-// Undoes park() for an awaiter that finds, after parking, that it need not suspend after all
-// (await_suspend returns false). Only valid if nobody else can have seen the coroutine.
-void unpark(Coroutine* co) noexcept;
   friend void enter(Coroutine* co, const char* who) noexcept;
   friend void schedule(aio::Context& context, Coroutine* co, const char* who) noexcept;
   friend void wake(Coroutine* co, const char* who) noexcept;

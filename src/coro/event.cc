@@ -1,6 +1,7 @@
 #include "coro/event.h"
 
 #include "base/fatal.h"
+#include "base/intrusive_list.h"
 
 namespace spindle::coro {
 
@@ -14,13 +15,7 @@ Event::~Event() {
 void Event::set() noexcept {
   WaitAwaiter* stack = state_.exchange(set_tag(), std::memory_order_acq_rel);
   if (stack == set_tag()) return;
-  WaitAwaiter* oldest_first = nullptr;
-  while (stack) {
-    WaitAwaiter* newer = stack->next_;
-    stack->next_ = oldest_first;
-    oldest_first = stack;
-    stack = newer;
-  }
+  WaitAwaiter* oldest_first = base::reverse_list<&WaitAwaiter::next_>(stack);
   while (oldest_first) {
     WaitAwaiter* next = oldest_first->next_;  // the waiter lives in its frame: read it first
     wake_later(oldest_first->coroutine_, "coro::Event::set");

@@ -43,6 +43,8 @@ class Event {
     friend class Event;
     Event& event_;
     Coroutine* coroutine_ = nullptr;
+    // In the pushed stack: the waiter pushed before this one (older); after set() reverses the
+    // stack: the one woken after this one (newer).
     WaitAwaiter* next_ = nullptr;
   };
   WaitAwaiter wait() noexcept { return WaitAwaiter(*this); }

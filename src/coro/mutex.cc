@@ -2,6 +2,7 @@
 
 #include "base/cpu_relax.h"
 #include "base/fatal.h"
+#include "base/intrusive_list.h"
 
 namespace spindle::coro {
 
@@ -87,13 +88,8 @@ void Mutex::unlock() noexcept {
       return;
     }
     // Waiters arrived: take them all and reverse the stack so the oldest comes first.
-    LockAwaiter* stack = state_.exchange(nullptr, std::memory_order_acquire);
-    while (stack) {
-      LockAwaiter* newer = stack->next_;
-      stack->next_ = fifo_;
-      fifo_ = stack;
-      stack = newer;
-    }
+    fifo_ = base::reverse_list<&LockAwaiter::next_>(
+        state_.exchange(nullptr, std::memory_order_acquire));
   }
   LockAwaiter* next_owner = fifo_;
   fifo_ = next_owner->next_;

@@ -67,7 +67,9 @@ class Mutex {
     friend class Mutex;
     Mutex& mutex_;
     Coroutine* coroutine_ = nullptr;
-    LockAwaiter* next_ = nullptr;  // newer waiter in the pushed stack; older one in the FIFO
+    // In the pushed stack: the waiter pushed before this one (older). In `fifo_`, after the
+    // reversal: the one that gets the mutex after this one (newer).
+    LockAwaiter* next_ = nullptr;
   };
   // co_await mutex.lock();  ...  mutex.unlock();
   LockAwaiter lock() noexcept { return LockAwaiter(*this); }

@@ -6,10 +6,13 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
+#include <memory>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -210,11 +213,128 @@ TEST_P(FileIoTest, ManyCompletionsWhileTheContextSleeps) {
   }
 }
 
+// Reads and writes longer than 4 GiB: the length must not be cut to 32 bits (2^32 + 8 KiB
+// would become 8 KiB). The buffer is a MAP_NORESERVE mapping of which the kernel touches only
+// what it really moves: a read stops at the end of a 16 KiB file, and /dev/null takes a write
+// without reading the buffer.
+class HugeBuffer {
+ public:
+  explicit HugeBuffer(std::size_t length) : length_(length) {
+    data_ = ::mmap(nullptr, length, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    EXPECT_NE(data_, MAP_FAILED);
+  }
+  ~HugeBuffer() {
+    if (data_ != MAP_FAILED) ::munmap(data_, length_);
+  }
+  char* data() const { return static_cast<char*>(data_); }
+  bool ok() const { return data_ != MAP_FAILED; }
+
+ private:
+  std::size_t length_;
+  void* data_;
+};
+
+constexpr std::size_t kOver4GiB = (std::size_t{1} << 32) + 8192;
+
+TEST_P(FileIoTest, ReadLongerThan4GiBIsNotCutTo32Bits) {
+  TempFile file;
+  std::vector<char> content(16384);
+  for (std::size_t i = 0; i < content.size(); ++i) content[i] = static_cast<char>('a' + i % 26);
+  ASSERT_EQ(::pwrite(file.fd(), content.data(), content.size(), 0), 16384);
+  HugeBuffer buffer(kOver4GiB);
+  ASSERT_TRUE(buffer.ok());
+  EXPECT_EQ(coro::block_on(io.context(), pread(file.fd(), buffer.data(), kOver4GiB, 0)), 16384);
+  EXPECT_EQ(std::memcmp(buffer.data(), content.data(), content.size()), 0);
+}
+
+TEST_P(FileIoTest, WriteLongerThan4GiBIsNotCutTo32Bits) {
+  const int null_fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+  ASSERT_GE(null_fd, 0);
+  HugeBuffer buffer(kOver4GiB);
+  ASSERT_TRUE(buffer.ok());
+  EXPECT_EQ(coro::block_on(io.context(), pwrite(null_fd, buffer.data(), kOver4GiB, 0)),
+            static_cast<ssize_t>(kOver4GiB));
+  ::close(null_fd);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, FileIoTest,
                          testing::Values(FileBackend::io_uring, FileBackend::threads),
                          [](const testing::TestParamInfo<FileBackend>& info) {
                            return info.param == FileBackend::io_uring ? "IoUring" : "Threads";
                          });
+
+// IoThread::stop() with io_uring work outstanding. The ring of an IoThread's context is
+// SINGLE_ISSUER: only the IoThread may enter it, so work left when its loop ends must finish
+// there, and work posted after the loop ended (run by the joining thread) must not use it.
+class IoThreadStopTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    set_file_backend(FileBackend::io_uring);
+    ContextRef probe = Context::create("probe");
+    if (probe->uring() == nullptr) GTEST_SKIP() << "io_uring is not available here";
+  }
+  void TearDown() override { set_file_backend(FileBackend::automatic); }
+};
+
+// A read parked on an empty pipe when stop() is called completes on the IoThread before
+// stop() returns.
+TEST_F(IoThreadStopTest, RingOperationInFlightAtStopCompletesOnTheIoThread) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  auto io = std::make_unique<IoThread>("stop-in-flight");
+  struct Outcome {
+    std::atomic<bool> submitting{false};
+    std::atomic<ssize_t> result{-1000};
+    std::atomic<bool> on_io_thread{false};
+  } outcome;
+  char byte = 0;
+  coro::Coroutine* co = coro::create(
+      [](int fd, char& c, Outcome& out, std::thread::id io_thread) -> coro::Task<void> {
+        out.submitting.store(true);
+        const ssize_t got = co_await pread(fd, &c, 1, -1);
+        out.on_io_thread.store(std::this_thread::get_id() == io_thread);
+        out.result.store(got);
+      }(fds[0], byte, outcome, io->thread_id()));
+  coro::schedule(io->context(), co);
+  while (!outcome.submitting.load()) std::this_thread::sleep_for(1ms);
+  std::this_thread::sleep_for(20ms);  // the read is on the ring, the IoThread asleep
+  std::thread writer([&] {
+    std::this_thread::sleep_for(100ms);  // after stop() was called
+    EXPECT_EQ(::write(fds[1], "x", 1), 1);
+  });
+  io->stop();
+  EXPECT_EQ(outcome.result.load(), 1) << "the read had not completed when stop() returned";
+  EXPECT_TRUE(outcome.on_io_thread.load());
+  writer.join();
+  io.reset();
+  EXPECT_EQ(byte, 'x');
+  ::close(fds[0]);
+  ::close(fds[1]);
+}
+
+// The loop ends itself (stop() from inside); file I/O posted afterwards runs in the thread that
+// joins, which must not enter the IoThread's ring.
+TEST_F(IoThreadStopTest, FileIoPostedAfterTheLoopEndedWorks) {
+  TempFile file;
+  ASSERT_EQ(::pwrite(file.fd(), "abcd", 4, 0), 4);
+  IoThread io("stop-after-end");
+  char first[4] = {};
+  EXPECT_EQ(coro::block_on(io.context(), pread(file.fd(), first, 4, 0)), 4);  // ring created
+  io.context().run_soon([&io] { io.stop(); });  // from inside: the loop ends, nobody joins yet
+  std::this_thread::sleep_for(50ms);
+  std::atomic<ssize_t> result{-1000};
+  char second[4] = {};
+  coro::Coroutine* co = coro::create([](int fd, char* buffer, std::atomic<ssize_t>& out)
+                                         -> coro::Task<void> {
+    const ssize_t got = co_await pread(fd, buffer, 4, 0);
+    out.store(got);
+  }(file.fd(), second, result));
+  coro::schedule(io.context(), co);
+  io.stop();  // joins, then runs the coroutine here
+  EXPECT_EQ(result.load(), 4);
+  EXPECT_EQ(std::string(second, 4), "abcd");
+}
 
 }  // namespace
 }  // namespace spindle::aio

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <thread>
 #include <vector>
@@ -103,50 +104,82 @@ TEST_F(ThreadPoolTest, SubmitMany) {
 }
 
 // 100 long jobs (64 run at once); those not started yet are cancelled by moving n from 0 to 4.
-// Every job ends either run (n == 3, ret 0) or cancelled (n == 4, ret -ECANCELED).
+// Every job ends either run (n == 3, ret 0) or claimed (n == 4). A claimed job is cancelled
+// (ret -ECANCELED), or, as QEMU's test-thread-pool allows, a worker dequeued it between the
+// claim and pool.cancel(): then cancel() fails and the job runs without doing anything (ret 0).
+// The jobs that start wait for a gate, not a clock, and the claims wait until every worker is
+// inside a job, so a busy machine neither lets the first jobs finish (leaving nothing to
+// cancel) nor starts jobs late; with every worker blocked none can race a claim either.
 void cancel_scenario(ThreadPoolTest& test, Context& ctx, ThreadPool& pool, int& active,
                      bool wait_for_each_cancel) {
   constexpr int kJobs = 100;
   std::vector<WorkerData> data(kJobs);
+  std::atomic<int> started{0};
+  std::atomic<bool> gate{false};
   for (auto& d : data) {
     ++active;
     d.job = pool.submit(
-        [&d] {
+        [&d, &started, &gate] {
           int expected = 0;
           if (d.n.compare_exchange_strong(expected, 1)) {
-            std::this_thread::sleep_for(300ms);
+            started.fetch_add(1);
+            gate.wait(false);  // until the cancels are done
             d.n.fetch_or(2);
           }
           return 0;
         },
         test.done_callback(d));
   }
-  std::this_thread::sleep_for(100ms);
-  EXPECT_EQ(active, kJobs);  // none finished yet
-  int cancelled = 0;
-  for (auto& d : data) {
+  // Quiescent: every worker is in a job (read started, then workers, then started again: equal
+  // means no worker is between jobs). The pool recruits while jobs are queued, so this is all
+  // 64; the deadline only keeps a pool that stops recruiting from hanging the test.
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  for (;;) {
+    const int before = started.load();
+    const auto workers = static_cast<int>(pool.worker_count());
+    if (before > 0 && before == workers && started.load() == before) break;
+    if (std::chrono::steady_clock::now() > deadline) break;
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_GT(started.load(), 0) << "no job started within 30 s";
+  EXPECT_EQ(active, kJobs);  // no completion runs before ctx polls
+  int cancelled = 0, raced = 0;
+  std::vector<bool> cancel_failed(kJobs, false);
+  for (int i = 0; i < kJobs; ++i) {
+    WorkerData& d = data[i];
     int expected = 0;
     if (d.n.compare_exchange_strong(expected, 4)) {
-      EXPECT_TRUE(pool.cancel(d.job));
-      ++cancelled;
+      if (pool.cancel(d.job)) {
+        ++cancelled;
+      } else {
+        ++raced;  // a worker took it after the claim: it returns 0 without running
+        cancel_failed[i] = true;
+      }
       if (wait_for_each_cancel) {
         while (d.job != nullptr) ctx.poll(true);  // synchronous cancel: wait for its completion
       }
     }
   }
+  gate.store(true);
+  gate.notify_all();
   EXPECT_GT(cancelled, 0);
-  EXPECT_LT(cancelled, kJobs);
+  EXPECT_LT(cancelled + raced, kJobs);
   while (active > 0) ctx.poll(true);
-  for (auto& d : data) {
+  int ran = 0;
+  for (int i = 0; i < kJobs; ++i) {
+    const WorkerData& d = data[i];
     EXPECT_EQ(d.job, nullptr);
     const int n = d.n.load();
     if (n == 3) {
+      ++ran;
       EXPECT_EQ(d.ret, 0);
     } else {
-      EXPECT_EQ(n, 4);
-      EXPECT_EQ(d.ret, -ECANCELED);
+      EXPECT_EQ(n, 4) << "job " << i;
+      EXPECT_EQ(d.ret, cancel_failed[i] ? 0 : -ECANCELED) << "job " << i;
     }
   }
+  EXPECT_EQ(ran, started.load());
+  EXPECT_EQ(ran + cancelled + raced, kJobs);
 }
 
 TEST_F(ThreadPoolTest, Cancel) { cancel_scenario(*this, *ctx, *pool, active, true); }
@@ -181,7 +214,11 @@ TEST(ThreadPoolIdleTest, IdleWorkersExit) {
   EXPECT_LE(pool.worker_count(), 4u);
   while (completed < 4) ctx->poll(true);
   EXPECT_EQ(ran.load(), 4);
-  for (int i = 0; i < 100 && pool.worker_count() > 0; ++i) std::this_thread::sleep_for(10ms);
+  // They exit 50 ms after their last job; the 30 s only bounds a pool whose workers never do.
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (pool.worker_count() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
   EXPECT_EQ(pool.worker_count(), 0u);
 }
 
@@ -225,8 +262,11 @@ TEST(ThreadPoolLifetimeTest, BurstOfLongJobsRunsInParallel) {
       const int now = running.fetch_add(1) + 1;
       for (int seen = peak.load(); now > seen && !peak.compare_exchange_weak(seen, now);) {
       }
-      for (int waited = 0; waited < 200 && peak.load() < 8; ++waited) {
-        std::this_thread::sleep_for(5ms);  // until all eight run (1 s at most)
+      // Until all eight run: thread starts on a loaded machine can take a while, so wait up
+      // to 10 s (a pool that never runs them at once fails after that, instead of hanging).
+      const auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (peak.load() < 8 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(5ms);
       }
       running.fetch_sub(1);
       return 0;
@@ -289,6 +329,73 @@ TEST(ThreadPoolLifetimeTest, SubmitsRacingTheSpinnerAreNeverLost) {
     EXPECT_EQ(completed, kProducers * kJobsEach) << "spin " << spin.count() << " us";
     EXPECT_EQ(ran.load(), kProducers * kJobsEach);
   }
+}
+
+// A worker thread that fails to start (std::thread throws std::system_error, e.g. EAGAIN at the
+// thread limit) must leave the pool able to run every job: submit() does not throw, nothing is
+// stranded, and the pool can still be destroyed. The test hook fails the next N starts.
+class ThreadPoolStartFailureTest : public testing::Test {
+ public:
+  ContextRef ctx = Context::create("pool-start-failure");
+  void TearDown() override { ThreadPool::fail_thread_starts_for_testing(0); }
+  // Polls ctx until `completed` reaches `want` or 10 s pass; returns whether it did.
+  bool poll_until(const int& completed, int want) {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (completed < want && std::chrono::steady_clock::now() < deadline) {
+      if (!ctx->poll(false)) std::this_thread::sleep_for(100us);
+    }
+    return completed >= want;
+  }
+};
+
+TEST_F(ThreadPoolStartFailureTest, OneFailedStartStrandsNoJob) {
+  ThreadPool pool(*ctx, ThreadPool::Options{4, 10s});
+  ThreadPool::fail_thread_starts_for_testing(1);
+  std::atomic<int> ran{0};
+  int completed = 0;
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_NO_THROW(pool.submit([&] { return ran.fetch_add(1); }, [&](int) { ++completed; }));
+  }
+  EXPECT_TRUE(poll_until(completed, 20));
+  EXPECT_EQ(ran.load(), 20);
+}
+
+TEST_F(ThreadPoolStartFailureTest, NoThreadCanStartJobsStillRun) {
+  ThreadPool pool(*ctx, ThreadPool::Options{4, 10s});
+  ThreadPool::fail_thread_starts_for_testing(1'000'000);
+  std::atomic<int> ran{0};
+  int completed = 0;
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_NO_THROW(pool.submit([&] { return ran.fetch_add(1); }, [&](int) { ++completed; }));
+  }
+  coro::Coroutine* co = coro::create([](ThreadPool& p, int& done) -> coro::Task<void> {
+    const int value = co_await p.run([] { return 6 * 7; });
+    EXPECT_EQ(value, 42);
+    ++done;
+  }(pool, completed));
+  coro::schedule(*ctx, co);
+  EXPECT_TRUE(poll_until(completed, 6));
+  EXPECT_EQ(ran.load(), 5);
+  EXPECT_EQ(pool.worker_count(), 0u);
+}
+
+TEST_F(ThreadPoolStartFailureTest, RunningWorkerTakesJobsWhenStartsFail) {
+  ThreadPool pool(*ctx, ThreadPool::Options{4, 10s, std::chrono::microseconds{0}});
+  std::atomic<bool> release{false};
+  std::atomic<int> ran{0};
+  int completed = 0;
+  pool.submit([&] {
+    while (!release.load()) std::this_thread::sleep_for(1ms);
+    return ran.fetch_add(1);
+  }, [&](int) { ++completed; });
+  while (ran.load() == 0 && pool.worker_count() == 0) std::this_thread::sleep_for(1ms);
+  ThreadPool::fail_thread_starts_for_testing(1'000'000);
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_NO_THROW(pool.submit([&] { return ran.fetch_add(1); }, [&](int) { ++completed; }));
+  }
+  release.store(true);
+  EXPECT_TRUE(poll_until(completed, 11));
+  EXPECT_EQ(ran.load(), 11);
 }
 
 }  // namespace
