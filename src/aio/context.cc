@@ -506,16 +506,18 @@ bool Context::poll(bool blocking) {
     base::fatal("context '{}': poll() called from a coroutine (it would block its thread)",
                 name_);
   }
-  // Misuse check without a locked instruction: the outermost poll() stores its thread's marker
-  // and checks on the way out that it is still there. A thread entering while another polls
-  // sees the other's marker; two threads entering together both store, and whichever store
-  // lost finds the other's marker (or null) at its exit. The acquire/release pair hands the
-  // home-thread state from one polling thread to the next.
+  // Misuse check: the outermost poll() claims the context with a CAS (null -> this thread's
+  // marker), so two threads can never be inside at once, not even when they enter together; a
+  // nested poll() sees its own marker and skips the locked instruction. The acquire here and
+  // the release at the outermost exit hand the home-thread state from one polling thread to
+  // the next.
   const void* const me = &t_thread_marker;
-  const void* const poller = poller_.load(std::memory_order_acquire);
-  if (poller != me) {
-    if (poller != nullptr) base::fatal("context '{}': poll() from two threads at once", name_);
-    poller_.store(me, std::memory_order_relaxed);
+  if (poller_.load(std::memory_order_relaxed) != me) {
+    const void* expected = nullptr;
+    if (!poller_.compare_exchange_strong(expected, me, std::memory_order_acquire,
+                                         std::memory_order_relaxed)) {
+      base::fatal("context '{}': poll() from two threads at once", name_);
+    }
   }
   detail::CurrentContextScope bind(this);
   ++poll_depth_;
@@ -564,9 +566,6 @@ bool Context::poll(bool blocking) {
 
   if (--poll_depth_ == 0) {
     free_deleted_handlers();
-    if (poller_.load(std::memory_order_relaxed) != me) {
-      base::fatal("context '{}': poll() from two threads at once", name_);
-    }
     poller_.store(nullptr, std::memory_order_release);
   }
   return progress;

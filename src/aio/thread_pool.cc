@@ -99,6 +99,8 @@ bool ThreadPool::wake_one(std::int64_t now) {
 
 void ThreadPool::run_queue_on_caller(std::unique_lock<std::mutex>& lock) {
   ++workers_;  // counted like a worker: keeps the pool alive and lets enqueue()s queue on us
+  // Until the queue is empty, jobs queued meanwhile included: they found us counted as the
+  // worker and nobody else would take them. (Only when no thread at all could be started.)
   while (Job* job = queue_head_) {
     queue_head_ = job->queue_next_;
     (queue_head_ ? queue_head_->queue_prev_ : queue_tail_) = nullptr;
