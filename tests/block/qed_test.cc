@@ -573,7 +573,7 @@ TEST_F(QedTest, DirtyImageIsRepairedOnWritableOpenButNotReadOnly) {
     BlockNodeRef node = open_image("d.qed", true);  // read-only: allowed, not repaired
     ASSERT_TRUE(node);
     Bytes sector(512);
-    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EINVAL);
+    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EIO);
     EXPECT_EQ(file_le64(path("d.qed"), 16), kFeatureNeedCheck);
   }
   BlockNodeRef node = open_image("d.qed");
@@ -732,18 +732,138 @@ TEST_F(QedBadInputTest, BadTableEntriesGiveIoErrorsNotCrashes) {
   const std::uint64_t l2 = file_le64(path("bad.qed"), 4096);
   for (std::uint64_t entry : std::initializer_list<std::uint64_t>{1ull << 50, 4097ull, 2ull, 12289ull, UINT64_MAX}) {
     patch_le64(path("bad.qed"), l2, entry);
+    patch_le64(path("bad.qed"), 16, 0);  // else the open would repair what the last round marked
     BlockNodeRef node = open_image("bad.qed");
     ASSERT_TRUE(node);
     Bytes sector(512);
-    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EINVAL) << entry;
-    EXPECT_EQ(write(*node, 0, pattern(512, 2)), -EINVAL) << entry;
+    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EIO) << entry;
+    EXPECT_EQ(write(*node, 0, pattern(512, 2)), -EIO) << entry;
+    EXPECT_EQ(file_le64(path("bad.qed"), 16), kFeatureNeedCheck) << entry;
+    EXPECT_EQ(file_le64(path("bad.qed"), l2), entry);
   }
   for (std::uint64_t entry : std::initializer_list<std::uint64_t>{1ull << 50, 4097ull, 0x800ull}) {  // L1 entries
     patch_le64(path("bad.qed"), 4096, entry);
+    patch_le64(path("bad.qed"), 16, 0);
     BlockNodeRef node = open_image("bad.qed");
     ASSERT_TRUE(node);
     Bytes sector(512);
-    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EINVAL) << entry;
+    EXPECT_EQ(run(node->read(0, std::span(sector), 0)), -EIO) << entry;
+  }
+}
+
+// --- table entries that point at metadata ---------------------------------------------------
+
+// A 64 MiB 4K/2 image written by qemu-io: data at guest 0, 4K (first L2 table) and 4M (second
+// L2 table). One L2 table covers 4 MiB; each table spans two clusters.
+class QedMetadataPointerTest : public QedTest {
+ protected:
+  static constexpr std::uint64_t kCluster = 4096;
+  void SetUp() override {
+    QedTest::SetUp();
+    if (!have_qemu()) GTEST_SKIP() << "qemu-img/qemu-io (qemu-utils) not installed";
+    must_run("qemu-img create -q -f qed -o cluster_size=4096,table_size=2 '" + path("m.qed") +
+             "' 64M");
+    qemu_io("m.qed", "-c 'write -P 0xa1 0 4k' -c 'write -P 0xa2 4k 4k' -c 'write -P 0xa3 4M 4k'");
+    l1_ = file_le64(path("m.qed"), 40);
+    l2_ = file_le64(path("m.qed"), l1_);
+    l2b_ = file_le64(path("m.qed"), l1_ + 8);
+    ASSERT_NE(l2_, 0u);
+    ASSERT_NE(l2b_, 0u);
+  }
+  // Every file byte but the feature bits (which may gain NEED_CHECK).
+  Bytes file_without_features() {
+    Bytes bytes = read_file_bytes(path("m.qed"));
+    std::fill(bytes.begin() + 16, bytes.begin() + 24, std::byte{0});
+    return bytes;
+  }
+  // Reading and writing guest `offset` fail with EIO, nothing is written through the pointer,
+  // the image is marked NEED_CHECK and both checks call it corrupt.
+  void expect_refused(std::uint64_t offset, const std::string& what) {
+    SCOPED_TRACE(what);
+    const Bytes before = file_without_features();
+    {
+      BlockNodeRef node = open_image("m.qed");
+      ASSERT_TRUE(node);
+      Bytes sector(512);
+      EXPECT_EQ(run(node->read(offset, std::span(sector), 0)), -EIO);
+      EXPECT_EQ(write(*node, offset, pattern(512, 0x5a)), -EIO);
+      EXPECT_EQ(write(*node, offset, pattern(kCluster, 0x5b)), -EIO);
+      EXPECT_EQ(run(node->write_zeroes(offset, kCluster, 0)), -EIO);
+      const BlockStatus status = run(node->block_status(offset, kCluster));
+      EXPECT_EQ(status.flags & kStatusOffsetValid, 0u);
+      EXPECT_FALSE(node->host_file_range(offset, 512));
+      Bytes good(512);  // the rest of the image still reads
+      EXPECT_EQ(run(node->read(8 << 20, std::span(good), 0)), 0);
+      EXPECT_EQ(close(*node), 0);
+    }
+    EXPECT_EQ(file_without_features(), before);
+    EXPECT_EQ(file_le64(path("m.qed"), 16) & kFeatureNeedCheck, kFeatureNeedCheck);
+    EXPECT_EQ(our_check("m.qed", false).exit_code(), 2);
+    EXPECT_EQ(qemu_check(path("m.qed")).exit_code, 2);
+  }
+  std::uint64_t l1_ = 0, l2_ = 0, l2b_ = 0;
+};
+
+TEST_F(QedMetadataPointerTest, DataEntryAtTheL1Table) {
+  patch_le64(path("m.qed"), l2_, l1_);
+  expect_refused(0, "L2[0] -> L1");
+}
+
+TEST_F(QedMetadataPointerTest, DataEntryAtItsOwnL2Table) {
+  patch_le64(path("m.qed"), l2_, l2_);
+  expect_refused(0, "L2[0] -> own L2");
+}
+
+TEST_F(QedMetadataPointerTest, DataEntryInsideItsOwnL2Table) {
+  patch_le64(path("m.qed"), l2_ + 8, l2_ + kCluster);
+  expect_refused(kCluster, "L2[1] -> second cluster of own L2");
+}
+
+TEST_F(QedMetadataPointerTest, DataEntryAtAnotherL2Table) {
+  patch_le64(path("m.qed"), l2_, l2b_);
+  expect_refused(0, "L2[0] -> other L2");
+}
+
+TEST_F(QedMetadataPointerTest, L1EntryAtTheL1Table) {
+  patch_le64(path("m.qed"), l1_, l1_);
+  expect_refused(0, "L1[0] -> L1");
+}
+
+TEST_F(QedMetadataPointerTest, TwoL1EntriesShareAnL2Table) {
+  patch_le64(path("m.qed"), l1_, l2b_);
+  expect_refused(0, "L1[0] -> L2 of L1[1]");
+  BlockNodeRef node = open_image("m.qed", true);
+  ASSERT_TRUE(node);
+  Bytes sector(512);
+  EXPECT_EQ(run(node->read(4 << 20, std::span(sector), 0)), -EIO);
+}
+
+TEST_F(QedMetadataPointerTest, L1EntryOverlapsAnotherL2Table) {
+  patch_le64(path("m.qed"), l1_, l2b_ + kCluster);
+  expect_refused(0, "L1[0] -> second cluster of L1[1]'s L2");
+}
+
+// A data entry past EOF stays an error after the file has grown past it.
+TEST_F(QedMetadataPointerTest, EntryBeyondEofStaysBadAfterTheFileGrows) {
+  const std::uint64_t size = fs::file_size(path("m.qed"));
+  for (const bool loaded_first : {true, false}) {
+    SCOPED_TRACE(loaded_first ? "L2 loaded before growth" : "L2 loaded after growth");
+    patch_le64(path("m.qed"), 16, 0);
+    patch_le64(path("m.qed"), l1_ + 10 * 8, 0);  // undo the last round's L2 table for 40M
+    patch_le64(path("m.qed"), l2_ + 16, size + 2 * kCluster);  // guest 8K
+    BlockNodeRef node = open_image("m.qed");
+    ASSERT_TRUE(node);
+    Bytes sector(512);
+    if (loaded_first) {
+      EXPECT_EQ(run(node->read(8192, std::span(sector), 0)), -EIO);
+    }
+    // Allocates a new L2 table and data cluster at the end: the file grows past the pointer.
+    ASSERT_EQ(write(*node, 40 << 20, pattern(4 * kCluster, 0x77)), 0);
+    ASSERT_GT(fs::file_size(path("m.qed")), size + 3 * kCluster);
+    EXPECT_EQ(run(node->read(8192, std::span(sector), 0)), -EIO);
+    EXPECT_EQ(write(*node, 8192, pattern(512, 0x5a)), -EIO);
+    EXPECT_EQ(close(*node), 0);
+    fs::resize_file(path("m.qed"), size);
   }
 }
 

@@ -6,8 +6,10 @@ writes through NBD (multi-conn nbdcopy, qemu-io, fio with verification) leave an
 reference, read-only QED exports, QED overlays on a raw backing file, and large reads of data
 clusters served from the page cache in every --zero-copy mode."""
 
+import errno
 import json
 import os
+import struct
 import sys
 import unittest
 
@@ -240,6 +242,66 @@ class QedTest(si.InteropTest):
         self.assertEqual(type_at(0), 0, f"backing data not reported as data: {nbd_map}")
         self.assertEqual(type_at(6 * MiB), 3, f"backing hole not hole,zero: {nbd_map}")
         self.qemu_img_compare(base, "raw", server.uri(), "raw")
+
+
+    def test_table_entries_pointing_at_metadata_give_eio(self):
+        # qemu-nbd 7.2 serves the L1 table as guest data here and lets writes land in it.
+        # spindle-nbd refuses the range with EIO (reads, writes, zeroing, in every zero-copy
+        # mode), leaves every table byte as it was and marks the image NEED_CHECK.
+        import nbd
+        for kind, zero_copy in (("data-at-l1", "always"), ("data-at-own-l2", "never"),
+                                ("l2-at-l1", "remote"), ("beyond-eof", "always")):
+            with self.subTest(kind):
+                image = self.create_qed(kind + ".qed", 8 * MiB)
+                self.qemu_io("qed", image, ["write -P 0x41 0 64k", "write -P 0x42 4M 64k"])
+                size = os.path.getsize(image)
+                with open(image, "r+b") as f:
+                    l1 = struct.unpack_from("<Q", f.read(64), 40)[0]
+                    f.seek(l1)
+                    l2 = struct.unpack("<Q", f.read(8))[0]
+                    where, value = {"data-at-l1": (l2, l1), "data-at-own-l2": (l2, l2),
+                                    "l2-at-l1": (l1, l1),
+                                    "beyond-eof": (l2, size + 2 * 64 * KiB)}[kind]
+                    f.seek(where)
+                    f.write(struct.pack("<Q", value))
+                    f.seek(0)
+                    before = bytearray(f.read())
+                server = self.server(image, ["-f", "qed", f"--zero-copy={zero_copy}"])
+                h = self.connect(server.uri())
+                if kind == "beyond-eof":
+                    # Allocate past the bad pointer: it must stay refused.
+                    h.pwrite(b"\x43" * (4 * 64 * KiB), 6 * MiB)
+                    h.flush()
+                    self.assertGreater(os.path.getsize(image), value + 64 * KiB)
+                    with open(image, "rb") as f:
+                        before = bytearray(f.read())
+                for length, offset in ((512, 0), (64 * KiB, 0), (128 * KiB, 0)):
+                    with self.assertRaises(nbd.Error) as caught:
+                        h.pread(length, offset)
+                    self.assertEqual(caught.exception.errnum, errno.EIO)
+                for call in (lambda: h.pwrite(b"\x5a" * 4096, 0),
+                             lambda: h.zero(64 * KiB, 0)):
+                    with self.assertRaises(nbd.Error) as caught:
+                        call()
+                    self.assertEqual(caught.exception.errnum, errno.EIO)
+                if kind != "l2-at-l1":  # else the bad L1 entry covers the whole image
+                    self.assertEqual(h.pread(4096, 4 * MiB), b"\x42" * 4096)
+                # nbdsh (python3 -m nbd, with the interpreter that has the module).
+                proc = run([sys.executable, "-m", "nbd", "-u", server.uri(), "-c",
+                            "h.pread(512, 0)"], timeout=30, check=False)
+                self.assertNotEqual(proc.returncode, 0)
+                self.assertIn(b"Input/output error", proc.stderr + proc.stdout)
+                del h
+                self.handles.clear()
+                self.stop_cleanly(server)
+                with open(image, "rb") as f:
+                    after = bytearray(f.read())
+                features = struct.unpack_from("<Q", after, 16)[0]
+                self.assertTrue(features & 2, "NEED_CHECK not set")
+                after[16:24] = before[16:24]
+                self.assertTrue(after == before, "table or data bytes changed")
+                proc = run(["qemu-img", "check", "-f", "qed", image], timeout=60, check=False)
+                self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 // `spindle-img map`: where each range of an image comes from (qemu-img map): JSON MapEntry
 // objects {start, length, depth, present, zero, data[, offset]} with equal neighbours merged,
-// or the human table of ranges that hold data.
+// or the human table of ranges that hold data. A corrupt QED table entry (pointing past EOF or
+// at metadata) fails the command, as qemu-img does for what it detects.
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -30,11 +32,29 @@ struct MapEntry {
   }
 };
 
-coro::Task<std::vector<MapEntry>> collect_map(block::BlockNodeRef root, std::uint64_t size) {
+struct Map {
   std::vector<MapEntry> entries;
+  int error = 0;  // -errno of the first corrupt range
+  std::uint64_t error_offset = 0;
+};
+
+coro::Task<Map> collect_map(block::BlockNodeRef root, std::uint64_t size) {
+  Map map;
+  std::vector<MapEntry>& entries = map.entries;
   std::uint64_t pos = 0;
   while (pos < size) {
     const ChainExtent extent = co_await chain_status(root, pos, size - pos);
+    // QED reports data without an offset only for a corrupt entry: ask why.
+    if (extent.data && !extent.has_offset) {
+      auto* qed = dynamic_cast<block::qed::QedNode*>(const_cast<block::BlockNode*>(extent.level));
+      if (qed) {
+        if (const int error = co_await qed->mapping_error(pos); error < 0) {
+          map.error = error;
+          map.error_offset = pos;
+          co_return map;
+        }
+      }
+    }
     const MapEntry entry{pos, extent};
     if (!entries.empty() && entries.back().continues_with(entry)) {
       entries.back().extent.bytes += entry.extent.bytes;
@@ -43,7 +63,7 @@ coro::Task<std::vector<MapEntry>> collect_map(block::BlockNodeRef root, std::uin
     }
     pos += entry.extent.bytes;
   }
-  co_return entries;
+  co_return map;
 }
 
 // The file name qemu-img shows for each level of the chain: the image as named on the command
@@ -68,8 +88,13 @@ const char* boolean(bool value) { return value ? "true" : "false"; }
 
 int run_map(const MapOptions& options) {
   const OpenedImage image = open_image(options.filename, options.format, ImageOpenOptions{});
-  const std::vector<MapEntry> entries =
-      coro::block_on(collect_map(image.root, image.backend->size()));
+  const Map map = coro::block_on(collect_map(image.root, image.backend->size()));
+  if (map.error < 0) {
+    fail("Could not read file metadata: " + std::string(std::strerror(-map.error)) +
+         " (corrupt image table entry for offset " + std::to_string(map.error_offset) +
+         "; run 'spindle-img check')");
+  }
+  const std::vector<MapEntry>& entries = map.entries;
   if (options.output == "json") {
     std::printf("[");
     for (std::size_t i = 0; i < entries.size(); ++i) {

@@ -103,7 +103,16 @@ coro::Task<CheckResult> QedNode::check(bool repair) {
       out.error = result;
     }
   }
-  if (repair) l2_cache_.clear();  // repaired tables were rewritten behind the cache
+  if (repair) {
+    l2_cache_.clear();  // repaired tables were rewritten behind the cache
+    index_l1();         // repaired L1 entries are 0 now
+    if (out.corruptions == 0 && out.check_errors == 0) {
+      // Clean: no table entry points at metadata, past EOF or at a cluster used twice.
+      bad_entries_.clear();
+      corrupt_ = false;
+      corrupt_marked_ = false;
+    }
+  }
   if (out.error == 0) {
     for (std::uint64_t c = header_.header_size; c < map.size(); ++c) {
       if (!map.used(c)) ++out.leaks;

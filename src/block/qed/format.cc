@@ -73,7 +73,8 @@ bool is_image_size_valid(const Geometry& geometry, std::uint64_t image_size) noe
 bool is_cluster_offset_valid(const Header& header, std::uint64_t file_size,
                              std::uint64_t offset) noexcept {
   const std::uint64_t header_end = std::uint64_t{header.header_size} * header.cluster_size;
-  return offset % header.cluster_size == 0 && offset >= header_end && offset < file_size;
+  // cluster_size is a power of two (validate_header checks it first).
+  return (offset & (header.cluster_size - 1)) == 0 && offset >= header_end && offset < file_size;
 }
 
 bool is_table_offset_valid(const Header& header, std::uint64_t file_size,

@@ -93,7 +93,8 @@ bool is_image_size_valid(const Geometry& geometry, std::uint64_t image_size) noe
 // Offset validity against the allocated file size (a multiple of the cluster size):
 // a cluster offset is cluster-aligned, past the header clusters and below `file_size`; a table
 // offset has valid first and last clusters. Unlike QEMU we accept table_size = 1 (QEMU rejects
-// every table offset then; reference/qed.md §5.1-A).
+// every table offset then; reference/qed.md §5.1-A). The header's cluster_size must be a power
+// of two (validate_header() checks that before any offset).
 bool is_cluster_offset_valid(const Header& header, std::uint64_t file_size,
                              std::uint64_t offset) noexcept;
 bool is_table_offset_valid(const Header& header, std::uint64_t file_size,

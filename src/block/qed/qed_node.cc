@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,8 @@ QedNode::QedNode(Private, BlockNodeRef file, const Header& header, Table l1,
       l1_(std::move(l1)) {
   const std::uint64_t child_size = file_->size();
   file_size_ = child_size - child_size % header.cluster_size;
+  open_file_size_ = file_size_;
+  index_l1();
 }
 
 QedNode::~QedNode() {
@@ -121,6 +124,80 @@ coro::Task<Header> QedNode::header() {
   co_return header_;
 }
 
+void QedNode::index_l1() {
+  const std::uint64_t table_bytes = geometry_.table_bytes;
+  const std::uint64_t l1_offset = header_.l1_table_offset;
+  std::vector<std::uint8_t> state(l1_.size(), kL1Unseen);
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> targets;  // (L2 offset, L1 index)
+  for (std::uint64_t i = 0; i < l1_.size(); ++i) {
+    const std::uint64_t entry = l1_[i];
+    if (entry == 0) continue;
+    if (i < l1_state_.size() && l1_state_[i] != kL1Unseen) {
+      state[i] = l1_state_[i];  // still bad, or still loaded since open
+      if (state[i] == kL1Bad) continue;
+    }
+    if (!is_table_offset_valid(header_, file_size_, entry)) {
+      state[i] = kL1Bad;
+      continue;
+    }
+    targets.emplace_back(entry, i);
+  }
+  std::sort(targets.begin(), targets.end());
+  metadata_tables_.clear();
+  metadata_tables_.push_back(l1_offset);
+  for (std::size_t k = 0; k < targets.size(); ++k) {
+    const auto [offset, index] = targets[k];
+    metadata_tables_.push_back(offset);
+    if (offset < l1_offset + table_bytes && l1_offset < offset + table_bytes) state[index] = kL1Bad;
+    if (k > 0 && offset < targets[k - 1].first + table_bytes) {  // overlaps the previous one
+      state[index] = kL1Bad;
+      state[targets[k - 1].second] = kL1Bad;
+    }
+  }
+  std::sort(metadata_tables_.begin(), metadata_tables_.end());
+  l1_state_ = std::move(state);
+}
+
+void QedNode::validate_l2(std::uint64_t l2_offset, const Table& table, bool first_load) {
+  // Entries at metadata are caught on lookup (in_metadata()); here only what the file size
+  // decides, which changes as the file grows. A first pass without branches on the data.
+  const std::uint64_t limit = first_load ? open_file_size_ : file_size_;
+  const std::uint64_t header_end = std::uint64_t{header_.header_size} * geometry_.cluster_size;
+  const std::uint64_t cluster_mask = geometry_.cluster_size - 1;
+  // Entries 0 and 1 are below header_end: `entry - header_end` wraps for them as for any
+  // other entry in the header, so the range test is one comparison.
+  const std::uint64_t span = limit > header_end ? limit - header_end : 0;
+  auto misfit = [&](std::uint64_t entry) -> std::uint64_t {
+    return (entry > kZeroClusterEntry) &
+           ((entry & cluster_mask) != 0 || entry - header_end >= span);
+  };
+  std::uint64_t any = 0;
+  for (const std::uint64_t entry : table) any |= misfit(entry);
+  if (any == 0) return;
+  std::vector<std::uint64_t> found;
+  for (std::uint64_t i = 0; i < table.size(); ++i) {
+    if (misfit(table[i])) found.push_back(l2_offset + i * 8);
+  }
+  const auto middle = static_cast<std::ptrdiff_t>(bad_entries_.size());
+  bad_entries_.insert(bad_entries_.end(), found.begin(), found.end());
+  std::inplace_merge(bad_entries_.begin(), bad_entries_.begin() + middle, bad_entries_.end());
+  bad_entries_.erase(std::unique(bad_entries_.begin(), bad_entries_.end()), bad_entries_.end());
+}
+
+bool QedNode::in_metadata(std::uint64_t offset, std::uint64_t& free_end) const noexcept {
+  // The last table starting at or before `offset` is the only one that can contain it (all
+  // tables have the same length).
+  const auto next = std::upper_bound(metadata_tables_.begin(), metadata_tables_.end(), offset);
+  if (next != metadata_tables_.begin() && offset < *(next - 1) + geometry_.table_bytes) return true;
+  free_end = next == metadata_tables_.end() ? std::numeric_limits<std::uint64_t>::max() : *next;
+  return false;
+}
+
+bool QedNode::is_bad_entry(std::uint64_t l2_offset, std::uint64_t index) const noexcept {
+  return !bad_entries_.empty() &&
+         std::binary_search(bad_entries_.begin(), bad_entries_.end(), l2_offset + index * 8);
+}
+
 coro::Task<int> QedNode::find_run(std::uint64_t pos, std::uint64_t length, Run& run) {
   length = std::min(length, geometry_.l2_end(pos) - pos);
   run = Run{};
@@ -132,21 +209,59 @@ coro::Task<int> QedNode::find_run(std::uint64_t pos, std::uint64_t length, Run& 
     run.bytes = length;
     co_return 0;
   }
-  if (!is_table_offset_valid(header_, file_size_, l2_offset)) co_return -EINVAL;
+  if (l1_state_[l1_index] == kL1Bad) {
+    corrupt_ = true;
+    co_return -EIO;
+  }
   TableRef table = l2_cache_.find(l2_offset);
   if (!table) {
     auto loaded = std::make_shared<Table>();
     const int result = co_await load_table(*file_, geometry_, l2_offset, *loaded);
     if (result < 0) co_return result;
+    validate_l2(l2_offset, *loaded, l1_state_[l1_index] == kL1Unseen);
+    l1_state_[l1_index] = kL1Seen;
     table = l2_cache_.insert(l2_offset, std::move(loaded));
   }
-  co_return scan_l2(std::move(table), pos, length, run);
+  const int result = scan_l2(std::move(table), pos, length, run);
+  if (result == -EIO) corrupt_ = true;
+  co_return result;
+}
+
+coro::Task<void> QedNode::mark_corrupt(bool allocating) {
+  if (read_only_) co_return;
+  {
+    auto guard = co_await table_lock_.scoped_lock();
+    if (!corrupt_ || corrupt_marked_) co_return;
+  }
+  if (!allocating) co_await allocation_lock_.lock();
+  bool needed;
+  {
+    auto guard = co_await table_lock_.scoped_lock();
+    needed = corrupt_ && !corrupt_marked_;
+    corrupt_marked_ = corrupt_marked_ || needed;
+  }
+  // Writes only the header: never anything a table entry points at. On failure the bit may be
+  // missing on disk, but corrupt_ still refuses the bad entries.
+  if (needed) (void)co_await set_need_check(true);
+  if (!allocating) allocation_lock_.unlock();
+}
+
+coro::Task<int> QedNode::mapping_error(std::uint64_t offset) {
+  int result;
+  {
+    auto guard = co_await table_lock_.scoped_lock();
+    Run run;
+    result = co_await find_run(offset, geometry_.cluster_size, run);
+  }
+  if (result < 0) co_await mark_corrupt(false);
+  co_return result;
 }
 
 int QedNode::scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Run& run) const {
   length = std::min(length, geometry_.l2_end(pos) - pos);
   run.l2 = std::move(table);
   const Table& entries = *run.l2;
+  const std::uint64_t l2_offset = l1_[geometry_.l1_index(pos)];
   const std::uint64_t cluster_size = geometry_.cluster_size;
   std::uint64_t index = geometry_.l2_index(pos);
   const std::uint64_t first = entries[index];
@@ -156,8 +271,12 @@ int QedNode::scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Ru
     return Kind::kData;
   };
   run.kind = kind_of(first);
+  std::uint64_t free_end = 0;  // kData: where the next table after `first` starts
   if (run.kind == Kind::kData) {
-    if (!is_cluster_offset_valid(header_, file_size_, first)) return -EINVAL;
+    if (!is_cluster_offset_valid(header_, file_size_, first) || is_bad_entry(l2_offset, index) ||
+        in_metadata(first, free_end)) {
+      return -EIO;
+    }
     run.host_offset = first + geometry_.in_cluster(pos);
   }
   std::uint64_t bytes = cluster_size - geometry_.in_cluster(pos);
@@ -166,7 +285,10 @@ int QedNode::scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Ru
     const std::uint64_t entry = entries[index];
     if (kind_of(entry) != run.kind) break;
     if (run.kind == Kind::kData) {
-      if (entry != expected || !is_cluster_offset_valid(header_, file_size_, entry)) break;
+      if (entry != expected || entry >= free_end ||
+          !is_cluster_offset_valid(header_, file_size_, entry) || is_bad_entry(l2_offset, index)) {
+        break;
+      }
       expected += cluster_size;
     }
     bytes += cluster_size;
@@ -180,8 +302,7 @@ std::optional<HostFileRange> QedNode::host_file_range(std::uint64_t offset,
   if (bytes == 0 || !table_lock_.try_lock()) return std::nullopt;
   std::optional<std::uint64_t> host_offset;
   const std::uint64_t l1_index = geometry_.l1_index(offset);
-  if (l1_index < l1_.size() && l1_[l1_index] != 0 &&
-      is_table_offset_valid(header_, file_size_, l1_[l1_index])) {
+  if (l1_index < l1_.size() && l1_[l1_index] != 0 && l1_state_[l1_index] != kL1Bad) {
     if (TableRef table = l2_cache_.peek(l1_[l1_index])) {
       Run run;
       if (scan_l2(std::move(table), offset, bytes, run) == 0 && run.kind == Kind::kData &&
@@ -216,9 +337,13 @@ coro::Task<int> QedNode::read(std::uint64_t offset, std::span<std::byte> buffer,
     const std::uint64_t pos = offset + done;
     Run run;
     {
-      auto guard = co_await table_lock_.scoped_lock();
+      co_await table_lock_.lock();
       const int result = co_await find_run(pos, buffer.size() - done, run);
-      if (result < 0) co_return result;
+      table_lock_.unlock();
+      if (result < 0) {
+        co_await mark_corrupt(false);
+        co_return result;
+      }
     }
     std::span<std::byte> part = buffer.subspan(done, run.bytes);
     int result = 0;
@@ -250,6 +375,7 @@ coro::Task<int> QedNode::set_need_check(bool dirty) {
   {
     auto guard = co_await table_lock_.scoped_lock();
     if (((header_.features & kFeatureNeedCheck) != 0) == dirty) co_return 0;
+    if (!dirty && corrupt_) co_return 0;  // stays set until a check finds the image clean
     if (dirty) {
       header_.features |= kFeatureNeedCheck;
     } else {
@@ -319,8 +445,17 @@ coro::Task<int> QedNode::allocate_run(std::uint64_t pos, const Run& run,
     {
       auto guard = co_await table_lock_.scoped_lock();
       Table& table = *run.l2;
+      const std::uint64_t l2_offset = l1_[geometry_.l1_index(pos)];
       for (std::uint64_t i = 0; i < clusters; ++i) table[first + i] = new_offset + i * step;
-      slice = encode_table_slice(geometry_, l1_[geometry_.l1_index(pos)], table, first, clusters);
+      if (!bad_entries_.empty()) {
+        // Entries we overwrite held 0 or 1: any record of them is stale (left by a repair).
+        const auto begin = std::lower_bound(bad_entries_.begin(), bad_entries_.end(),
+                                            l2_offset + first * 8);
+        const auto end = std::lower_bound(begin, bad_entries_.end(),
+                                          l2_offset + (first + clusters) * 8);
+        bad_entries_.erase(begin, end);
+      }
+      slice = encode_table_slice(geometry_, l2_offset, table, first, clusters);
     }
     co_return co_await write_table_slice(*file_, slice);
   }
@@ -347,6 +482,8 @@ coro::Task<int> QedNode::allocate_run(std::uint64_t pos, const Run& run,
   if (result < 0) co_return result;
   auto guard = co_await table_lock_.scoped_lock();
   l1_[l1_index] = table_offset;
+  l1_state_[l1_index] = kL1Seen;
+  metadata_tables_.push_back(table_offset);  // past every other table: stays sorted
   l2_cache_.insert(table_offset, std::move(table));
   co_return 0;
 }
@@ -364,6 +501,7 @@ coro::Task<int> QedNode::write_runs(std::uint64_t offset, std::uint64_t length,
     result = co_await find_run(pos, length - done, run);
     if (result < 0) {
       table_lock_.unlock();
+      co_await mark_corrupt(allocating);
       break;
     }
     const std::span<const std::byte> part =
@@ -563,15 +701,15 @@ coro::Task<void> QedNode::attach_context(aio::Context& context) {
 coro::Task<BlockStatus> QedNode::block_status(std::uint64_t offset, std::uint64_t bytes) {
   BlockStatus status;
   Run run;
-  {
-    auto guard = co_await table_lock_.scoped_lock();
-    const int result = co_await find_run(offset, bytes, run);
-    if (result < 0) {
-      // Report it as data: a read will return the error.
-      status.flags = kStatusData | kStatusAllocated;
-      status.bytes = std::min<std::uint64_t>(bytes, geometry_.cluster_size - geometry_.in_cluster(offset));
-      co_return status;
-    }
+  co_await table_lock_.lock();
+  const int result = co_await find_run(offset, bytes, run);
+  table_lock_.unlock();
+  if (result < 0) {
+    // Report it as data without an offset: a read will return the error.
+    co_await mark_corrupt(false);
+    status.flags = kStatusData | kStatusAllocated;
+    status.bytes = std::min<std::uint64_t>(bytes, geometry_.cluster_size - geometry_.in_cluster(offset));
+    co_return status;
   }
   status.bytes = run.bytes;
   switch (run.kind) {

@@ -21,14 +21,24 @@
 // Destroy the node after close(), or on its home context's thread, or when that context cannot
 // be running timers: a Timer may not be destroyed while its callback runs on another thread.
 //
+// Corrupt pointers (a table entry at metadata or past EOF): EIO for the range, never metadata
+// read or overwritten; the image is marked NEED_CHECK (header write only) and the bit stays set
+// until a repairing check finds the image clean. L1 entries are validated at open (an L2 table
+// must not overlap the header, the L1 table or another L2 table). A data entry must lie below
+// EOF, which is checked when its L2 table is loaded (on the first load since open: below the
+// file size at open, since only cached tables get new entries) and remembered by file position
+// so it stays bad as the file grows; and outside the L1 table and every L2 table, checked on
+// each lookup (one binary search per run over the tables' offsets).
+//
 // Thread-safety: the node may be used by coroutines on several contexts at once.
 //   geometry_, backing_, file_, read_only_, backing_name_   immutable after open
 //   image_size_                                             atomic (read by size())
 //   allocation_lock_   FIFO; held by the one allocating request for its whole duration (QEMU's
 //                      allocating-write queue), and by flush's header clean-up, truncate, check.
 //                      Lock order: allocation_lock_ before table_lock_.
-//   table_lock_        protects header_, l1_, l2_cache_, file_size_ and the entries of cached
-//                      L2 tables. Held for lookups (including loading an L2 table on a cache
+//   table_lock_        protects header_, l1_, l2_cache_, file_size_, the entries of cached
+//                      L2 tables and the corruption bookkeeping (l1_state_, metadata_tables_,
+//                      bad_entries_, corrupt_, corrupt_marked_). Held for lookups (including loading an L2 table on a cache
 //                      miss) and in-memory updates, never across data I/O. Only the holder of
 //                      allocation_lock_ changes l1_, L2 entries, file_size_ or header_.
 //   timer_mutex_       (std::mutex, never held across a suspension) protects timer_,
@@ -47,6 +57,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "aio/timer.h"
 #include "block/block_node.h"
@@ -119,7 +130,8 @@ class QedNode final : public BlockNode {
                                std::uint32_t flags) override;
   // Data clusters: DATA|OFFSET_VALID|ALLOCATED (file_offset in the child); zero clusters:
   // ZERO|ALLOCATED; unallocated: 0 with a backing node (read it there), ZERO without one.
-  // Runs never cross an L2 table. A corrupt entry is reported as data (the read fails).
+  // Runs never cross an L2 table. A corrupt entry is reported as data without OFFSET_VALID
+  // (the read fails; mapping_error() says why).
   coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
   // Grow only (-ENOTSUP to shrink); the size must stay valid for the geometry (-EINVAL).
   coro::Task<int> truncate(std::uint64_t new_size) override;
@@ -135,6 +147,10 @@ class QedNode final : public BlockNode {
   // Consistency check (reference/qed.md §1.11); `repair` drops invalid offsets and, if nothing
   // uncorrectable remains, marks the image clean. Runs exclusive of all allocating work.
   coro::Task<CheckResult> check(bool repair);
+
+  // 0 if the tables map guest `offset` soundly, else what a read there returns (-EIO for a
+  // corrupt entry, which also marks the image as needing a check).
+  coro::Task<int> mapping_error(std::uint64_t offset);
 
   // Introspection for tools and tests.
   const Geometry& geometry() const noexcept { return geometry_; }
@@ -162,11 +178,27 @@ class QedNode final : public BlockNode {
   };
   enum class AllocationMode { kData, kZero };
 
-  // With table_lock_ held: the run at `pos` of at most `length` bytes.
+  // With table_lock_ held: the run at `pos` of at most `length` bytes. -EIO (and corrupt_
+  // set) for a corrupt L1 or first L2 entry.
   coro::Task<int> find_run(std::uint64_t pos, std::uint64_t length, Run& run);
   // With table_lock_ held: the run at `pos` of at most `length` bytes (not past the end of
-  // `table`'s reach) as `table` maps it. -EINVAL for a corrupt first entry.
+  // `table`'s reach) as `table` maps it. -EIO for a corrupt first entry; a run ends before a
+  // corrupt entry.
   int scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Run& run) const;
+  // With table_lock_ held: (re)computes l1_state_ and metadata_tables_ from l1_ (at open and
+  // after a repairing check). Entries already known bad stay bad while unchanged.
+  void index_l1();
+  // With table_lock_ held: records the entries of the L2 table at `l2_offset`, just read, that
+  // are unaligned, in the header or past EOF. `first_load`: not loaded since open, so no entry
+  // may point at or past open_file_size_.
+  void validate_l2(std::uint64_t l2_offset, const Table& table, bool first_load);
+  // With table_lock_ held: whether the cluster at `offset` lies in the L1 or an L2 table; if not,
+  // `free_end` is set to where the next table starts.
+  bool in_metadata(std::uint64_t offset, std::uint64_t& free_end) const noexcept;
+  bool is_bad_entry(std::uint64_t l2_offset, std::uint64_t index) const noexcept;
+  // After a failed lookup, with table_lock_ not held: if corruption was found and not yet
+  // marked, sets NEED_CHECK (taking allocation_lock_ unless `allocating`: the caller holds it).
+  coro::Task<void> mark_corrupt(bool allocating);
   // Reads guest bytes [pos, pos + size) of the backing node (zeros past its end or without one).
   coro::Task<int> read_backing(std::uint64_t pos, std::span<std::byte> buffer);
   // Copy-on-write fill for [pos, pos + buffer.size()) of a cluster being allocated.
@@ -202,6 +234,16 @@ class QedNode final : public BlockNode {
   Table l1_;                  // table_lock_
   L2Cache l2_cache_;          // table_lock_
   std::uint64_t file_size_;   // table_lock_: next allocation offset (a multiple of cluster_size)
+  std::uint64_t open_file_size_;  // immutable: file_size_ at open
+
+  // Corruption bookkeeping (table_lock_).
+  enum L1State : std::uint8_t { kL1Bad, kL1Unseen, kL1Seen };  // kL1Seen: loaded/made since open
+  std::vector<std::uint8_t> l1_state_;           // per L1 entry (meaningless for 0 entries)
+  std::vector<std::uint64_t> metadata_tables_;   // sorted starts of the L1 table and every
+                                                 // in-file L1 target, each table_bytes long
+  std::vector<std::uint64_t> bad_entries_;       // sorted file offsets of bad L2 entries
+  bool corrupt_ = false;         // a corrupt entry was met: NEED_CHECK must stay set
+  bool corrupt_marked_ = false;  // NEED_CHECK was set (or tried) for it
 
   std::chrono::nanoseconds need_check_delay_{std::chrono::seconds(5)};  // set once during open
   mutable std::mutex timer_mutex_;
