@@ -27,11 +27,13 @@ TEST(ContextNotifyTest, NotifyIsNotProgressAndDoesNotBlock) {
 
 TEST(ContextNotifyTest, NotifyFromAnotherThreadEndsABlockingPollWithNoFds) {
   ContextRef ctx = Context::create("notify-xthread");
+  // Read before the thread starts: the notify comes at least 50 ms after it, however late
+  // this thread gets to poll() on a loaded machine.
+  const std::int64_t before = now_ns(Clock::monotonic);
   std::thread other([&] {
     std::this_thread::sleep_for(50ms);
     ctx->notify();
   });
-  const std::int64_t before = now_ns(Clock::monotonic);
   EXPECT_FALSE(ctx->poll(true));  // blocked (no fd registered at all) until the notify
   EXPECT_GE(now_ns(Clock::monotonic) - before, 40'000'000);
   other.join();
@@ -104,7 +106,9 @@ TEST(ContextCurrentTest, CurrentContextFollowsThePollingThread) {
 
 TEST(ContextPollingTest, WindowGrowsFromFourMicrosecondsAndShrinksAfterLongWaits) {
   ContextRef ctx = Context::create("adaptive");
-  ctx->set_poll_params({/*max_ns=*/10'000'000, /*grow=*/0, /*shrink=*/0});
+  // max_ns is far above the 200 us waits, which a loaded machine stretches by its wake-up
+  // latency (a 200 us wait measured past max_ns would shrink the window instead).
+  ctx->set_poll_params({/*max_ns=*/100'000'000, /*grow=*/0, /*shrink=*/0});
   EXPECT_EQ(ctx->poll_window_ns(), 0);
   int runs = 0;
   Timer timer(*ctx, Clock::monotonic, [&] { ++runs; });
@@ -116,7 +120,7 @@ TEST(ContextPollingTest, WindowGrowsFromFourMicrosecondsAndShrinksAfterLongWaits
   ctx->poll(true);
   EXPECT_EQ(ctx->poll_window_ns(), 8000);
 
-  timer.arm_in(30ms);  // a wait longer than max_ns: shrink 0 drops the window to zero
+  timer.arm_in(150ms);  // a wait longer than max_ns: shrink 0 drops the window to zero
   ctx->poll(true);
   EXPECT_EQ(ctx->poll_window_ns(), 0);
   EXPECT_EQ(runs, 3);
@@ -174,8 +178,18 @@ TEST(ContextDeathTest, PollFromTwoThreadsAtOnceIsFatal) {
   EXPECT_DEATH(
       {
         IoThread io("io-owner", {0, 0, 0});
-        std::this_thread::sleep_for(20ms);  // the IoThread is now asleep inside poll()
+        // Hold the IoThread inside poll() (running an item) instead of hoping it got there in
+        // 20 ms; the bound only ends the hold if the fatal error never comes.
+        std::atomic<bool> inside{false};
+        std::atomic<bool> release{false};
+        io.context().run_soon([&] {
+          inside.store(true);
+          inside.notify_all();
+          for (int i = 0; i < 10'000 && !release.load(); ++i) std::this_thread::sleep_for(1ms);
+        });
+        inside.wait(false);
         io.context().poll(false);
+        release.store(true);
       },
       "poll\\(\\) from two threads at once");
 }

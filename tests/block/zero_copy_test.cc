@@ -171,7 +171,9 @@ TEST(ZeroCopyReadTest, DrainWaitsForASinkStillSending) {
     d = true;
     bk.drained_end();
   }(backend, drained));
-  std::this_thread::sleep_for(50ms);
+  // Queued behind both coroutines on the same context: once this has run, the read is in
+  // flight (waiting on the gate) and the drain has begun waiting, however slow the machine.
+  coro::block_on(io.context(), []() -> coro::Task<void> { co_return; }());
   EXPECT_EQ(backend.in_flight(), 1);
   EXPECT_FALSE(drained.load());
   io.context().run_soon([&] { gate.set(); });

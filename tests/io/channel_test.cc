@@ -35,7 +35,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-coro::Task<void> echo_session(std::unique_ptr<Channel> channel) {
+coro::Task<void> echo_session(std::unique_ptr<Channel> channel, std::atomic<int>& live) {
   char buffer[4096];
   for (;;) {
     const ssize_t n = co_await channel->read_some(buffer, sizeof buffer);
@@ -43,14 +43,19 @@ coro::Task<void> echo_session(std::unique_ptr<Channel> channel) {
     const int written = co_await channel->write_all(buffer, static_cast<std::size_t>(n));
     if (written != 0) break;
   }
+  channel.reset();  // in this context's thread, before the test may stop it
+  live.fetch_sub(1);
 }
 
-coro::Task<void> accept_loop(Listener& listener, std::atomic<int>& accepted, coro::Event& done) {
+// `live` counts the echo sessions not finished yet.
+coro::Task<void> accept_loop(Listener& listener, std::atomic<int>& accepted,
+                             std::atomic<int>& live, coro::Event& done) {
   for (;;) {
     auto connection = co_await listener.accept();
     if (!connection) break;  // closed
     accepted.fetch_add(1);
-    coro::spawn(*aio::current_context(), echo_session(std::move(connection.value())));
+    live.fetch_add(1);
+    coro::spawn(*aio::current_context(), echo_session(std::move(connection.value()), live));
   }
   done.set();
 }
@@ -83,8 +88,9 @@ template <typename Connect>
 void run_echo_test(std::unique_ptr<Listener> listener, Connect connect) {
   aio::IoThread server("echo-server"), clients("echo-clients");
   std::atomic<int> accepted{0};
+  std::atomic<int> live_sessions{0};
   coro::Event server_done;
-  coro::spawn(server.context(), accept_loop(*listener, accepted, server_done));
+  coro::spawn(server.context(), accept_loop(*listener, accepted, live_sessions, server_done));
   constexpr int kClients = 200;
   ClientStats stats;
   for (int i = 0; i < kClients; ++i) coro::spawn(clients.context(), echo_client(connect, i, stats));
@@ -96,7 +102,13 @@ void run_echo_test(std::unique_ptr<Listener> listener, Connect connect) {
   coro::block_on(server.context(), [](coro::Event& done) -> coro::Task<void> {
     co_await done.wait();
   }(server_done));
-  std::this_thread::sleep_for(20ms);  // let the echo sessions see EOF and finish
+  // Every client has closed its end: wait until every echo session has seen EOF and ended
+  // (a fixed sleep could stop the server thread with sessions still parked, leaking them).
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (live_sessions.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(live_sessions.load(), 0);
 }
 
 TEST(ChannelTest, EchoServerWithTwoHundredTcpClients) {

@@ -234,8 +234,11 @@ TEST(TlsSession, CloseWakesABlockedRead) {
     done.set();
   }(client, result, finished));
   while (!reading.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  channel.close();
+  // Close from the client's context: the item runs only once the coroutine has suspended, and
+  // after `reading` its only suspension is the wait in read_some. (A close from this thread
+  // 20 ms later could land before the wait on a loaded machine, and a read that has not
+  // parked yet gets the fd's -EBADF, not -ECANCELED.)
+  client_thread.context().run_soon([&] { channel.close(); });
   coro::block_on(client_thread.context(), [](coro::Event& done) -> coro::Task<void> {
     co_await done.wait();
   }(finished));
