@@ -305,6 +305,8 @@ coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& heade
       select_export(*config, index);
       append_export_name_reply(reply, policy_.export_size, policy_.transmission_flags,
                                no_zeroes_);
+      // Served from here on (before the client can see the reply): not evictable any more.
+      handshaking_.store(false, std::memory_order_release);
       co_return co_await send_option_bytes(reply) ? Next::transmit : Next::close;
     }
     case Option::kAbort:
@@ -419,9 +421,12 @@ coro::Task<Connection::Next> Connection::handle_info_or_go(std::uint32_t option,
   append_reply_info_export(reply, option, std::min(config->backend->size(), kMaxExportSize),
                            flags);
   append_reply_ack(reply, option);
+  const bool go = static_cast<Option>(option) == Option::kGo;
+  // Served from here on (before the client can see the ACK): not evictable any more.
+  if (go) handshaking_.store(false, std::memory_order_release);
   const bool sent = co_await send_option_bytes(reply);
   if (!sent) co_return Next::close;
-  if (static_cast<Option>(option) == Option::kInfo) co_return Next::keep_negotiating;
+  if (!go) co_return Next::keep_negotiating;
   select_export(*config, index);
   co_return Next::transmit;
 }

@@ -290,9 +290,19 @@ TEST(ThreadPoolLifetimeTest, BurstOfShortJobsUsesFewWorkers) {
   }
   while (completed < 200) ctx->poll(true);
   EXPECT_EQ(sum.load(), 199 * 200 / 2);
-  // One thread per job would be 200. Usually a handful run them; under TSan, where jobs and
-  // thread starts crawl and the queue stays non-empty for long, CI has seen 46.
-  EXPECT_LT(pool.worker_count(), 100u);
+  // One thread per job would be 200; usually a handful run them. How many depends on time (a
+  // job queued 200 us recruits another worker): under TSan, where jobs and thread starts crawl,
+  // a loaded CI machine saw 46 and then 123, so there the count is not asserted.
+#if defined(__SANITIZE_THREAD__)
+  constexpr bool kTimingIsRepresentative = false;
+#elif defined(__has_feature)
+  constexpr bool kTimingIsRepresentative = !__has_feature(thread_sanitizer);
+#else
+  constexpr bool kTimingIsRepresentative = true;
+#endif
+  if (kTimingIsRepresentative) {
+    EXPECT_LT(pool.worker_count(), 100u);
+  }
 }
 
 // No job may be stranded by the race between a worker ending its spin (or going to sleep) and
