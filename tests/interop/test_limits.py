@@ -249,8 +249,7 @@ class LimitsTest(si.InteropTest):
         self.check_unread_reads(server, server.uri(), what="raw --cache=none")
 
     def test_unread_reads_over_tls(self):
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from test_tls import make_x509
+        from test_tls import make_x509  # the module's directory is on sys.path (top)
         certs = make_x509(self.path("pki"))
         image = self.data_image("disk.img", 128 * MiB)
         server = self.server(image, ["--tls-creds", certs, "--iothreads", "2"])
