@@ -343,7 +343,7 @@ coro::Task<BlockStatus> BlockBackend::block_status(std::uint64_t offset, std::ui
   BlockStatus status = co_await root_->block_status(offset, bytes);
   status.bytes = std::min(std::max<std::uint64_t>(status.bytes, 1), bytes);
   // Not allocated in this layer: the backing chain decides what the range holds.
-  for (BlockNode* node = root_.get(); !(status.flags & kStatusAllocated);) {
+  for (BlockNode* node = root_.get(); status.error == 0 && !(status.flags & kStatusAllocated);) {
     BlockNode* backing = node->backing_node();
     if (backing == nullptr) break;
     if (offset >= backing->size()) {  // past the end of the backing file: zeros
@@ -353,6 +353,7 @@ coro::Task<BlockStatus> BlockBackend::block_status(std::uint64_t offset, std::ui
     const std::uint64_t length = std::min(status.bytes, backing->size() - offset);
     const BlockStatus below = co_await backing->block_status(offset, length);
     status.flags = below.flags;
+    status.error = below.error;
     status.bytes = std::min(std::max<std::uint64_t>(below.bytes, 1), length);
     node = backing;
   }

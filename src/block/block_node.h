@@ -52,6 +52,9 @@ struct BlockStatus {
   std::uint32_t flags = 0;
   std::uint64_t bytes = 0;  // length of the run with these flags, starting at the query offset
   std::uint64_t file_offset = 0;
+  // Negative errno when the node cannot say what the range holds (its metadata is corrupt or
+  // unreadable); `flags` then mean nothing, and reading the range fails the same way.
+  int error = 0;
 };
 
 // Where a node's bytes lie unchanged in a host file (see BlockNode::host_file_range).

@@ -653,7 +653,7 @@ coro::Task<int> Connection::handle_read(const RequestHeader& request) {
   }
   if (structured_ && request.length >= kSparseReadThreshold) {
     const block::BlockStatus status = co_await backend.block_status(request.offset, request.length);
-    if ((status.flags & block::kStatusZero) && !(status.flags & block::kStatusData) &&
+    if (status.error == 0 && (status.flags & block::kStatusZero) && !(status.flags & block::kStatusData) &&
         status.bytes >= request.length) {
       const auto hole = encode_offset_hole(request.cookie, request.offset, request.length, true);
       const iovec parts[] = {bytes_iovec(hole.data(), hole.size())};
@@ -693,6 +693,14 @@ coro::Task<int> Connection::handle_block_status(const RequestHeader& request) {
   const std::size_t max_extents = (request.flags & kCmdFlagReqOne) ? 1 : kMaxExtentsPerReply;
   while (offset < end && extents.size() < max_extents) {
     const block::BlockStatus status = co_await backend.block_status(offset, end - offset);
+    if (status.error < 0) {
+      // Describe the ranges before the bad one; a reply starting at it is the error itself.
+      if (extents.empty()) {
+        co_await send_error(request, status.error);
+        co_return status.error;
+      }
+      break;
+    }
     const std::uint64_t length = std::min<std::uint64_t>(status.bytes, end - offset);
     if (length == 0) break;
     const std::uint32_t flags = allocation_flags(status.flags);

@@ -1054,5 +1054,32 @@ TEST(NbdClient, BlockStatusAsksForTheWholeRangeOnce) {
   close_node(opened.node);
 }
 
+// A server that cannot describe a range (qemu-nbd and spindle-nbd answer EIO for corrupt image
+// metadata) makes the status an error: a tool must not copy such a range as data.
+TEST(NbdClient, BlockStatusErrorReplyIsTheStatusError) {
+  FakeServer fake(
+      [&](int fd) {
+        proto::RequestHeader request;
+        while (FakeServer::read_request(fd, request) &&
+               request.command() != proto::Command::kDisconnect) {
+          std::vector<std::byte> out;
+          if (request.command() != proto::Command::kBlockStatus) {
+            const auto ok = proto::encode_simple_reply(proto::Error::kNone, request.cookie);
+            write_full(fd, ok.data(), ok.size());
+            continue;
+          }
+          proto::append_error_chunk(out, request.cookie, proto::Error::kIo, "corrupt", true);
+          write_full(fd, out.data(), out.size());
+        }
+      },
+      1 << 20);
+  NbdOpenResult opened = open_uri(fake.uri());
+  ASSERT_TRUE(opened.node) << opened.message;
+  BlockBackend backend(opened.node);
+  const BlockStatus status = run(backend.block_status(0, 1 << 20));
+  EXPECT_EQ(status.error, -EIO);
+  close_node(opened.node);
+}
+
 }  // namespace
 }  // namespace spindle::block::nbd

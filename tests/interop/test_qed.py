@@ -267,7 +267,7 @@ class QedTest(si.InteropTest):
                     f.seek(0)
                     before = bytearray(f.read())
                 server = self.server(image, ["-f", "qed", f"--zero-copy={zero_copy}"])
-                h = self.connect(server.uri())
+                h = self.connect(server.uri(), meta_contexts=["base:allocation"])
                 if kind == "beyond-eof":
                     # Allocate past the bad pointer: it must stay refused.
                     h.pwrite(b"\x43" * (4 * 64 * KiB), 6 * MiB)
@@ -284,8 +284,16 @@ class QedTest(si.InteropTest):
                     with self.assertRaises(nbd.Error) as caught:
                         call()
                     self.assertEqual(caught.exception.errnum, errno.EIO)
+                # Block status cannot say what the range holds: an error, not "data".
+                with self.assertRaises(nbd.Error) as caught:
+                    h.block_status(64 * KiB, 0, lambda context, offset, entries, err: 0)
+                self.assertEqual(caught.exception.errnum, errno.EIO)
                 if kind != "l2-at-l1":  # else the bad L1 entry covers the whole image
                     self.assertEqual(h.pread(4096, 4 * MiB), b"\x42" * 4096)
+                    entries = []
+                    h.block_status(64 * KiB, 4 * MiB,
+                                   lambda context, offset, found, err: entries.extend(found))
+                    self.assertTrue(entries and entries[1] == 0, f"4M: {entries}")
                 # nbdsh (python3 -m nbd, with the interpreter that has the module).
                 proc = run([sys.executable, "-m", "nbd", "-u", server.uri(), "-c",
                             "h.pread(512, 0)"], timeout=30, check=False)

@@ -16,6 +16,10 @@ coro::Task<ChainExtent> chain_status(block::BlockNodeRef top, std::uint64_t offs
     // A driver that reports an empty run would stall the caller: count it as one sector.
     extent.bytes = std::min(bytes, status.bytes ? status.bytes : std::uint64_t{512});
     extent.level = node.get();
+    if (status.error < 0) {
+      extent.error = status.error;
+      co_return extent;
+    }
     if (status.flags & block::kStatusAllocated) {
       extent.present = true;
       extent.zero = status.flags & block::kStatusZero;

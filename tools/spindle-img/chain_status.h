@@ -25,6 +25,7 @@ struct ChainExtent {
   bool has_offset = false;   // `offset` says where the data lives in `level`'s file
   std::uint64_t offset = 0;
   const block::BlockNode* level = nullptr;  // the node that answered
+  int error = 0;  // negative errno: `level` cannot say what the range holds (corrupt metadata)
 };
 
 coro::Task<ChainExtent> chain_status(block::BlockNodeRef top, std::uint64_t offset,

@@ -45,7 +45,9 @@ coro::Task<Outcome> compare_common(const OpenedImage& a, const OpenedImage& b,
   std::uint64_t pos = 0;
   while (pos < common) {
     const ChainExtent extent_a = co_await chain_status(a.root, pos, common - pos);
+    if (extent_a.error < 0) co_return Outcome{extent_a.error, std::nullopt};
     const ChainExtent extent_b = co_await chain_status(b.root, pos, extent_a.bytes);
+    if (extent_b.error < 0) co_return Outcome{extent_b.error, std::nullopt};
     const std::uint64_t length = std::min(extent_a.bytes, extent_b.bytes);
     const bool same_status = extent_a.present == extent_b.present &&
                              extent_a.zero == extent_b.zero && extent_a.data == extent_b.data;
@@ -74,6 +76,7 @@ coro::Task<Outcome> check_tail_is_zero(const OpenedImage& image, std::uint64_t f
   std::uint64_t pos = from;
   while (pos < size) {
     const ChainExtent extent = co_await chain_status(image.root, pos, size - pos);
+    if (extent.error < 0) co_return Outcome{extent.error, std::nullopt};
     if (!extent.zero) {
       for (std::uint64_t done = 0; done < extent.bytes;) {
         const std::uint64_t piece = std::min(kBufferBytes, extent.bytes - done);

@@ -44,16 +44,10 @@ coro::Task<Map> collect_map(block::BlockNodeRef root, std::uint64_t size) {
   std::uint64_t pos = 0;
   while (pos < size) {
     const ChainExtent extent = co_await chain_status(root, pos, size - pos);
-    // QED reports data without an offset only for a corrupt entry: ask why.
-    if (extent.data && !extent.has_offset) {
-      auto* qed = dynamic_cast<block::qed::QedNode*>(const_cast<block::BlockNode*>(extent.level));
-      if (qed) {
-        if (const int error = co_await qed->mapping_error(pos); error < 0) {
-          map.error = error;
-          map.error_offset = pos;
-          co_return map;
-        }
-      }
+    if (extent.error < 0) {
+      map.error = extent.error;
+      map.error_offset = pos;
+      co_return map;
     }
     const MapEntry entry{pos, extent};
     if (!entries.empty() && entries.back().continues_with(entry)) {

@@ -52,6 +52,7 @@ coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t l
   std::uint64_t pos = offset;
   while (pos < end) {
     const ChainExtent extent = co_await chain_status(source_->root(), pos, end - pos);
+    if (extent.error < 0) co_return extent.error;
     const std::span<std::byte> piece(buffer.data(), extent.bytes);
     if (extent.zero) {
       if (options_.sparse_size == 0) {

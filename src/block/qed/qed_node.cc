@@ -246,17 +246,6 @@ coro::Task<void> QedNode::mark_corrupt(bool allocating) {
   if (!allocating) allocation_lock_.unlock();
 }
 
-coro::Task<int> QedNode::mapping_error(std::uint64_t offset) {
-  int result;
-  {
-    auto guard = co_await table_lock_.scoped_lock();
-    Run run;
-    result = co_await find_run(offset, geometry_.cluster_size, run);
-  }
-  if (result < 0) co_await mark_corrupt(false);
-  co_return result;
-}
-
 int QedNode::scan_l2(TableRef table, std::uint64_t pos, std::uint64_t length, Run& run) const {
   length = std::min(length, geometry_.l2_end(pos) - pos);
   run.l2 = std::move(table);
@@ -705,9 +694,9 @@ coro::Task<BlockStatus> QedNode::block_status(std::uint64_t offset, std::uint64_
   const int result = co_await find_run(offset, bytes, run);
   table_lock_.unlock();
   if (result < 0) {
-    // Report it as data without an offset: a read will return the error.
     co_await mark_corrupt(false);
-    status.flags = kStatusData | kStatusAllocated;
+    status.error = result;
+    status.flags = kStatusAllocated;
     status.bytes = std::min<std::uint64_t>(bytes, geometry_.cluster_size - geometry_.in_cluster(offset));
     co_return status;
   }

@@ -130,8 +130,8 @@ class QedNode final : public BlockNode {
                                std::uint32_t flags) override;
   // Data clusters: DATA|OFFSET_VALID|ALLOCATED (file_offset in the child); zero clusters:
   // ZERO|ALLOCATED; unallocated: 0 with a backing node (read it there), ZERO without one.
-  // Runs never cross an L2 table. A corrupt entry is reported as data without OFFSET_VALID
-  // (the read fails; mapping_error() says why).
+  // Runs never cross an L2 table. A corrupt entry is reported as `error` -EIO (a read there
+  // fails the same way) and marks the image as needing a check.
   coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
   // Grow only (-ENOTSUP to shrink); the size must stay valid for the geometry (-EINVAL).
   coro::Task<int> truncate(std::uint64_t new_size) override;
@@ -147,10 +147,6 @@ class QedNode final : public BlockNode {
   // Consistency check (reference/qed.md §1.11); `repair` drops invalid offsets and, if nothing
   // uncorrectable remains, marks the image clean. Runs exclusive of all allocating work.
   coro::Task<CheckResult> check(bool repair);
-
-  // 0 if the tables map guest `offset` soundly, else what a read there returns (-EIO for a
-  // corrupt entry, which also marks the image as needing a check).
-  coro::Task<int> mapping_error(std::uint64_t offset);
 
   // Introspection for tools and tests.
   const Geometry& geometry() const noexcept { return geometry_; }

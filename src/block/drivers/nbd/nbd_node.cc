@@ -237,6 +237,9 @@ coro::Task<BlockStatus> NbdNode::block_status(std::uint64_t offset, std::uint64_
         extent = extents.front();
         known = true;
         store_extents(offset, generation, std::move(extents));
+      } else if (result < 0) {
+        status.error = result;  // the server cannot say (e.g. EIO for corrupt metadata)
+        co_return status;
       }
     }
     if (known) {
@@ -253,7 +256,7 @@ coro::Task<BlockStatus> NbdNode::block_status(std::uint64_t offset, std::uint64_
       }
       status.bytes = run;
     }
-    // On failure the safe answer stands: data, as far as asked.
+    // An empty answer leaves the safe one: data, as far as asked.
   }
   if (offset + status.bytes >= size()) status.flags |= kStatusEof;
   co_return status;

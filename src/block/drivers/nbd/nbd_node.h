@@ -14,7 +14,9 @@
 //              extents that come back are cached, so a map walk costs one round trip per
 //              server reply, not one per extent. Our own writes, zeroes and trims drop the
 //              cache; a reply that raced with one of them is not cached; entries live one
-//              second, which bounds how stale another client's writes can leave them.
+//              second, which bounds how stale another client's writes can leave them. An
+//              error reply is the status's `error` (what the server cannot describe, a
+//              tool must not copy as data).
 //   connections=N: when the server advertises CAN_MULTI_CONN, N connections, the first on the
 //              opening context and the others each on an IoThread owned by the node; a request
 //              uses the connection on its own context if there is one, else round-robin. (A
