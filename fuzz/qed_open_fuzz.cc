@@ -35,9 +35,9 @@
 #include "block/block_backend.h"
 #include "block/drivers/file.h"
 #include "block/drivers/null.h"
-#include "block/qed/create.h"
-#include "block/qed/format.h"
-#include "block/qed/qed_node.h"
+#include "block/formats/qed/create.h"
+#include "block/formats/qed/format.h"
+#include "block/formats/qed/qed_node.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
 
@@ -75,8 +75,8 @@ OpenOptions open_options(bool read_only) {
   options.read_only = read_only;
   options.repair_if_dirty = !read_only;
   options.open_backing = [](std::string name,
-                            std::string format) -> coro::Task<QedResult<BlockNodeRef>> {
-    if (name.starts_with('/')) co_return QedError{ENOENT, "backing file missing"};
+                            std::string format) -> coro::Task<BlockResult<BlockNodeRef>> {
+    if (name.starts_with('/')) co_return BlockError{ENOENT, "backing file missing"};
     co_return BlockNodeRef(std::make_shared<NullNode>(kBackingSize));
   };
   return options;
@@ -109,7 +109,7 @@ coro::Task<void> exercise_reads(BlockBackend& backend) {
 coro::Task<QedNodeRef> open_scratch(bool read_only) {
   base::Result<BlockNodeRef> file = open_file(scratch_path(), read_only);
   if (!file.ok()) co_return nullptr;
-  QedResult<QedNodeRef> opened =
+  BlockResult<QedNodeRef> opened =
       co_await open_qed(std::move(file).value(), open_options(read_only));
   if (!opened.ok()) co_return nullptr;
   co_return std::move(opened).value();
@@ -187,10 +187,10 @@ struct Seed {
 coro::Task<int> make_seed(const Seed& seed, const std::string& path) {
   base::Result<BlockNodeRef> file = open_file(path, FileOptions{false, false, true});
   if (!file.ok()) co_return -file.error();
-  const QedError created = co_await create_qed(*file.value(), seed.options);
+  const BlockError created = co_await create_qed(*file.value(), seed.options);
   if (!created.ok()) co_return -created.error;
   if (seed.write_data) {
-    QedResult<QedNodeRef> opened = co_await open_qed(file.value(), open_options(false));
+    BlockResult<QedNodeRef> opened = co_await open_qed(file.value(), open_options(false));
     if (!opened.ok()) co_return -opened.error().error;
     QedNodeRef node = std::move(opened).value();
     {

@@ -21,6 +21,7 @@ ninja -C "$dir" -j "${SPINDLE_FUZZ_JOBS:-$(nproc)}" spindle_fuzz_targets
 target_flags() {
   case $1 in
     qed_open_fuzz) echo "-max_len=65536 -timeout=10" ;;  # an image with 4-32 KiB clusters
+    qcow2_open_fuzz) echo "-max_len=65536 -timeout=10 -rss_limit_mb=2048" ;;  # 512 B-16 KiB clusters
     nbd_server_fuzz) echo "-max_len=8192 -timeout=10" ;;  # a handshake and a few requests
     *) echo "-timeout=10" ;;
   esac

@@ -1,6 +1,7 @@
 # Source lists of the libraries, kept in one place: the top-level CMakeLists.txt builds the
 # libraries from them, and fuzz/ compiles the same sources again with fuzzer instrumentation.
-include(${CMAKE_CURRENT_LIST_DIR}/block/qed/sources.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/block/formats/qed/sources.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/block/formats/qcow2/sources.cmake)
 
 # spindle_nbd_protocol: the pure protocol layer (part of spindle_runtime, which the NBD client
 # driver needs; the fuzz target compiles it alone).
@@ -38,6 +39,11 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/coro/sleep.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/block_backend.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/block_node.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/image_format.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/format_registry.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/image_chain.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/raw_format.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/probed_raw_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/blkdebug.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/direct_file.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/file.cc
@@ -49,6 +55,7 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/io/tls_credentials.cc
   ${CMAKE_CURRENT_LIST_DIR}/io/tls_session.cc
   ${SPINDLE_QED_SOURCES}
+  ${SPINDLE_QCOW2_SOURCES}
   ${SPINDLE_NBD_PROTOCOL_SOURCES}
   ${SPINDLE_NBD_CLIENT_SOURCES}
 )

@@ -29,9 +29,9 @@
 #include "block/drivers/null.h"
 #include "block/drivers/raw.h"
 #include "block/drivers/throttle.h"
-#include "block/qed/create.h"
-#include "block/qed/format.h"
-#include "block/qed/qed_node.h"
+#include "block/formats/qed/create.h"
+#include "block/formats/qed/format.h"
+#include "block/formats/qed/qed_node.h"
 #include "coro/block_on.h"
 #include "coro/sleep.h"
 #include "coro/task.h"
@@ -69,11 +69,11 @@ class QedTimerTest : public testing::Test {
     CreateOptions create;
     create.size = size;
     create.cluster_size = kCluster;
-    const QedError created = coro::block_on(create_qed(*file.value(), create));
+    const BlockError created = coro::block_on(create_qed(*file.value(), create));
     EXPECT_TRUE(created.ok()) << created.message;
     OpenOptions options;
     options.need_check_delay = delay;
-    QedResult<QedNodeRef> node = coro::block_on(open_qed(file.value(), options));
+    BlockResult<QedNodeRef> node = coro::block_on(open_qed(file.value(), options));
     EXPECT_TRUE(node.ok()) << node.error().message;
     return node.ok() ? node.value() : nullptr;
   }

@@ -1,6 +1,7 @@
-// qed_crash_writer: the victim of tests/interop/test_crash.py. It opens a QED image (and its
-// backing chain) through open_image_chain() and a BlockBackend, repairing it if a previous
-// writer was killed, then writes forever until it is killed (SIGKILL):
+// qed_crash_writer: the victim of tests/interop/test_crash.py. It opens a QED image (or, with
+// --format qcow2, a qcow2 image) and its backing chain through open_image_chain() and a
+// BlockBackend, repairing it if a previous writer was killed (QED's need-check bit, qcow2's
+// lazy-refcounts dirty bit), then writes forever until it is killed (SIGKILL):
 //   * batches of 1..4 concurrent writes at random, non-overlapping places of the image (half of
 //     them in its first eighth), which allocate clusters (with copy-on-write from a backing
 //     file), rewrite allocated clusters in place, and are sometimes unaligned (read-modify-write)
@@ -16,7 +17,7 @@
 // Offsets and lengths are multiples of 16. Sequence numbers start at --first-seq, so that the
 // test can tell the writes of successive writers on one image apart.
 //
-//   qed_crash_writer IMAGE --seed N --first-seq N [--max-write BYTES]
+//   qed_crash_writer IMAGE --seed N --first-seq N [--max-write BYTES] [--format qed|qcow2]
 //
 // Thread-safety: single-threaded; everything runs on the main context.
 #include <fmt/format.h>
@@ -36,7 +37,7 @@
 #include "base/byte_order.h"
 #include "block/block_backend.h"
 #include "block/drivers/file.h"
-#include "block/qed/chain.h"
+#include "block/image_chain.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "coro/task.h"
@@ -92,14 +93,15 @@ bool overlaps(const Write& a, const Write& b) {
   return a.offset < b.offset + b.length && b.offset < a.offset + a.length;
 }
 
-int run(const std::string& path, std::uint64_t seed, std::uint64_t seq, std::uint64_t max_write) {
-  qed::ChainOptions options;
+int run(const std::string& path, const std::string& format, std::uint64_t seed, std::uint64_t seq,
+        std::uint64_t max_write) {
+  ChainOptions options;
   options.read_only = false;
-  options.repair_if_dirty = true;  // a killed writer leaves NEED_CHECK set: repair it
+  options.repair_if_dirty = true;  // a killed writer may leave the image dirty: repair it
   options.open_file = [](const std::string& file, bool read_only) {
     return open_file(file, read_only);
   };
-  auto opened = coro::block_on(qed::open_image_chain(path, "qed", std::move(options)));
+  auto opened = coro::block_on(open_image_chain(path, format, std::move(options)));
   if (!opened.ok()) die(fmt::format("cannot open {}: {}", path, opened.error().message));
   BlockBackend backend(std::move(opened).value());
   const std::uint64_t size = backend.size() / 16 * 16;
@@ -159,15 +161,21 @@ int run(const std::string& path, std::uint64_t seed, std::uint64_t seq, std::uin
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s IMAGE [--seed N] [--first-seq N] [--max-write BYTES]\n",
+    std::fprintf(stderr, "usage: %s IMAGE [--seed N] [--first-seq N] [--max-write BYTES] "
+                 "[--format qed|qcow2]\n",
                  argv[0]);
     return 1;
   }
   std::uint64_t seed = 1;
   std::uint64_t first_seq = 1;
   std::uint64_t max_write = 3 * 65536;
+  std::string format = "qed";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
+    if (flag == "--format") {
+      format = argv[i + 1];
+      continue;
+    }
     const std::uint64_t value = std::strtoull(argv[i + 1], nullptr, 0);
     if (flag == "--seed") {
       seed = value;
@@ -180,5 +188,5 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  return spindle::block::run(argv[1], seed, first_seq, max_write);
+  return spindle::block::run(argv[1], format, seed, first_seq, max_write);
 }

@@ -26,10 +26,10 @@
 #include "aio/io_thread.h"
 #include "base/byte_order.h"
 #include "block/drivers/file.h"
-#include "block/qed/chain.h"
-#include "block/qed/create.h"
-#include "block/qed/format.h"
-#include "block/qed/qed_node.h"
+#include "block/image_chain.h"
+#include "block/formats/qed/create.h"
+#include "block/formats/qed/format.h"
+#include "block/formats/qed/qed_node.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
 
@@ -136,12 +136,12 @@ class QedTest : public testing::Test {
   // Opens an image (and its backing chain) through our driver; fails the test on error.
   BlockNodeRef open_image(const std::string& name, bool read_only = false,
                           const std::string& format = "qed") {
-    QedResult<BlockNodeRef> node = run(open_image_chain(path(name), format, chain_options(read_only)));
+    BlockResult<BlockNodeRef> node = run(open_image_chain(path(name), format, chain_options(read_only)));
     EXPECT_TRUE(node.ok()) << node.error().message;
     return node.ok() ? node.value() : nullptr;
   }
 
-  QedResult<BlockNodeRef> try_open(const std::string& name, bool read_only = false) {
+  BlockResult<BlockNodeRef> try_open(const std::string& name, bool read_only = false) {
     return run(open_image_chain(path(name), "qed", chain_options(read_only)));
   }
 
@@ -149,7 +149,7 @@ class QedTest : public testing::Test {
   void create(const std::string& name, CreateOptions options) {
     base::Result<BlockNodeRef> file = open_file(path(name), FileOptions{false, false, true});
     ASSERT_TRUE(file.ok());
-    const QedError error = run(create_qed(*file.value(), options));
+    const BlockError error = run(create_qed(*file.value(), options));
     ASSERT_TRUE(error.ok()) << error.message;
   }
 
@@ -180,7 +180,7 @@ class QedTest : public testing::Test {
   }
 
   CheckResult our_check(const std::string& name, bool repair) {
-    QedResult<QedNodeRef> node = [&] {
+    BlockResult<QedNodeRef> node = [&] {
       base::Result<BlockNodeRef> file = open_file(path(name), !repair);
       EXPECT_TRUE(file.ok());
       OpenOptions options;
@@ -286,7 +286,7 @@ TEST_F(QedTest, CreateRejectsInvalidOptions) {
   base::Result<BlockNodeRef> file = open_file(path("x.qed"), FileOptions{false, false, true});
   ASSERT_TRUE(file.ok());
   auto expect_error = [&](CreateOptions options) {
-    const QedError error = run(create_qed(*file.value(), options));
+    const BlockError error = run(create_qed(*file.value(), options));
     EXPECT_EQ(error.error, EINVAL);
     EXPECT_FALSE(error.message.empty());
   };
@@ -616,7 +616,7 @@ class QedBadInputTest : public QedTest {
     create("bad.qed", CreateOptions{.size = 1 << 20, .cluster_size = 4096, .table_size = 2});
   }
   void expect_rejected(int error, const std::string& words) {
-    QedResult<BlockNodeRef> node = try_open("bad.qed");
+    BlockResult<BlockNodeRef> node = try_open("bad.qed");
     ASSERT_FALSE(node.ok());
     EXPECT_EQ(node.error().error, error) << node.error().message;
     EXPECT_NE(node.error().message.find(words), std::string::npos) << node.error().message;
@@ -869,7 +869,7 @@ TEST_F(QedMetadataPointerTest, EntryBeyondEofStaysBadAfterTheFileGrows) {
 
 TEST_F(QedTest, BackingChainThatRefersToItselfIsRefused) {
   create("self.qed", CreateOptions{.size = 1 << 20, .backing_file = "self.qed", .backing_format = "qed"});
-  QedResult<BlockNodeRef> node = try_open("self.qed");
+  BlockResult<BlockNodeRef> node = try_open("self.qed");
   ASSERT_FALSE(node.ok());
   EXPECT_EQ(node.error().error, ELOOP);
   EXPECT_NE(node.error().message.find("refers to itself"), std::string::npos) << node.error().message;

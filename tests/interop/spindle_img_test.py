@@ -189,6 +189,63 @@ class SpindleImgTest(unittest.TestCase):
         self.assertEqual(result.returncode, 63)
         self.assertIn("does not support checks", result.stderr)
 
+    def test_check_repair_json_matches_qemu_img(self):
+        paths = []
+        for name in ("ours.qed", "theirs.qed"):
+            path = self.make_qed_with_data(name)
+            with open(path, "r+b") as f:
+                l1_offset = struct.unpack_from("<Q", f.read(64), 40)[0]
+                f.seek(l1_offset)
+                l2_offset = struct.unpack("<Q", f.read(8))[0]
+                f.seek(l2_offset + 8)
+                f.write(struct.pack("<Q", 0x7777770000))
+            paths.append(path)
+        ours = img("check", "-r", "all", "--output=json", paths[0], check=False)
+        theirs = qemu_img("check", "-f", "qed", "-r", "all", "--output=json", paths[1],
+                          check=False)
+        self.assertEqual(ours.returncode, theirs.returncode, ours.stderr)
+        ours_json, theirs_json = json.loads(ours.stdout), json.loads(theirs.stdout)
+        theirs_json["filename"] = ours_json["filename"]
+        self.assertEqual(ours_json, theirs_json)
+        self.assertEqual(ours_json["corruptions-fixed"], 1)
+
+    def test_format_names_come_from_the_registry(self):
+        path = self.path("r.raw")
+        img("create", "-f", "raw", path, "1M")
+        cases = [
+            (["create", "-f", "nosuch", self.path("n.img"), "1M"], 1, "Unknown file format 'nosuch'"),
+            (["create", "-f", "vmdk", self.path("n.img"), "1M"], 1, "'vmdk'"),
+            (["convert", "-O", "nosuch", path, self.path("n.img")], 1, "Unknown file format"),
+            (["convert", "-O", "vdi", path, self.path("n.img")], 1, "'vdi'"),
+            (["info", "-f", "nosuch", path], 1, "Unknown file format 'nosuch'"),
+            (["map", "-f", "vpc", path], 1, "'vpc'"),
+            (["check", "-f", "raw", path], 63, "This image format does not support checks"),
+            (["create", "-f", "raw", "-o", "cluster_size=64k", self.path("n.img"), "1M"], 1,
+             "Invalid parameter 'cluster_size' for format 'raw'"),
+            (["create", "-f", "raw", "-b", path, "-F", "raw", self.path("n.img")], 1,
+             "Backing file not supported for file format 'raw'"),
+            (["create", "-f", "qed", "-o", "table_size=4k", self.path("n.img"), "1M"], 1,
+             "Parameter 'table_size' expects a number"),
+            (["create", "-f", "qed", "-o", "preallocation=off", self.path("n.img"), "1M"], 1,
+             "Invalid parameter 'preallocation' for format 'qed'"),
+        ]
+        for args, code, message in cases:
+            with self.subTest(args=args):
+                result = img(*args, check=False)
+                self.assertEqual(result.returncode, code, result.stderr)
+                self.assertIn(message, result.stderr)
+        self.assertFalse(os.path.exists(self.path("n.img")))
+
+    def test_create_formatting_lines_match_qemu_img(self):
+        base = self.path("base.raw")
+        img("create", "-q", base, "1M")
+        for fmt, options in (("raw", []), ("qed", []), ("qed", ["-o", "cluster_size=4k,table_size=2"]),
+                             ("qed", ["-b", base, "-F", "raw"])):
+            with self.subTest(fmt=fmt, options=options):
+                ours = img("create", "-f", fmt, *options, self.path("ours.img"), "2M").stdout
+                theirs = qemu_img("create", "-f", fmt, *options, self.path("ours.img"), "2M").stdout
+                self.assertEqual(ours, theirs)
+
     # ---- convert ------------------------------------------------------------------------
 
     def test_convert_qed_chain_to_raw_equals_qemu_img(self):

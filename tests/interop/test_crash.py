@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""QED crash consistency: SIGKILL a process writing through Spindle at random moments.
+"""QED and qcow2 crash consistency: SIGKILL a process writing through Spindle at random moments.
 
 qed_crash_writer (tests/block/qed_crash_writer.cc) opens a QED image through Spindle's QED
 driver and writes recognisable data (16-byte records: u64 sequence number, u64 image offset)
@@ -14,7 +14,13 @@ After each kill:
     write that a completed flush covered, unless a later write (whose fate is unknown) touched
     the same bytes; bytes no write touched must still hold the backing file's (or zero) data.
 
-Usage: test_crash.py --writer PATH [--kills N] [--seed N]
+With --format qcow2 the images are qcow2 (qemu-img create, with and without lazy refcounts and
+extended L2 entries, backing files raw or qcow2, some with compressed clusters that qemu-io wrote
+before the first writer runs), and each writer is killed once it has reported a random number of
+lines (0 = while it opens the image; a time cap covers a slow writer), so the kill points spread
+over opening, allocating and rewriting; the assertions hold at any kill point.
+
+Usage: test_crash.py --writer PATH [--kills N] [--seed N] [--format qed|qcow2]
 Prints "SKIPPED: ..." and exits 77 (a CTest skip) if qemu-img is missing, or fails when
 SPINDLE_REQUIRE_PEERS is set.
 """
@@ -44,6 +50,16 @@ IMAGES = [
     (4096, 16 * MiB, None, 5 * 4096),
     (4096, 16 * MiB, "qed", 5 * 4096),
     (16384, 24 * MiB, "raw", 40000),
+]
+
+# qcow2: (cluster size, image size, backing format or None, max write bytes, extra create
+# options, compressed clusters written with qemu-io before the first writer).
+QCOW2_IMAGES = [
+    (65536, 32 * MiB, None, 2 * 65536, "", 12),
+    (65536, 32 * MiB, "raw", 2 * 65536, "lazy_refcounts=on", 12),
+    (4096, 16 * MiB, None, 5 * 4096, "lazy_refcounts=on", 0),
+    (4096, 16 * MiB, "qcow2", 5 * 4096, "", 24),
+    (65536, 24 * MiB, "raw", 40000, "extended_l2=on,lazy_refcounts=on", 8),
 ]
 
 
@@ -142,20 +158,55 @@ def make_backing(directory, index, fmt, size, rng):
         f.write(content)
     if fmt == "raw":
         return raw, bytes(content)
-    path = os.path.join(directory, f"base{index}.qed")
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qed", "-o", "cluster_size=4096", raw, path])
+    path = os.path.join(directory, f"base{index}.{fmt}")
+    run(["qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", "cluster_size=4096", raw, path])
     return path, bytes(content)
 
 
-def run_image(writer, directory, index, config, kills, rng):
-    cluster_size, size, backing_fmt, max_write = config
-    image = os.path.join(directory, f"image{index}.qed")
+def write_compressed(image, cluster_size, size, count, initial, rng):
+    """Writes `count` compressed clusters with qemu-io (half in the first eighth, which the
+    writer soon rewrites: copy-on-write from a compressed cluster); returns the new content."""
+    content = bytearray(initial)
+    clusters = size // cluster_size
+    picked = set()
+    while len(picked) < count:
+        bound = clusters // 8 if len(picked) % 2 == 0 else clusters
+        picked.add(rng.randrange(0, bound))
+    commands = []
+    for cluster in sorted(picked):
+        pattern = rng.randrange(1, 256)
+        offset = cluster * cluster_size
+        commands += ["-c", f"write -c -P {pattern} {offset} {cluster_size}"]
+        content[offset:offset + cluster_size] = bytes([pattern]) * cluster_size
+    run(["qemu-io", "-f", "qcow2"] + commands + [image])
+    return bytes(content)
+
+
+def kill_after_lines(proc, report, lines, cap):
+    """SIGKILLs `proc` once `report` holds `lines` lines (0: at once) or `cap` seconds passed."""
+    deadline = time.monotonic() + cap
+    while lines > 0 and time.monotonic() < deadline and proc.poll() is None:
+        with open(report, "rb") as f:
+            if f.read().count(b"\n") >= lines:
+                break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+
+
+def run_image(writer, directory, index, config, kills, rng, fmt="qed"):
+    cluster_size, size, backing_fmt, max_write = config[:4]
+    image = os.path.join(directory, f"image{index}.{fmt}")
     initial = bytes(size)
-    create = ["qemu-img", "create", "-f", "qed", "-o", f"cluster_size={cluster_size}"]
+    options = f"cluster_size={cluster_size}"
+    if fmt == "qcow2" and config[4]:
+        options += "," + config[4]
+    create = ["qemu-img", "create", "-f", fmt, "-o", options]
     if backing_fmt:
         backing, initial = make_backing(directory, index, backing_fmt, size, rng)
         create += ["-b", os.path.basename(backing), "-F", backing_fmt]
     run(create + [image, str(size)])
+    if fmt == "qcow2" and config[5]:
+        initial = write_compressed(image, cluster_size, size, config[5], initial, rng)
     model = Model(initial)
     raw = os.path.join(directory, "out.raw")
     leaks = 0
@@ -165,11 +216,17 @@ def run_image(writer, directory, index, config, kills, rng):
         with open(report, "wb") as out, open(report + ".err", "wb") as err:
             proc = subprocess.Popen([writer, image, "--seed", str(rng.randrange(1 << 30)),
                                      "--first-seq", str(model.next_seq),
-                                     "--max-write", str(max_write)],
+                                     "--max-write", str(max_write), "--format", fmt],
                                     stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        # Random moments: sometimes while it opens (and repairs) the image, mostly mid-writes.
-        time.sleep(rng.choice([rng.uniform(0.0, 0.02), rng.uniform(0.02, 0.3)]))
-        proc.send_signal(signal.SIGKILL)
+        if fmt == "qcow2":
+            # Kill points by progress, not by time: sometimes while it opens (and repairs) the
+            # image, mostly after a random number of reported writes and flushes.
+            kill_after_lines(proc, report, rng.choice([0, rng.randrange(1, 30),
+                                                       rng.randrange(30, 600)]), cap=2.0)
+        else:
+            # Random moments: sometimes while it opens (and repairs) the image, mostly mid-writes.
+            time.sleep(rng.choice([rng.uniform(0.0, 0.02), rng.uniform(0.02, 0.3)]))
+            proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         if proc.returncode != -signal.SIGKILL:
             with open(report + ".err") as f:
@@ -179,13 +236,13 @@ def run_image(writer, directory, index, config, kills, rng):
             writes, durable = parse_output(f.read())
         model.apply(writes, durable)
 
-        check = run(["qemu-img", "check", "-f", "qed", image], check=False)
+        check = run(["qemu-img", "check", "-f", fmt, image], check=False)
         if check.returncode not in (0, 3):
             raise AssertionError(f"image {index} kill {kill}: qemu-img check exit "
                                  f"{check.returncode}:\n"
                                  f"{check.stdout.decode()}{check.stderr.decode()}")
         leaks += check.returncode == 3
-        run(["qemu-img", "convert", "-f", "qed", "-O", "raw", image, raw])
+        run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw])
         with open(raw, "rb") as f:
             actual = f.read()
         if len(actual) != size:
@@ -208,6 +265,7 @@ def main():
     parser.add_argument("--writer", required=True)
     parser.add_argument("--kills", type=int, default=KILLS)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--format", choices=("qed", "qcow2"), default="qed")
     args = parser.parse_args()
     if shutil.which("qemu-img") is None:
         # 77: CTest's SKIP_RETURN_CODE; CI installs the peers and asks for them.
@@ -222,16 +280,18 @@ def main():
     start = time.monotonic()
     # Each configuration twice, on a fresh image: the first writer on an image allocates a lot,
     # later ones mostly rewrite in place, and each of those first repairs a dirty image.
-    images = IMAGES * ROUNDS
+    images = (QCOW2_IMAGES if args.format == "qcow2" else IMAGES) * ROUNDS
     per_image = -(-args.kills // len(images))
     total = leaks = 0
     with tempfile.TemporaryDirectory(prefix="spindle-crash-") as directory:
         try:
             for index, config in enumerate(images):
-                log(f"image {index}: cluster {config[0]}, size {config[1]}, "
-                    f"backing {config[2] or 'none'}")
+                log(f"image {index}: {args.format}, cluster {config[0]}, size {config[1]}, "
+                    f"backing {config[2] or 'none'}"
+                    + (f", options '{config[4]}', {config[5]} compressed clusters"
+                       if args.format == "qcow2" else ""))
                 leaks += run_image(os.path.abspath(args.writer), directory, index, config,
-                                   per_image, rng)
+                                   per_image, rng, args.format)
                 total += per_image
         except AssertionError as error:
             keep = tempfile.mkdtemp(prefix="spindle-crash-failed-")

@@ -196,7 +196,7 @@ class BenchRun {
 };
 
 coro::Task<int> close_image(OpenedImage& image) {
-  // Writes back metadata and marks a QED image clean.
+  // Writes back metadata and marks the image clean.
   co_return co_await image.root->close();
 }
 

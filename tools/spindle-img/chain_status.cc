@@ -3,19 +3,17 @@
 #include <algorithm>
 #include <memory>
 
-#include "block/qed/qed_node.h"
-
 namespace spindle::img {
 
 coro::Task<ChainExtent> chain_status(block::BlockNodeRef top, std::uint64_t offset,
                                      std::uint64_t bytes) {
   ChainExtent extent;
-  block::BlockNodeRef node = std::move(top);
+  block::BlockNode* node = top.get();  // `top` keeps the whole chain alive
   while (true) {
     const block::BlockStatus status = co_await node->block_status(offset, bytes);
     // A driver that reports an empty run would stall the caller: count it as one sector.
     extent.bytes = std::min(bytes, status.bytes ? status.bytes : std::uint64_t{512});
-    extent.level = node.get();
+    extent.level = node;
     if (status.error < 0) {
       extent.error = status.error;
       co_return extent;
@@ -28,10 +26,13 @@ coro::Task<ChainExtent> chain_status(block::BlockNodeRef top, std::uint64_t offs
       extent.offset = status.file_offset;
       co_return extent;
     }
-    const auto* qed = dynamic_cast<const block::qed::QedNode*>(node.get());
-    const block::BlockNodeRef backing = qed ? qed->backing() : nullptr;
+    block::BlockNode* const backing = node->backing_node();
     if (!backing || offset >= backing->size()) {
       extent.zero = true;  // unallocated without anything below it: reads as zeros
+      // Space reserved for it may still exist (a qcow2 subcluster of an allocated cluster):
+      // qemu-img map shows its offset.
+      extent.has_offset = status.flags & block::kStatusOffsetValid;
+      extent.offset = status.file_offset;
       co_return extent;
     }
     bytes = std::min(extent.bytes, backing->size() - offset);

@@ -1,12 +1,11 @@
-// `spindle-img check`: the QED consistency check and repair (qemu-img check), with qemu-img's
-// exit codes (0 clean, 1 check not completed, 2 corruptions, 3 leaks, 63 no check for the
-// format) and its human and JSON (ImageCheck) output.
+// `spindle-img check`: the format's consistency check and repair (qemu-img check), with
+// qemu-img's exit codes (0 clean, 1 check not completed, 2 corruptions, 3 leaks, 63 no check
+// for the format) and its human and JSON (ImageCheck) output.
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <cstring>
 
-#include "block/qed/check.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "image_opener.h"
@@ -18,15 +17,11 @@ namespace {
 
 constexpr int kNoCheckSupport = 63;
 
-coro::Task<block::qed::CheckResult> check_image(block::qed::QedNodeRef qed, bool repair) {
-  co_return co_await qed->check(repair);
+coro::Task<block::CheckReport> check_image(const OpenedImage& image, block::RepairMode mode) {
+  co_return co_await image.format->check(image.root, mode);
 }
 
-coro::Task<int> flush_file(block::qed::QedNodeRef qed) {
-  co_return co_await qed->file()->flush();
-}
-
-void print_human(const block::qed::CheckResult& result) {
+void print_human(const block::CheckReport& result) {
   if (result.corruptions == 0 && result.leaks == 0 && result.check_errors == 0) {
     std::printf("No errors were found on the image.\n");
   } else {
@@ -52,15 +47,24 @@ void print_human(const block::qed::CheckResult& result) {
                 static_cast<unsigned long long>(result.allocated_clusters),
                 static_cast<unsigned long long>(result.total_clusters),
                 allocated * 100.0 / total,
-                static_cast<double>(result.fragmented_clusters) * 100.0 / allocated, 0.0);
+                static_cast<double>(result.fragmented_clusters) * 100.0 / allocated,
+                static_cast<double>(result.compressed_clusters) * 100.0 / allocated);
+  }
+  if (result.image_end_offset) {
+    std::printf("Image end offset: %llu\n",
+                static_cast<unsigned long long>(result.image_end_offset));
   }
 }
 
-void print_json(const std::string& filename, const block::qed::CheckResult& result) {
+void print_json(const std::string& filename, std::string_view format,
+                const block::CheckReport& result) {
   nlohmann::ordered_json json;
   auto put_nonzero = [&json](const char* key, std::uint64_t value) {
     if (value) json[key] = value;
   };
+  // qemu-img's key order (its dictionary's bucket order).
+  put_nonzero("image-end-offset", result.image_end_offset);
+  put_nonzero("compressed-clusters", result.compressed_clusters);
   put_nonzero("total-clusters", result.total_clusters);
   put_nonzero("corruptions", result.corruptions);
   json["check-errors"] = result.check_errors;
@@ -69,7 +73,7 @@ void print_json(const std::string& filename, const block::qed::CheckResult& resu
   put_nonzero("leaks-fixed", result.leaks_fixed);
   put_nonzero("allocated-clusters", result.allocated_clusters);
   json["filename"] = filename;
-  json["format"] = "qed";
+  json["format"] = format;
   put_nonzero("fragmented-clusters", result.fragmented_clusters);
   std::printf("%s\n", json.dump(4).c_str());
 }
@@ -78,18 +82,21 @@ void print_json(const std::string& filename, const block::qed::CheckResult& resu
 
 int run_check(const CheckOptions& options) {
   const bool repair = !options.repair.empty();
-  const std::string format = options.format.empty() ? probe_format(options.filename)
-                                                     : options.format;
-  require_known_format(format);
-  if (format != "qed") fail("This image format does not support checks", kNoCheckSupport);
+  const block::RepairMode mode = options.repair == "all"     ? block::RepairMode::kAll
+                                 : options.repair == "leaks" ? block::RepairMode::kLeaks
+                                                             : block::RepairMode::kNone;
+  if (!options.format.empty() && !require_format(options.format).can_check()) {
+    fail("This image format does not support checks", kNoCheckSupport);
+  }
   const OpenedImage image = open_image(
-      options.filename, format,
+      options.filename, options.format,
       ImageOpenOptions{.read_only = !repair, .with_backing = true, .repair_if_dirty = false});
+  if (!image.format->can_check()) {
+    fail("This image format does not support checks", kNoCheckSupport);
+  }
 
-  block::qed::CheckResult result = coro::block_on(check_image(image.qed, repair));
+  block::CheckReport result = coro::block_on(check_image(image, mode));
   if (repair && (result.corruptions_fixed || result.leaks_fixed)) {
-    const int flushed = coro::block_on(flush_file(image.qed));
-    if (flushed < 0) fail(std::string("Could not write the repairs: ") + std::strerror(-flushed));
     if (options.output == "human" && !options.quiet) {
       std::printf("The following inconsistencies were found and repaired:\n\n"
                   "    %llu leaked clusters\n    %llu corruptions\n\n"
@@ -97,13 +104,16 @@ int run_check(const CheckOptions& options) {
                   static_cast<unsigned long long>(result.leaks_fixed),
                   static_cast<unsigned long long>(result.corruptions_fixed));
     }
-    result = coro::block_on(check_image(image.qed, false));
+    const block::CheckReport repaired = result;
+    result = coro::block_on(check_image(image, block::RepairMode::kNone));
+    result.corruptions_fixed = repaired.corruptions_fixed;
+    result.leaks_fixed = repaired.leaks_fixed;
   }
   if (result.check_errors && result.error) {
     std::fprintf(stderr, "spindle-img: Check failed: %s\n", std::strerror(-result.error));
   }
   if (options.output == "json") {
-    print_json(options.filename, result);
+    print_json(options.filename, image.format->name(), result);
   } else if (!options.quiet) {
     print_human(result);
   }

@@ -1,5 +1,6 @@
-// `spindle-img convert`: copies an image (its whole backing chain, flattened) into a new raw or
-// QED image through BlockBackends, keeping the target sparse (qemu-img convert).
+// `spindle-img convert`: copies an image (its whole backing chain, flattened) into a new image
+// of any format the registry can create, through BlockBackends, keeping the target sparse
+// (qemu-img convert).
 #include <cstdio>
 #include <cstring>
 
@@ -21,7 +22,7 @@ constexpr std::uint64_t kMaxSparseSize = 16u << 20;
 coro::Task<int> copy_and_close(ParallelCopier& copier, OpenedImage& target) {
   int result = co_await copier.run();
   if (result >= 0) result = co_await target.backend->flush();
-  // Writes back metadata and marks a QED image clean.
+  // Writes back metadata and marks the image clean.
   const int closed = co_await target.root->close();
   co_return result < 0 ? result : closed;
 }
@@ -57,13 +58,13 @@ int run_convert(const ConvertOptions& options) {
     fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up "
          "to 16MiB");
   }
-  if (options.target_format != "raw" && options.target_format != "qed") {
-    fail("Unknown file format '" + options.target_format + "' (spindle-img writes raw and qed)");
-  }
-  const CreationOptions creation = parse_creation_options(options.target_format, options.options);
-  if (!creation.backing_file.empty()) {
+  const block::ImageFormat& target_format = require_creatable_format(options.target_format);
+  block::CreateRequest creation;
+  parse_creation_options(options.options, creation);
+  if (creation.options.contains("backing_file")) {
     fail("convert does not support a backing file for the target (-o backing_file)");
   }
+  validate_creation(target_format, creation);
   OpenedImage source = open_image(options.source, options.source_format, ImageOpenOptions{});
 
   ProgressPrinter progress;
@@ -72,7 +73,8 @@ int run_convert(const ConvertOptions& options) {
   // first, since the copy skips the source's zero ranges.
   const bool remote_target = block::nbd::is_nbd_uri(options.target);
   if (!remote_target) {
-    create_image(options.target, options.target_format, source.backend->size(), creation);
+    creation.size = source.backend->size();
+    create_image(options.target, target_format, creation);
   }
   OpenedImage target = open_image(options.target, options.target_format,
                                   ImageOpenOptions{.read_only = false, .with_backing = false});

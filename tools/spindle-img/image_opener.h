@@ -1,12 +1,13 @@
-// Opening images for spindle-img: format probing, the backing chain, and the names qemu-img
-// shows for each level. Failures throw ToolFailure (exit status 1) with a message naming the
-// file, so subcommands only deal with images that opened.
+// Opening images for spindle-img through the format registry (block/format_registry.h): the
+// format given with -f or probed, the backing chain (block/image_chain.h), and the names
+// qemu-img shows for each level. Failures throw ToolFailure (exit status 1) with a message
+// naming the file, so subcommands only deal with images that opened.
 //
-//   probe_format()       "qed" when the file starts with the QED magic, else "raw";
-//   open_image()         the image and (unless `with_backing` is false) its whole backing chain
-//                        (block/qed/chain.h), wrapped in a BlockBackend;
-//   combine_backing_path() resolves a backing name against the image that names it, as
-//                        qemu-img's "full-backing-filename" does.
+//   require_format()     the registry's format for a -f name ("Unknown file format 'X'");
+//   open_image()         the image and (unless `with_backing` is false) its whole backing
+//                        chain, wrapped in a BlockBackend. A writable open whose format was
+//                        probed as raw prints qemu's warning on stderr (writes that would
+//                        change what sector 0 probes as are then refused).
 //
 // Thread-safety: call from the main thread outside coroutines (it uses coro::block_on on the
 // main context). The returned nodes and backend follow their own contracts.
@@ -14,10 +15,12 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "block/block_backend.h"
 #include "block/block_node.h"
-#include "block/qed/qed_node.h"
+#include "block/image_chain.h"
+#include "block/image_format.h"
 
 namespace spindle::img {
 
@@ -30,20 +33,22 @@ struct ImageOpenOptions {
 
 struct OpenedImage {
   std::string filename;  // as given on the command line
-  std::string format;    // "raw" or "qed"
+  const block::ImageFormat* format = nullptr;  // the top image's
+  bool probed = false;                         // the format was probed, not given
   block::BlockNodeRef root;
-  block::qed::QedNodeRef qed;  // null for raw images
+  std::vector<block::ChainLevel> levels;       // top first
   std::shared_ptr<block::BlockBackend> backend;
 };
 
-// Throws ToolFailure if the file cannot be read. A format other than raw/qed is refused.
-std::string probe_format(const std::string& path);
-void require_known_format(const std::string& format);
+// Throws ToolFailure for a name the registry does not know. Formats we only recognise are
+// returned (opening them fails with a message naming the format).
+const block::ImageFormat& require_format(const std::string& name);
 
-// `format`: "raw", "qed", or "" to probe.
+// `format`: a registry name, or "" to probe.
 OpenedImage open_image(const std::string& path, const std::string& format,
                        ImageOpenOptions options);
 
-std::string combine_backing_path(const std::string& image_path, const std::string& backing_name);
+// The warning qemu prints when it probed raw for a writable image (on stderr, once per image).
+void warn_probed_raw(const std::string& path);
 
 }  // namespace spindle::img

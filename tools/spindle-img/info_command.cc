@@ -4,11 +4,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
 
-#include "block/qed/format.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "human_size.h"
@@ -28,37 +28,53 @@ struct ImageDescription {
   std::uint32_t cluster_size = 0;  // 0: not a clustered format
   std::string backing_filename;    // as recorded in the image
   std::string full_backing_filename;
-  std::string backing_format;      // only when the image records it (QED: raw)
+  std::string backing_format;      // only when the image records it
+  nlohmann::ordered_json format_specific;  // {"type": ..., "data": {...}} or null
 };
 
-coro::Task<block::qed::Header> read_header(block::qed::QedNodeRef qed) {
-  co_return co_await qed->header();
+coro::Task<block::ImageDescription> describe_node(const block::ImageFormat& format,
+                                                  block::BlockNodeRef node) {
+  co_return co_await format.describe(*node);
 }
 
 ImageDescription describe(const std::string& filename, const std::string& format) {
   const OpenedImage image = open_image(filename, format, ImageOpenOptions{.with_backing = false});
   ImageDescription description;
   description.filename = filename;
-  description.format = image.format;
+  description.format = std::string(image.format->name());
   description.virtual_size = image.backend->size();
   struct stat info;
   if (::stat(filename.c_str(), &info) == 0) {
     description.actual_size = static_cast<std::uint64_t>(info.st_blocks) * 512;
   }
-  if (image.qed) {
-    const block::qed::Header header = coro::block_on(read_header(image.qed));
-    description.dirty = header.features & block::qed::kFeatureNeedCheck;
-    description.cluster_size = header.cluster_size;
-    description.backing_filename = image.qed->backing_filename();
-    if (!description.backing_filename.empty()) {
-      description.full_backing_filename =
-          combine_backing_path(filename, description.backing_filename);
-      if (header.features & block::qed::kFeatureBackingFormatNoProbe) {
-        description.backing_format = "raw";
-      }
-    }
+  block::ImageDescription found = coro::block_on(describe_node(*image.format, image.root));
+  description.dirty = found.dirty;
+  description.cluster_size = found.cluster_size;
+  description.backing_filename = found.backing_filename;
+  if (!description.backing_filename.empty()) {
+    description.full_backing_filename =
+        block::combine_backing_path(filename, description.backing_filename);
+    description.backing_format = found.backing_format;
   }
+  description.format_specific = std::move(found.format_specific);
   return description;
+}
+
+// qemu-img's human layout of format-specific data: "key: value" with dashes in keys shown as
+// spaces, nested objects and lists indented by four, list elements named "[i]".
+void print_specific(int indent, const std::string& key, const nlohmann::ordered_json& value) {
+  if (value.is_object() || value.is_array()) {
+    std::printf("%*s%s:\n", indent, "", key.c_str());
+    std::size_t index = 0;
+    for (auto it = value.begin(); it != value.end(); ++it, ++index) {
+      std::string name = value.is_object() ? it.key() : "[" + std::to_string(index) + "]";
+      if (value.is_object()) std::replace(name.begin(), name.end(), '-', ' ');
+      print_specific(indent + 4, name, *it);
+    }
+    return;
+  }
+  const std::string text = value.is_string() ? value.get<std::string>() : value.dump();
+  std::printf("%*s%s: %s\n", indent, "", key.c_str(), text.c_str());
 }
 
 nlohmann::ordered_json to_json(const ImageDescription& image) {
@@ -69,6 +85,7 @@ nlohmann::ordered_json to_json(const ImageDescription& image) {
   if (image.cluster_size) json["cluster-size"] = image.cluster_size;
   json["format"] = image.format;
   json["actual-size"] = image.actual_size;
+  if (!image.format_specific.is_null()) json["format-specific"] = image.format_specific;
   if (!image.backing_filename.empty()) {
     json["full-backing-filename"] = image.full_backing_filename;
     json["backing-filename"] = image.backing_filename;
@@ -96,6 +113,16 @@ void print_human(const ImageDescription& image) {
       std::printf("backing file format: %s\n", image.backing_format.c_str());
     }
   }
+  const auto data = image.format_specific.find("data");
+  if (image.format_specific.is_object() && data != image.format_specific.end() &&
+      data->is_object()) {
+    std::printf("Format specific information:\n");
+    for (auto it = data->begin(); it != data->end(); ++it) {
+      std::string name = it.key();
+      std::replace(name.begin(), name.end(), '-', ' ');
+      print_specific(4, name, *it);
+    }
+  }
 }
 
 }  // namespace
@@ -109,7 +136,7 @@ int run_info(const InfoOptions& options) {
       fail("backing chain of '" + options.filename + "' is deeper than 16 images (a loop?)");
     }
     const ImageDescription& last = chain.back();
-    // QED records only a raw backing format; anything else is probed, as qemu-img does.
+    // A backing format the image does not record is probed, as qemu-img does.
     chain.push_back(describe(last.full_backing_filename, last.backing_format));
   }
 

@@ -1,5 +1,5 @@
-// spindle-img: a qemu-img-compatible image tool for raw and QED images (create, info, check,
-// convert, compare, map, resize, bench). Options, output formats and exit codes follow qemu-img
+// spindle-img: a qemu-img-compatible image tool for the formats of the block layer's registry
+// (create, info, check, convert, compare, map, resize, bench). Options, output formats and exit codes follow qemu-img
 // (reference/qed.md §4); errors print "spindle-img: <message>" on stderr and exit 1 unless the
 // subcommand's qemu-img counterpart uses another code. The tool is single-threaded: every
 // subcommand drives its coroutines with coro::block_on on the main context.
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "block/format_registry.h"
 #include "commands.h"
 #include "tool_failure.h"
 
@@ -37,22 +38,37 @@ void add_output_option(CLI::App* command, std::string& output) {
       ->check(CLI::IsMember({"human", "json"}));
 }
 
+// The registry's formats that can be opened (or created), as "a, b or c".
+std::string format_names(bool creatable) {
+  std::vector<std::string> names;
+  for (const spindle::block::ImageFormat* format : spindle::block::image_formats()) {
+    if (creatable ? format->can_create() : format->can_open()) names.emplace_back(format->name());
+  }
+  std::string text;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    text += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+  }
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"spindle-img: create, inspect, check, convert and compare raw and QED images "
-               "(qemu-img compatible)"};
+  const std::string readable = format_names(false), creatable = format_names(true);
+  CLI::App app{"spindle-img: create, inspect, check, convert and compare disk images "
+               "(qemu-img compatible; formats: " + readable + ")"};
   app.set_version_flag("-V,--version", "spindle-img 0.1");
   app.require_subcommand(1);
 
   CreateOptions create;
   CLI::App* create_command = app.add_subcommand("create", "Create a new image");
-  create_command->add_option("-f", create.format, "Image format: raw (default) or qed");
+  create_command->add_option("-f", create.format,
+                             "Image format: " + creatable + " (default raw)");
   create_command->add_option("-o", create.options,
-                             "Creation options: cluster_size=N,table_size=N (qed), "
-                             "backing_file=F,backing_fmt=FMT (qed), preallocation=off (raw)");
-  create_command->add_option("-b", create.backing_file, "Backing file (qed)");
-  create_command->add_option("-F", create.backing_format, "Backing file format (raw or qed)");
+                             "Creation options key=value,... with qemu-img's names (cluster_size, "
+                             "backing_file, backing_fmt, preallocation, ...)");
+  create_command->add_option("-b", create.backing_file, "Backing file");
+  create_command->add_option("-F", create.backing_format, "Backing file format");
   create_command->add_flag("-q", create.quiet, "Quiet: print nothing on success");
   create_command->add_option("filename", create.filename, "Image to create")->required();
   create_command->add_option("size", create.size,
@@ -61,7 +77,7 @@ int main(int argc, char** argv) {
 
   InfoOptions info;
   CLI::App* info_command = app.add_subcommand("info", "Show information about an image");
-  info_command->add_option("-f", info.format, "Image format: raw or qed (default: probe)");
+  info_command->add_option("-f", info.format, "Image format: " + readable + " (default: probe)");
   add_output_option(info_command, info.output);
   info_command->add_flag("--backing-chain", info.backing_chain,
                          "Show every image of the backing chain");
@@ -81,7 +97,8 @@ int main(int argc, char** argv) {
   ConvertOptions convert;
   CLI::App* convert_command = app.add_subcommand("convert", "Copy an image into a new image");
   convert_command->add_option("-f", convert.source_format, "Source format (default: probe)");
-  convert_command->add_option("-O", convert.target_format, "Target format: raw (default) or qed");
+  convert_command->add_option("-O", convert.target_format,
+                              "Target format: " + creatable + " (default raw)");
   convert_command->add_option("-o", convert.options, "Target creation options (see create)");
   convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
   convert_command->add_option("-S", convert.sparse_size,

@@ -1,14 +1,13 @@
 // `spindle-img map`: where each range of an image comes from (qemu-img map): JSON MapEntry
 // objects {start, length, depth, present, zero, data[, offset]} with equal neighbours merged,
-// or the human table of ranges that hold data. A corrupt QED table entry (pointing past EOF or
-// at metadata) fails the command, as qemu-img does for what it detects.
+// or the human table of ranges that hold data. A range whose metadata is corrupt (a table entry
+// pointing past EOF or at metadata) fails the command, as qemu-img does for what it detects.
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <string>
 #include <vector>
 
-#include "block/qed/qed_node.h"
 #include "chain_status.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -64,15 +63,7 @@ coro::Task<Map> collect_map(block::BlockNodeRef root, std::uint64_t size) {
 // line, then each backing name resolved against the image that records it.
 std::map<const block::BlockNode*, std::string> level_names(const OpenedImage& image) {
   std::map<const block::BlockNode*, std::string> names;
-  block::BlockNodeRef node = image.root;
-  std::string name = image.filename;
-  while (node) {
-    names[node.get()] = name;
-    const auto* qed = dynamic_cast<const block::qed::QedNode*>(node.get());
-    if (!qed || !qed->backing()) break;
-    name = combine_backing_path(name, qed->backing_filename());
-    node = qed->backing();
-  }
+  for (const block::ChainLevel& level : image.levels) names[level.node] = level.filename;
   return names;
 }
 

@@ -1,5 +1,5 @@
-// `spindle-img resize`: changes an image's virtual size (qemu-img resize). Raw images grow or,
-// with --shrink, shrink; QED images only grow.
+// `spindle-img resize`: changes an image's virtual size (qemu-img resize). Shrinking needs
+// --shrink and a format whose truncate can shrink (raw can; one that cannot answers ENOTSUP).
 #include <cstdio>
 #include <cstring>
 
@@ -46,10 +46,12 @@ int run_resize(const ResizeOptions& options) {
   }
   if (size < current) {
     if (!options.shrink) fail("Use the --shrink option to perform a shrink operation.");
-    if (image.format == "qed") fail("QED images cannot shrink");
   }
   const int result = coro::block_on(truncate_and_close(image, size));
   if (result == -EINVAL) fail("Invalid size " + std::to_string(size) + " for this image");
+  if (result == -ENOTSUP && size < current) {
+    fail("Image format '" + std::string(image.format->name()) + "' cannot shrink images");
+  }
   if (result < 0) fail(std::string("Error resizing image: ") + std::strerror(-result));
   if (!options.quiet) std::printf("Image resized.\n");
   return 0;

@@ -24,7 +24,8 @@
 #include "block/block_backend.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
-#include "block/qed/chain.h"
+#include "block/format_registry.h"
+#include "block/image_chain.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "io/socket.h"
@@ -48,7 +49,7 @@ struct ExportSpec {
   std::exit(1);
 }
 
-// "name=foo,file=/x.img,format=qed,read-only=on"
+// "name=foo,file=/x.img,format=qcow2,read-only=on"
 ExportSpec parse_export(const std::string& text) {
   ExportSpec spec;
   std::size_t start = 0;
@@ -96,23 +97,37 @@ std::string human_size(std::uint64_t bytes) {
 }
 
 std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec, bool direct) {
-  if (spec.format != "" && spec.format != "raw" && spec.format != "qed") {
-    die("unknown format '" + spec.format + "' (expected raw or qed)");
+  if (!spec.format.empty()) {
+    const block::ImageFormat* format = block::find_format(spec.format);
+    if (!format) die("Unknown file format '" + spec.format + "'");
+    if (!format->can_open()) {
+      die("Could not open '" + spec.file + "': image format '" + spec.format +
+          "' is not supported by spindle-nbd");
+    }
   }
-  block::qed::ChainOptions options;
+  block::ChainOptions options;
   options.read_only = spec.read_only;
   options.open_file = [direct](const std::string& path, bool read_only) {
-    // O_DIRECT files sit behind an aligning backend: QED headers and format probes issue
+    // O_DIRECT files sit behind an aligning backend: image headers and format probes issue
     // requests smaller than a sector.
     return direct ? block::open_direct_file(path, read_only) : block::open_file(path, read_only);
   };
-  auto node = coro::block_on(
-      block::qed::open_image_chain(spec.file, spec.format, std::move(options)));
-  if (!node) {
-    die("cannot open '" + spec.file + "': " + node.error().message + " (" +
-        std::strerror(node.error().error) + ")");
+  auto chain = coro::block_on(block::open_chain(spec.file, spec.format, std::move(options)));
+  if (!chain) {
+    std::string message = chain.error().message;
+    if (message.starts_with("image format '")) message += " by spindle-nbd";
+    die("Could not open '" + spec.file + "': " + message + " (" +
+        std::strerror(chain.error().error) + ")");
   }
-  return std::make_shared<block::BlockBackend>(std::move(node).value());
+  if (chain.value().probed() && !spec.read_only && chain.value().format().name() == "raw") {
+    std::fprintf(stderr,
+                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+                 "         Automatically detecting the format is dangerous for raw images, "
+                 "write operations on block 0 will be restricted.\n"
+                 "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+                 spec.file.c_str());
+  }
+  return std::make_shared<block::BlockBackend>(std::move(chain.value().root));
 }
 
 // Systemd-style socket activation: LISTEN_PID is us, LISTEN_FDS sockets start at fd 3.
@@ -142,9 +157,12 @@ int main(int argc, char** argv) {
   unsigned io_threads = 0, handshake_timeout = 10;
   bool read_only = false, persistent = false, fork_server = false, stdio = false, stats = false;
 
-  app.add_option("image", image, "Image file to serve (raw or qed)");
-  app.add_option("-f,--format", format, "Image format: raw or qed (default: probe)")
-      ->check(CLI::IsMember({"raw", "qed"}));
+  std::string readable;
+  for (const block::ImageFormat* known : block::image_formats()) {
+    if (known->can_open()) readable += (readable.empty() ? "" : ", ") + std::string(known->name());
+  }
+  app.add_option("image", image, "Image file to serve (" + readable + ")");
+  app.add_option("-f,--format", format, "Image format: " + readable + " (default: probe)");
   app.add_option("-x,--export-name", export_name, "Export name (default: empty)");
   app.add_option("-D,--description", description, "Export description");
   app.add_flag("-r,--read-only", read_only, "Export read-only");
@@ -170,7 +188,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"remote", "always", "never"}));
   // One value per --export, so that a trailing IMAGE stays the positional argument.
   app.add_option("--export", export_specs,
-                 "Add an export: name=N,file=F[,format=raw|qed][,read-only=on][,description=D]")
+                 "Add an export: name=N,file=F[,format=FMT][,read-only=on][,description=D]")
       ->allow_extra_args(false);
   app.add_flag("-s,--stdio", stdio, "Serve one client on stdin/stdout (for libnbd tools)");
   app.add_flag("--fork", fork_server, "Fork into the background once ready");

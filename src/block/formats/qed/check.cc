@@ -3,7 +3,7 @@
 // allocation in progress, and reads tables straight from the child (not the L2 cache).
 #include <vector>
 
-#include "block/qed/qed_node.h"
+#include "block/formats/qed/qed_node.h"
 
 namespace spindle::block::qed {
 

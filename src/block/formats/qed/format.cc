@@ -1,4 +1,4 @@
-#include "block/qed/format.h"
+#include "block/formats/qed/format.h"
 
 #include <fmt/format.h>
 
@@ -85,7 +85,7 @@ bool is_table_offset_valid(const Header& header, std::uint64_t file_size,
          is_cluster_offset_valid(header, file_size, offset + span);
 }
 
-QedError validate_header(const Header& h, std::uint64_t child_size) noexcept {
+BlockError validate_header(const Header& h, std::uint64_t child_size) noexcept {
   if (h.magic != kMagic) return {EINVAL, "not a QED image (bad magic)"};
   if (h.features & ~kKnownFeatures) {
     return {ENOTSUP, fmt::format("Unsupported QED features: {:#x}", h.features & ~kKnownFeatures)};

@@ -1,4 +1,4 @@
-#include "block/qed/tables.h"
+#include "block/formats/qed/tables.h"
 
 #include <algorithm>
 #include <span>

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "block/block_node.h"
-#include "block/qed/format.h"
+#include "block/formats/qed/format.h"
 #include "coro/task.h"
 
 namespace spindle::block::qed {

@@ -1,4 +1,4 @@
-#include "block/qed/qed_node.h"
+#include "block/formats/qed/qed_node.h"
 
 #include <fmt/format.h>
 
@@ -16,7 +16,7 @@ namespace spindle::block::qed {
 
 namespace {
 
-QedError io_error(int result, const char* what) {
+BlockError io_error(int result, const char* what) {
   return {-result, fmt::format("{}: {}", what, std::strerror(-result))};
 }
 
@@ -43,10 +43,10 @@ QedNode::~QedNode() {
   if (idle_jobs_ > 0) base::fatal("QED node destroyed while its need-check job runs: close() it first");
 }
 
-coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options) {
+coro::Task<BlockResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options) {
   const std::uint64_t child_size = file->size();
   if (child_size < kHeaderBytes) {
-    co_return QedError{EINVAL, fmt::format("QED header is truncated: the file holds {} bytes, "
+    co_return BlockError{EINVAL, fmt::format("QED header is truncated: the file holds {} bytes, "
                                            "the header needs {}",
                                            child_size, kHeaderBytes)};
   }
@@ -54,7 +54,7 @@ coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions option
   int result = co_await file->read(0, std::span(raw), 0);
   if (result < 0) co_return io_error(result, "cannot read the QED header");
   Header header = decode_header(raw);
-  if (QedError error = validate_header(header, child_size); !error.ok()) co_return error;
+  if (BlockError error = validate_header(header, child_size); !error.ok()) co_return error;
 
   const Geometry geometry = Geometry::make(header.cluster_size, header.table_size);
   std::string backing_name;
@@ -83,15 +83,15 @@ coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions option
 
   if ((header.features & kFeatureBackingFile) && !options.ignore_backing) {
     if (!options.open_backing) {
-      co_return QedError{ENOTSUP, fmt::format("QED image has a backing file '{}' but no way "
+      co_return BlockError{ENOTSUP, fmt::format("QED image has a backing file '{}' but no way "
                                               "to open it was given",
                                               backing_name)};
     }
     const std::string format =
         (header.features & kFeatureBackingFormatNoProbe) ? std::string("raw") : std::string();
-    QedResult<BlockNodeRef> backing = co_await options.open_backing(backing_name, format);
+    BlockResult<BlockNodeRef> backing = co_await options.open_backing(backing_name, format);
     if (!backing.ok()) {
-      QedError error = backing.error();
+      BlockError error = backing.error();
       error.message = fmt::format("cannot open backing file '{}': {}", backing_name, error.message);
       co_return error;
     }
@@ -101,7 +101,7 @@ coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions option
   if ((header.features & kFeatureNeedCheck) && !read_only && options.repair_if_dirty) {
     const CheckResult check = co_await node->check(true);
     if (check.check_errors || check.corruptions) {
-      co_return QedError{EINVAL, fmt::format("QED image is dirty and its repair failed ({} "
+      co_return BlockError{EINVAL, fmt::format("QED image is dirty and its repair failed ({} "
                                              "corruptions, {} check errors)",
                                              check.corruptions, check.check_errors)};
     }

@@ -61,11 +61,11 @@
 
 #include "aio/timer.h"
 #include "block/block_node.h"
-#include "block/qed/check.h"
-#include "block/qed/error.h"
-#include "block/qed/format.h"
-#include "block/qed/l2_cache.h"
-#include "block/qed/tables.h"
+#include "block/formats/qed/check.h"
+#include "block/block_error.h"
+#include "block/formats/qed/format.h"
+#include "block/formats/qed/l2_cache.h"
+#include "block/formats/qed/tables.h"
 #include "coro/mutex.h"
 #include "coro/queue.h"
 #include "coro/task.h"
@@ -76,7 +76,7 @@ namespace spindle::block::qed {
 // (QED_F_BACKING_FORMAT_NO_PROBE), otherwise empty (probe it). Backing files are opened
 // read-only. The callee resolves `name` relative to the image and guards against loops.
 using BackingOpener =
-    std::function<coro::Task<QedResult<BlockNodeRef>>(std::string name, std::string format)>;
+    std::function<coro::Task<BlockResult<BlockNodeRef>>(std::string name, std::string format)>;
 
 struct OpenOptions {
   bool read_only = false;
@@ -94,7 +94,7 @@ struct OpenOptions {
 class QedNode;
 using QedNodeRef = std::shared_ptr<QedNode>;
 
-coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
+coro::Task<BlockResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
 
 class QedNode final : public BlockNode {
  public:
@@ -163,7 +163,7 @@ class QedNode final : public BlockNode {
   void set_need_check_hook(std::function<void()> hook);
 
  private:
-  friend coro::Task<QedResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
+  friend coro::Task<BlockResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions options);
 
   enum class Kind { kUnallocated, kZero, kData };
   struct Run {

@@ -9,8 +9,8 @@
 #include <string>
 
 #include "block/block_node.h"
-#include "block/qed/error.h"
-#include "block/qed/format.h"
+#include "block/block_error.h"
+#include "block/formats/qed/format.h"
 #include "coro/task.h"
 
 namespace spindle::block::qed {
@@ -23,6 +23,6 @@ struct CreateOptions {
   std::string backing_format;                    // "raw" sets BACKING_FORMAT_NO_PROBE
 };
 
-coro::Task<QedError> create_qed(BlockNode& file, CreateOptions options);
+coro::Task<BlockError> create_qed(BlockNode& file, CreateOptions options);
 
 }  // namespace spindle::block::qed

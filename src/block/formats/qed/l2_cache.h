@@ -12,7 +12,7 @@
 #include <list>
 #include <utility>
 
-#include "block/qed/tables.h"
+#include "block/formats/qed/tables.h"
 
 namespace spindle::block::qed {
 

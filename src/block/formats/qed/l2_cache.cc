@@ -1,4 +1,4 @@
-#include "block/qed/l2_cache.h"
+#include "block/formats/qed/l2_cache.h"
 
 namespace spindle::block::qed {
 

@@ -10,7 +10,7 @@
 #include <optional>
 #include <span>
 
-#include "block/qed/error.h"
+#include "block/block_error.h"
 
 namespace spindle::block::qed {
 
@@ -102,6 +102,6 @@ bool is_table_offset_valid(const Header& header, std::uint64_t file_size,
 
 // Checks every header field in QEMU's order (reference/qed.md §1.4) against the child's size in
 // bytes. Returns the error (errno + message) of the first violation, or success (error 0).
-QedError validate_header(const Header& header, std::uint64_t child_size) noexcept;
+BlockError validate_header(const Header& header, std::uint64_t child_size) noexcept;
 
 }  // namespace spindle::block::qed

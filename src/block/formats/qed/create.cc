@@ -1,4 +1,4 @@
-#include "block/qed/create.h"
+#include "block/formats/qed/create.h"
 
 #include <fmt/format.h>
 
@@ -7,13 +7,13 @@
 
 namespace spindle::block::qed {
 
-coro::Task<QedError> create_qed(BlockNode& file, CreateOptions options) {
+coro::Task<BlockError> create_qed(BlockNode& file, CreateOptions options) {
   Header header;
   header.cluster_size = options.cluster_size;
   header.table_size = options.table_size;
   header.header_size = 1;
   header.l1_table_offset = options.cluster_size;
-  if (options.size > UINT64_MAX - 511) co_return QedError{EINVAL, "image size is too large"};
+  if (options.size > UINT64_MAX - 511) co_return BlockError{EINVAL, "image size is too large"};
   header.image_size = (options.size + 511) / 512 * 512;
   if (!options.backing_file.empty()) {
     header.features |= kFeatureBackingFile;
@@ -24,26 +24,26 @@ coro::Task<QedError> create_qed(BlockNode& file, CreateOptions options) {
   }
   if (!is_power_of_two(header.cluster_size) || header.cluster_size < kMinClusterSize ||
       header.cluster_size > kMaxClusterSize) {
-    co_return QedError{EINVAL, fmt::format("QED cluster size must be a power of two in [{}, {}]",
+    co_return BlockError{EINVAL, fmt::format("QED cluster size must be a power of two in [{}, {}]",
                                            kMinClusterSize, kMaxClusterSize)};
   }
   if (!is_power_of_two(header.table_size) || header.table_size > kMaxTableSize) {
-    co_return QedError{EINVAL, fmt::format("QED table size must be a power of two in [{}, {}]",
+    co_return BlockError{EINVAL, fmt::format("QED table size must be a power of two in [{}, {}]",
                                            kMinTableSize, kMaxTableSize)};
   }
   const Geometry geometry = Geometry::make(header.cluster_size, header.table_size);
   if (!is_image_size_valid(geometry, header.image_size)) {
-    co_return QedError{EINVAL, fmt::format("QED image size must be at most {} bytes",
+    co_return BlockError{EINVAL, fmt::format("QED image size must be at most {} bytes",
                                            geometry.max_image_size)};
   }
   if (kHeaderBytes + options.backing_file.size() > header.cluster_size ||
       options.backing_file.size() > kMaxBackingNameBytes) {
-    co_return QedError{EINVAL, "backing file name does not fit in the QED header cluster"};
+    co_return BlockError{EINVAL, "backing file name does not fit in the QED header cluster"};
   }
 
   int result = co_await file.truncate(0);
   if (result < 0) {
-    co_return QedError{-result, fmt::format("cannot truncate the image file: {}", std::strerror(-result))};
+    co_return BlockError{-result, fmt::format("cannot truncate the image file: {}", std::strerror(-result))};
   }
   std::vector<std::byte> head(kHeaderBytes + options.backing_file.size());
   encode_header(header, head);
@@ -55,9 +55,9 @@ coro::Task<QedError> create_qed(BlockNode& file, CreateOptions options) {
   }
   if (result >= 0) result = co_await file.flush();
   if (result < 0) {
-    co_return QedError{-result, fmt::format("cannot write the QED image: {}", std::strerror(-result))};
+    co_return BlockError{-result, fmt::format("cannot write the QED image: {}", std::strerror(-result))};
   }
-  co_return QedError{};
+  co_return BlockError{};
 }
 
 }  // namespace spindle::block::qed

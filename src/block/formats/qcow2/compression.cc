@@ -1,0 +1,63 @@
+#include "block/formats/qcow2/compression.h"
+
+#include <zlib.h>
+#include <zstd.h>
+
+#include <cerrno>
+
+namespace spindle::block::qcow2 {
+
+namespace {
+
+int inflate_raw(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
+  z_stream stream{};
+  if (inflateInit2(&stream, -12) != Z_OK) return -EIO;
+  stream.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+  stream.avail_in = static_cast<uInt>(in.size());
+  stream.next_out = reinterpret_cast<Bytef*>(out.data());
+  stream.avail_out = static_cast<uInt>(out.size());
+  const int status = inflate(&stream, Z_FINISH);
+  const bool full = stream.avail_out == 0;
+  inflateEnd(&stream);
+  // Z_BUF_ERROR with a full output: the stream goes on past the cluster (trailing bytes).
+  if ((status == Z_STREAM_END || status == Z_BUF_ERROR || status == Z_OK) && full) return 0;
+  return -EIO;
+}
+
+int zstd_stream(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
+  ZSTD_DCtx* context = ZSTD_createDCtx();
+  if (context == nullptr) return -ENOMEM;
+  ZSTD_inBuffer input{in.data(), in.size(), 0};
+  ZSTD_outBuffer output{out.data(), out.size(), 0};
+  int result = 0;
+  while (output.pos < output.size) {
+    const std::size_t status = ZSTD_decompressStream(context, &output, &input);
+    if (ZSTD_isError(status)) {
+      result = -EIO;
+      break;
+    }
+    // The input ran out before the cluster was full (output is drained as far as room
+    // allows, so nothing more can come).
+    if (input.pos == input.size && output.pos < output.size) {
+      result = -EIO;
+      break;
+    }
+  }
+  ZSTD_freeDCtx(context);
+  return result;
+}
+
+}  // namespace
+
+int decompress_cluster(CompressionType type, std::span<const std::byte> in,
+                       std::span<std::byte> out) noexcept {
+  switch (type) {
+    case CompressionType::kDeflate:
+      return inflate_raw(in, out);
+    case CompressionType::kZstd:
+      return zstd_stream(in, out);
+  }
+  return -EIO;
+}
+
+}  // namespace spindle::block::qcow2

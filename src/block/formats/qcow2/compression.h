@@ -1,0 +1,21 @@
+// Decompression of qcow2 compressed clusters (docs/interop/qcow2.rst, "Compressed Clusters
+// Descriptor"): deflate as a raw stream (no zlib header, window bits 12, as QEMU writes it)
+// or zstd (one or more frames). The stored extent is rounded up to whole sectors, so input
+// may carry trailing bytes: decompression stops once `out` is full.
+//
+// Thread-safety: pure functions; each call uses its own stream state.
+#pragma once
+
+#include <cstddef>
+#include <span>
+
+#include "block/formats/qcow2/format.h"
+
+namespace spindle::block::qcow2 {
+
+// Fills `out` (one cluster) from `in`. 0, or -EIO when the data is not a valid stream or ends
+// before `out` is full.
+int decompress_cluster(CompressionType type, std::span<const std::byte> in,
+                       std::span<std::byte> out) noexcept;
+
+}  // namespace spindle::block::qcow2

@@ -1,0 +1,134 @@
+#include "block/formats/qcow2/qcow2_format.h"
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "base/byte_order.h"
+#include "block/formats/qcow2/check.h"
+#include "block/formats/qcow2/create.h"
+#include "block/formats/qcow2/format.h"
+#include "block/formats/qcow2/qcow2_node.h"
+
+namespace spindle::block::qcow2 {
+
+namespace {
+
+// Reads and decodes the header cluster of a qcow2 file node.
+coro::Task<BlockResult<Header>> read_header(BlockNode& file) {
+  const std::uint64_t size = file.size();
+  std::vector<std::byte> head(std::min<std::uint64_t>(size, std::uint64_t{1} << kMaxClusterBits));
+  if (head.size() < kVersion2HeaderLength) {
+    co_return BlockError{EINVAL, "Image is not in qcow2 format"};
+  }
+  // The cluster size is in the first 72 bytes; read no more than one cluster.
+  if (int r = co_await file.read(0, std::span(head).first(kVersion2HeaderLength), 0); r < 0) {
+    co_return BlockError{-r, std::string("Could not read qcow2 header: ") + std::strerror(-r)};
+  }
+  const std::uint32_t bits = base::load_be32(head.data() + 20);
+  if (bits >= kMinClusterBits && bits <= kMaxClusterBits) {
+    head.resize(std::min<std::uint64_t>(head.size(), std::uint64_t{1} << bits));
+  }
+  if (int r = co_await file.read(0, head, 0); r < 0) {
+    co_return BlockError{-r, std::string("Could not read qcow2 header: ") + std::strerror(-r)};
+  }
+  co_return decode_header(head);
+}
+
+// Recognises qcow2 by its magic (every version, as QEMU does; versions other than 2 and 3 are
+// refused on open with their number), opens, creates, describes and checks qcow2 images.
+class Qcow2Format final : public ImageFormat {
+ public:
+  std::string_view name() const noexcept override { return "qcow2"; }
+  int probe(const ProbeInput& input) const noexcept override {
+    if (input.head.size() < 8) return 0;
+    const std::uint32_t magic = base::load_be32(input.head.data());
+    const std::uint32_t version = base::load_be32(input.head.data() + 4);
+    return magic == kMagic && version >= 2 ? 100 : 0;
+  }
+
+  bool can_open() const noexcept override { return true; }
+  coro::Task<BlockResult<BlockNodeRef>> open(BlockNodeRef file,
+                                             FormatOpenOptions options) const override {
+    co_return co_await open_qcow2(std::move(file), std::move(options));
+  }
+
+  bool can_create() const noexcept override { return true; }
+  coro::Task<BlockError> create(BlockNode& file, CreateRequest request) const override {
+    BlockResult<CreateOptions> options = parse_create_options(request);
+    if (!options) co_return options.error();
+    co_return co_await create_image(file, std::move(options).value());
+  }
+  std::string create_summary(const CreateRequest& request) const override {
+    return create_summary_text(request);
+  }
+
+  coro::Task<ImageDescription> describe(BlockNode& node) const override {
+    ImageDescription d;
+    Header header;
+    bool corrupt = false;
+    if (auto* q = dynamic_cast<Qcow2Node*>(&node)) {
+      header = q->header();
+      corrupt = q->corrupt() || (header.incompatible_features & kIncompatCorrupt);
+    } else {
+      BlockResult<Header> h = co_await read_header(node);
+      if (!h) co_return d;
+      header = std::move(h).value();
+      corrupt = header.incompatible_features & kIncompatCorrupt;
+    }
+    d.cluster_size = static_cast<std::uint32_t>(header.cluster_size());
+    d.dirty = header.incompatible_features & kIncompatDirty;
+    d.backing_filename = header.backing_file;
+    d.backing_format = header.backing_format;
+    nlohmann::ordered_json data;
+    data["compat"] = header.version == 2 ? "0.10" : "1.1";
+    data["compression-type"] = header.compression_type == CompressionType::kZstd ? "zstd" : "zlib";
+    if (header.version >= 3) {
+      data["lazy-refcounts"] = (header.compatible_features & kCompatLazyRefcounts) != 0;
+    }
+    data["refcount-bits"] = header.refcount_bits();
+    if (header.version >= 3) {
+      if (!header.data_file.empty()) {
+        data["data-file"] = header.data_file;
+        data["data-file-raw"] = (header.autoclear_features & kAutoclearDataFileRaw) != 0;
+      }
+      data["corrupt"] = corrupt;
+      data["extended-l2"] = header.extended_l2();
+    }
+    d.format_specific = {{"type", "qcow2"}, {"data", std::move(data)}};
+    co_return d;
+  }
+
+  bool can_check() const noexcept override { return true; }
+  // For an open node: its metadata is flushed, then the file is checked with the header as
+  // the file holds it (a repair may have moved the refcount table since the node opened).
+  coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const override {
+    BlockNode* file = node.get();
+    if (auto* q = dynamic_cast<Qcow2Node*>(node.get())) {
+      if (int r = co_await q->flush(); r < 0) {
+        CheckReport report;
+        report.check_errors = 1;
+        report.error = r;
+        co_return report;
+      }
+      file = q->file().get();
+    }
+    BlockResult<Header> header = co_await read_header(*file);
+    if (!header) {
+      CheckReport report;
+      report.check_errors = 1;
+      report.error = -header.error().error;
+      co_return report;
+    }
+    co_return co_await check_image(*file, std::move(header).value(), mode);
+  }
+};
+
+}  // namespace
+
+const ImageFormat& qcow2_format() {
+  static const Qcow2Format format;
+  return format;
+}
+
+}  // namespace spindle::block::qcow2

@@ -1,0 +1,320 @@
+// Qcow2Node: the qcow2 image format driver (docs/interop/qcow2.rst), a BlockNode over the
+// protocol node holding the image bytes, with an optional backing node for what the image does
+// not allocate. open_qcow2() validates the header and the table locations before any table is
+// read; the registry entry (qcow2_format.cc) calls it.
+//
+// Reads: each run of guest bytes within one L2 table is classified from the L1 entry and the
+// L2 entries (or, with extended L2, the subcluster bitmaps): unallocated (the backing node,
+// zeros past its end or without one), zero, data (host-contiguous clusters merged into one
+// read), compressed (deflate or zstd, one cluster at a time). An entry with reserved bits,
+// an unaligned offset, an offset past the end of the file (for entries read from the file:
+// past the end it had at open, however far it has grown since) or at metadata (the header,
+// the L1 table, the refcount table, a refcount block, an L2 table) makes that range fail with
+// -EIO; it is never overwritten, and the image is marked corrupt (the header's corrupt bit,
+// written for writable version 3 opens only, as QEMU does) and takes no more writes.
+//
+// Writes: a cluster whose entry is a plain data cluster with the COPIED bit (refcount 1) is
+// written in place. Any other cluster is allocated: new host clusters at the end of the file,
+// counted in cached refcount blocks (new refcount blocks, and a larger refcount table, made as
+// needed); the untouched parts of the cluster are copied from its old content (backing file,
+// zeros, a compressed or shared cluster); the data is written; then the L2 entry (in a new L2
+// table if the L1 entry is empty) points at it, with COPIED. Clusters the old entries held are
+// released only after the L2 tables that no longer name them are on disk; released clusters
+// are not reused (allocation only appends). Writes through an L2 table shared with an
+// internal snapshot (L1 entry without COPIED) fail with -ENOTSUP; external data files are
+// refused at open.
+//
+// Crash consistency: L2 tables, refcount blocks, the L1 table and the refcount table are
+// cached write-back. flush() snapshots all of them at one instant (under meta_mutex_), then
+// writes the refcount blocks, (flushes and writes the refcount table if it changed), flushes,
+// writes the L2 tables, flushes, writes the L1 table, flushes, and finally applies the
+// deferred releases (refcount blocks written again, flushed). Every L2 entry in
+// the snapshot was set after its clusters were counted and after their data was written, so
+// the file never holds an entry pointing at a cluster with refcount 0 or at unwritten COW
+// data: a crash leaves at worst leaked clusters (qemu-img check exit 3).
+//
+// Locking protocol (thread-safety): the node may be used by coroutines on several contexts
+// at once.
+//   header_ (its immutable parts), file_, backing_, read_only_   immutable after open
+//   size_                atomic (size()); changed only by truncate()
+//   meta_mutex_          std::mutex, never held across a suspension. Protects l1_,
+//                        l1_on_disk_, rctable_, their generations, the two TableCaches and
+//                        the contents of every ready cached table, next_free_,
+//                        refblock_clusters_, l2_clusters_, new_refblocks_, known_bad_l2_,
+//                        in_flight_, pending_frees_, and the header's mutable fields (L1 and
+//                        refcount table location and size, size, feature bits).
+//   in_flight_           one record per guest cluster being allocated, zeroed or discarded,
+//                        or (extended L2) written in place while some of its subclusters are
+//                        unallocated: such a cluster can be copied to a new host cluster by an
+//                        allocating write of its other subclusters, so an in-place write there
+//                        holds the claim too. A second request for that cluster waits on the
+//                        record's Event, then looks the cluster up again (and then usually
+//                        writes in place). Requests on different guest clusters allocate in
+//                        parallel; in-place writes to fully allocated clusters take no claim.
+//   table loads          a miss inserts a not-ready table and its creator reads it with no
+//                        lock held; concurrent misses wait on its Event (TableCache).
+//   flush_mutex_         coro::Mutex serialising flush(), refcount table growth, truncate
+//                        (and its L1 growth) and marking the image corrupt, which each write
+//                        metadata in order. Allocating requests take it only to grow the
+//                        refcount table or to write back when the caches fill with dirty
+//                        tables; nothing holding it waits for a guest cluster's record.
+//   corrupt_, broken_    atomics; set once (a corrupt entry found; a metadata move that
+//                        failed half way), after which writes fail with -EIO.
+// Guest requests that overlap are not ordered against each other (the caller's job), except
+// that allocations of one guest cluster are serialised as above.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "block/block_error.h"
+#include "block/block_node.h"
+#include "block/formats/qcow2/format.h"
+#include "block/formats/qcow2/table_cache.h"
+#include "block/image_format.h"
+#include "coro/event.h"
+#include "coro/mutex.h"
+#include "coro/task.h"
+
+namespace spindle::block::qcow2 {
+
+// Opens `file` as a qcow2 image. Option keys (FormatOpenOptions::options): "l2-cache-size"
+// (bytes, k/M/G suffixes; QEMU's default: enough L2 tables to cover the whole image, at most
+// 32 MiB, at least two tables) and "refcount-cache-size" (default: a quarter of the L2 cache,
+// at least four tables); any other key is refused (EINVAL).
+// A dirty image (lazy refcounts, not closed cleanly) opened writable with repair_if_dirty has
+// its refcounts rebuilt by check_image() (check.h) and the bit cleared first; read-only or
+// without repair_if_dirty it opens as it is.
+// Errors: EINVAL for malformed headers, tables outside the file or a failed repair, ENOTSUP
+// for features we do not implement (encryption, external data files), EACCES for a writable
+// open of an image marked corrupt.
+coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOptions options);
+
+class Qcow2Node final : public BlockNode {
+ public:
+  struct Private {};
+  Qcow2Node(Private, BlockNodeRef file, Header header, std::vector<std::uint64_t> l1,
+            std::vector<std::uint64_t> rctable, bool read_only, std::size_t l2_tables,
+            std::size_t refcount_tables);
+  ~Qcow2Node() override;
+
+  const char* driver_name() const noexcept override { return "qcow2"; }
+  std::string filename() const override { return file_->filename(); }
+  std::uint64_t size() const noexcept override { return size_.load(std::memory_order_acquire); }
+  BlockLimits limits() const noexcept override;
+  bool read_only() const noexcept override { return read_only_; }
+  BlockNode* backing_node() const noexcept override { return backing_.get(); }
+  // A range inside one host-contiguous run of data clusters whose L2 table is cached, where the
+  // file node stores it in a host file. Never waits: with meta_mutex_ busy or the table not
+  // cached it says "nowhere". Host clusters are never reused while the node is open, and data
+  // moves only when a write to the same guest cluster allocates (extended L2: a partly
+  // allocated cluster is copied), so the range holds the guest data until a write overlapping
+  // the guest cluster lands (ordering against it is the caller's job, as with any request).
+  std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                               std::uint64_t bytes) const noexcept override;
+
+  coro::Task<int> read(std::uint64_t offset, std::span<std::byte> buffer,
+                       std::uint32_t flags) override;
+  coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
+                        std::uint32_t flags) override;
+  coro::Task<int> flush() override;
+  // v3: whole clusters get the zero flag (their host cluster is kept unless kMayUnmap);
+  // partial clusters and v2 images are written as zero buffers (kNoFallback: -ENOTSUP).
+  coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                               std::uint32_t flags) override;
+  // Whole clusters only (the rest is ignored): the cluster is released; the entry becomes
+  // unallocated, or a zero cluster when there is a backing file (v3; v2 keeps it).
+  coro::Task<int> discard(std::uint64_t offset, std::uint64_t bytes) override;
+  // Data clusters: DATA|OFFSET_VALID|ALLOCATED; compressed: DATA|ALLOCATED; zero clusters:
+  // ZERO|ALLOCATED; unallocated: 0 with a backing node, ZERO without. `error` -EIO for a
+  // corrupt entry. Runs never cross an L2 table.
+  coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
+  // Grows (the L1 table too when needed) or shrinks where nothing is allocated past the new
+  // end (else -ENOTSUP). The size must be a multiple of 512 (-EINVAL).
+  coro::Task<int> truncate(std::uint64_t new_size) override;
+
+  // For check and info (qcow2 check/create, tools). The header as of the last metadata change:
+  // read it while no request runs.
+  const Header& header() const noexcept { return header_; }
+  const BlockNodeRef& file() const noexcept { return file_; }
+  const BlockNodeRef& backing() const noexcept { return backing_; }
+  bool corrupt() const noexcept { return corrupt_.load(std::memory_order_acquire); }
+
+ private:
+  friend coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file,
+                                                          FormatOpenOptions options);
+
+  enum class Kind { kUnallocated, kZero, kData, kCompressed };
+  // What a run of guest bytes [pos, pos + bytes) is, within one L2 table.
+  struct Mapping {
+    Kind kind = Kind::kUnallocated;
+    std::uint64_t bytes = 0;
+    std::uint64_t host_offset = 0;  // kData: where pos lives; kCompressed: the entry
+    std::uint64_t entry = 0;        // kCompressed: the raw L2 entry
+  };
+  // A guest cluster's current L2 state, for the write path.
+  struct ClusterState {
+    std::uint64_t entry = 0;
+    std::uint64_t bitmap = 0;  // extended L2 only
+    bool has_table = false;    // the L1 entry is set
+  };
+  struct InFlight {
+    coro::Event done;
+  };
+  using InFlightRef = std::shared_ptr<InFlight>;
+
+  // ---- geometry ---------------------------------------------------------------------------
+  std::uint64_t cluster_size() const noexcept { return header_.cluster_size(); }
+  std::uint64_t l2_entries() const noexcept { return l2_entries_; }
+  std::uint64_t l2_span() const noexcept { return l2_entries_ * cluster_size(); }
+  std::uint64_t subcluster_size() const noexcept { return cluster_size() / 32; }
+
+  // ---- metadata access --------------------------------------------------------------------
+  // The ready table at `offset` in `cache`, read from the file on a miss (once, however many
+  // wait for it). Takes meta_mutex_ briefly; none held across the read.
+  coro::Task<int> get_table(TableCache& cache, std::uint64_t offset, TableRef& out);
+  // With meta_mutex_ held: where the file ends, counting clusters allocated but not written.
+  std::uint64_t file_end() const noexcept;
+  // With meta_mutex_ held: the entries of the L2 table at `l2_offset`, just read, that are
+  // corrupt because they point past the file's end at open (remembered per table).
+  std::vector<std::uint32_t> bad_l2_entries(std::uint64_t l2_offset, const CachedTable& table);
+  // With meta_mutex_ held: -EIO (and corrupt_) if an L1 entry is invalid, else its offset.
+  std::int64_t checked_l2_offset(std::uint64_t l1_entry) noexcept;
+  // With meta_mutex_ held: whether the host cluster at `offset` holds metadata.
+  bool is_metadata(std::uint64_t offset) const noexcept;
+  // One cluster (or, with extended L2, one subcluster) of an L2 table, as seen from `pos`.
+  struct Unit {
+    bool ok = false;  // false: the entry is corrupt
+    Kind kind = Kind::kUnallocated;
+    std::uint64_t host = 0;   // kData: where `pos` lives in the file
+    std::uint64_t end = 0;    // guest end of the unit
+    std::uint64_t entry = 0;  // the raw L2 entry
+  };
+  // With meta_mutex_ held.
+  Unit unit_at(const CachedTable& table, std::uint64_t pos) const noexcept;
+  // With meta_mutex_ held: the mapping of the run at `pos` within table `l2` (null: the L1
+  // entry is 0). -EIO for a corrupt first entry; a run ends before a corrupt entry.
+  int classify(const CachedTable* l2, std::uint64_t pos, std::uint64_t length, Mapping& out);
+  // The run at `pos` (at most `length` bytes, never crossing an L2 table).
+  coro::Task<int> map_range(std::uint64_t pos, std::uint64_t length, Mapping& out);
+  // Marks the image corrupt (once) if a corrupt entry was found: the header bit for writable
+  // v3 opens; writes fail with -EIO from then on.
+  coro::Task<void> mark_corrupt();
+  coro::Task<int> write_header_fields();
+
+  // ---- reads ------------------------------------------------------------------------------
+  // Guest content of [pos, pos + buffer.size()), zeros past the image's end.
+  coro::Task<int> read_guest(std::uint64_t pos, std::span<std::byte> buffer);
+  coro::Task<int> read_backing(std::uint64_t pos, std::span<std::byte> buffer);
+  coro::Task<int> read_compressed(std::uint64_t entry, std::uint64_t in_cluster,
+                                  std::span<std::byte> out);
+  // Reads from `node` at any offset and length, bouncing through its request alignment.
+  static coro::Task<int> read_aligned(BlockNode& node, std::uint64_t offset,
+                                      std::span<std::byte> buffer);
+
+  // ---- allocation -------------------------------------------------------------------------
+  // Allocates `count` contiguous host clusters (refcount 1) at the end of the file and
+  // returns the first's offset. A caller holding flush_mutex_ says so: growing the refcount
+  // table then runs under its lock instead of taking it again (coro::Mutex is not recursive).
+  coro::Task<int> allocate_clusters(std::uint64_t count, std::uint64_t& offset,
+                                    bool flush_mutex_held = false);
+  // With meta_mutex_ held: allocates in memory, counted in `table` (null: rctable_), if every
+  // refcount block needed is cached (new ones are made in memory); otherwise says which block
+  // to load or how many refcount table entries are needed.
+  enum class AllocStep { kDone, kLoad, kGrow };
+  AllocStep try_allocate(std::uint64_t count, std::uint64_t& offset, std::uint64_t& load_offset,
+                         std::uint64_t& needed_entries, std::vector<TableRef>& pins,
+                         std::vector<std::uint64_t>* table);
+  coro::Task<int> load_refcount_block(std::uint64_t offset, std::vector<TableRef>& pins);
+  // Moves the refcount table to a larger place (flush_mutex_ taken inside; _locked: held).
+  coro::Task<int> grow_refcount_table(std::uint64_t min_entries);
+  coro::Task<int> grow_refcount_table_locked(std::uint64_t min_entries);
+  // Decrements a cluster's refcount in its (loaded) block.
+  coro::Task<int> release_cluster(std::uint64_t host_offset);
+  // With meta_mutex_ held: queues the clusters an entry being replaced held, for release once
+  // the tables that no longer name them are on disk (write_back_locked).
+  void defer_release(std::uint64_t entry) noexcept;
+
+  // ---- writes -----------------------------------------------------------------------------
+  // Claims in_flight_ records for guest clusters [first, first + count); returns how many
+  // were claimed from `first` on (0: `first` is taken and `wait_for` is its record).
+  std::uint64_t claim(std::uint64_t first, std::uint64_t count, InFlightRef& wait_for);
+  void release_claims(std::uint64_t first, std::uint64_t count);
+  // The L2 table for guest position `pos` (null if the L1 entry is 0 and !create); with
+  // `create`, a new table is made and linked in memory. -ENOTSUP for a table shared with an
+  // internal snapshot (no COPIED bit).
+  coro::Task<int> writable_l2(std::uint64_t pos, bool create, TableRef& out);
+  // With meta_mutex_ held: whether guest bytes [pos, min(end, cluster end)) may be written
+  // in place, and where.
+  bool in_place(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
+                std::uint64_t& host) const noexcept;
+  // With meta_mutex_ held: the length of the host-contiguous in-place run from `pos` (before
+  // `end`; 0: `pos` is not in place), its host offset, and whether it touches a cluster that
+  // has unallocated subclusters (extended L2: such a write takes the cluster's claim).
+  std::uint64_t in_place_run(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
+                             std::uint64_t& host, bool& partial) const noexcept;
+  // Writes [pos, pos + length) of one L2 table's span: in place where it can, else by
+  // allocation (claiming the guest clusters first).
+  coro::Task<int> write_span(std::uint64_t pos, std::uint64_t length,
+                             std::span<const std::byte> data);
+  // With the claims on [first_cluster, first_cluster + clusters) held.
+  coro::Task<int> allocate_and_write(std::uint64_t pos, std::uint64_t length,
+                                     std::span<const std::byte> data, TableRef l2,
+                                     std::uint64_t first_cluster, std::uint64_t clusters);
+  coro::Task<int> write_aligned(std::uint64_t offset, std::span<const std::byte> data);
+  // Flushes for FUA, or to write back when the caches hold too many dirty tables.
+  coro::Task<int> after_write(std::uint32_t flags);
+  enum class Mode { kZero, kDiscard };
+  // Whole clusters of one L2 span: zero flag / unallocated (claims them first).
+  coro::Task<int> zero_or_discard(std::uint64_t first_cluster, std::uint64_t clusters, Mode mode,
+                                  std::uint32_t flags);
+  // Writes back all dirty metadata in crash-safe order; flush_mutex_ held by the caller.
+  coro::Task<int> write_back_locked();
+  // Writes the dirty refcount blocks (and the refcount table where the header points at a
+  // table of its size); flush_mutex_ held by the caller. No flush.
+  coro::Task<int> write_refcount_blocks();
+
+  const BlockNodeRef file_;
+  BlockNodeRef backing_;  // set once during open
+  const bool read_only_;
+  std::uint64_t l2_entries_;
+  std::uint64_t refcount_entries_;  // per refcount block
+  const bool extended_;             // extended L2 entries (subclusters)
+  std::atomic<std::uint64_t> size_;
+  std::atomic<bool> corrupt_{false};
+  std::atomic<bool> corrupt_marked_{false};
+  std::atomic<bool> broken_{false};  // a metadata move failed half way: no more writes
+
+  mutable std::mutex meta_mutex_;  // mutable: host_file_range() try-locks it
+  Header header_;                        // meta_mutex_ for the mutable fields
+  std::vector<std::uint64_t> l1_;        // meta_mutex_
+  std::vector<std::uint64_t> l1_on_disk_;  // meta_mutex_: the L1 table as last written
+  std::uint64_t l1_generation_ = 0;      // meta_mutex_
+  std::uint64_t l1_written_ = 0;         // meta_mutex_
+  std::vector<std::uint64_t> rctable_;   // meta_mutex_
+  std::uint64_t rctable_generation_ = 0; // meta_mutex_
+  std::uint64_t rctable_written_ = 0;    // meta_mutex_
+  TableCache l2_cache_;                  // meta_mutex_
+  TableCache refcount_cache_;            // meta_mutex_
+  std::uint64_t next_free_ = 0;          // meta_mutex_: first cluster index never allocated
+  std::unordered_set<std::uint64_t> refblock_clusters_;  // meta_mutex_: cluster indices
+  std::unordered_set<std::uint64_t> l2_clusters_;        // meta_mutex_: cluster indices
+  std::unordered_set<std::uint64_t> new_refblocks_;      // meta_mutex_: made since open
+  // meta_mutex_: every L2 table loaded or made since open, with its corrupt entries.
+  std::unordered_map<std::uint64_t, std::vector<std::uint32_t>> known_bad_l2_;
+  std::uint64_t open_end_ = 0;  // the file's size at open (immutable after construction)
+  std::map<std::uint64_t, InFlightRef> in_flight_;       // meta_mutex_: by guest cluster
+  std::vector<std::uint64_t> pending_frees_;             // meta_mutex_: host clusters
+
+  coro::Mutex flush_mutex_;
+};
+
+}  // namespace spindle::block::qcow2

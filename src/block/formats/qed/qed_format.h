@@ -1,0 +1,16 @@
+// The QED entry of the format registry (block/format_registry.h): probes the QED magic, opens
+// images through open_qed() (qed_node.h), creates them through create_qed() (create.h) with
+// qemu-img's -o options cluster_size, table_size, backing_file and backing_fmt, describes them
+// (cluster size, NEED_CHECK as "dirty", the backing name, "raw" as the backing format when
+// the image marks it so) and checks/repairs them with QedNode::check().
+//
+// Thread-safety: an immutable singleton (image_format.h).
+#pragma once
+
+#include "block/image_format.h"
+
+namespace spindle::block::qed {
+
+const ImageFormat& qed_format();
+
+}  // namespace spindle::block::qed
