@@ -281,6 +281,26 @@ TEST_F(Qcow2CreateCheckTest, HeaderRoundTripsQemuImages) {
   }
 }
 
+// An extension with no data (found by qcow2_open_fuzz: copying zero bytes into an empty
+// vector passed a null pointer to memset, undefined behaviour that UBSan reports).
+TEST_F(Qcow2CreateCheckTest, HeaderWithAnEmptyUnknownExtension) {
+  Header h;
+  h.size = 1 << 20;
+  h.l1_size = 1;
+  h.l1_table_offset = 3 << 16;
+  h.refcount_table_offset = 1 << 16;
+  h.refcount_table_clusters = 1;
+  h.unknown_extensions.push_back({0x12345678, Bytes()});
+  BlockResult<std::vector<std::byte>> e = encode_header(h);
+  ASSERT_TRUE(e.ok());
+  Bytes cluster = e.value();
+  cluster.resize(65536);
+  BlockResult<Header> d = decode_header(cluster);
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  ASSERT_EQ(d->unknown_extensions.size(), 1u);
+  EXPECT_TRUE(d->unknown_extensions[0].data.empty());
+}
+
 TEST_F(Qcow2CreateCheckTest, HeaderKeepsUnknownExtensionsAndFields) {
   Header h;
   h.size = 1 << 20;

@@ -38,6 +38,7 @@ class ClusterView {
   ClusterView(std::span<const std::byte> data, std::uint64_t cluster_size)
       : data_(data), cluster_size_(cluster_size) {}
   void copy(std::uint64_t offset, std::size_t length, std::byte* out) const {
+    if (length == 0) return;  // `out` may be an empty vector's null data()
     std::memset(out, 0, length);
     if (offset >= data_.size()) return;
     const std::size_t n = std::min<std::uint64_t>(length, data_.size() - offset);
