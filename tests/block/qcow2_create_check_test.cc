@@ -26,52 +26,17 @@
 #include "block/formats/qcow2/qcow2_format.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
+#include "support/shell_command.h"
 
 namespace spindle::block::qcow2 {
 namespace {
 
 namespace fs = std::filesystem;
 using Bytes = std::vector<std::byte>;
-
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;
-};
-
-CommandResult run_command(const std::string& command, bool with_stderr = true) {
-  CommandResult result;
-  FILE* pipe = ::popen((command + (with_stderr ? " 2>&1" : " 2>/dev/null")).c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  std::size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
-  const int status = ::pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-bool have_qemu() {
-  static const bool present =
-      run_command("command -v qemu-img && command -v qemu-io").exit_code == 0;
-  return present;
-}
-
-#define REQUIRE_QEMU() \
-  if (!have_qemu()) GTEST_SKIP() << "qemu-img/qemu-io (qemu-utils) not installed"
-
-std::string must_run(const std::string& command) {
-  const CommandResult result = run_command(command);
-  EXPECT_EQ(result.exit_code, 0) << command << "\n" << result.output;
-  return result.output;
-}
-
-Bytes read_file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  Bytes bytes(chars.size());
-  if (!chars.empty()) std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
+using test::CommandResult;
+using test::must_run;
+using test::read_file_bytes;
+using test::run_command;
 
 void patch_file(const std::string& path, std::uint64_t offset, const void* data, std::size_t size) {
   const int fd = ::open(path.c_str(), O_WRONLY);

@@ -32,6 +32,7 @@
 #include "block/formats/qed/qed_node.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
+#include "support/shell_command.h"
 
 // The tests build CreateOptions with designated initializers that leave the rest defaulted.
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
@@ -41,48 +42,12 @@ namespace {
 
 namespace fs = std::filesystem;
 using Bytes = std::vector<std::byte>;
+using test::CommandResult;
+using test::must_run;
+using test::read_file_bytes;
+using test::run_command;
 
 // --- helpers -------------------------------------------------------------------------------
-
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;
-};
-
-CommandResult run_command(const std::string& command) {
-  CommandResult result;
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  std::size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) result.output.append(buffer, n);
-  const int status = ::pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-bool have_qemu() {
-  static const bool present = run_command("command -v qemu-img && command -v qemu-io").exit_code == 0;
-  return present;
-}
-
-#define REQUIRE_QEMU() \
-  if (!have_qemu()) GTEST_SKIP() << "qemu-img/qemu-io (qemu-utils) not installed"
-
-// Runs a command that must succeed.
-std::string must_run(const std::string& command) {
-  const CommandResult result = run_command(command);
-  EXPECT_EQ(result.exit_code, 0) << command << "\n" << result.output;
-  return result.output;
-}
-
-Bytes read_file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  Bytes bytes(chars.size());
-  std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
 
 void patch_file(const std::string& path, std::uint64_t offset, const void* data, std::size_t size) {
   const int fd = ::open(path.c_str(), O_WRONLY);
@@ -760,7 +725,7 @@ class QedMetadataPointerTest : public QedTest {
   static constexpr std::uint64_t kCluster = 4096;
   void SetUp() override {
     QedTest::SetUp();
-    if (!have_qemu()) GTEST_SKIP() << "qemu-img/qemu-io (qemu-utils) not installed";
+    if (!test::have_qemu()) GTEST_SKIP() << "qemu-img/qemu-io (qemu-utils) not installed";
     must_run("qemu-img create -q -f qed -o cluster_size=4096,table_size=2 '" + path("m.qed") +
              "' 64M");
     qemu_io("m.qed", "-c 'write -P 0xa1 0 4k' -c 'write -P 0xa2 4k 4k' -c 'write -P 0xa3 4M 4k'");
