@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side `spindle-img bench` and `qemu-img bench` on the same image files.
 
-Rows: raw and QED images x read and write x queue depth 1 and 32 x io_uring and threads x
+Rows: raw, QED and qcow2 images x read and write x queue depth 1 and 32 x io_uring and threads x
 4 KiB and 64 KiB requests (qemu-img bench's sequential pattern: each request starts where the
 previous one ended, wrapping at the end of the image). Both tools get identical arguments
 (-f FMT -t CACHE -i AIO -d DEPTH -s SIZE -c COUNT [-w]); COUNT comes from a short qemu-img
@@ -9,8 +9,8 @@ pilot run so that each run lasts about --target seconds. Each row runs --repeat 
 alternating the tools, and reports the median.
 
 The images are page-cached files (default cache=writeback), fully allocated and non-zero: QED
-reads of unallocated clusters do no I/O at all, so the QED image is converted from the filled
-raw one. Reads run before writes; writes overwrite the same files in place (allocated clusters),
+and qcow2 reads of unallocated clusters do no I/O at all, so both images are converted from the
+filled raw one (qemu-img convert, default options: 64 KiB clusters). Reads run before writes; writes overwrite the same files in place (allocated clusters),
 with a sync(2) before every run so that no run pays for another's dirty pages.
 
 Columns: IOPS and MB/s from the tool's own "Run completed in X seconds" (N / X); CPU is the
@@ -21,7 +21,7 @@ spindle/qemu IOPS, CPU ratio spindle/qemu CPU seconds; "1.3x?" says whether spin
 Usage: python3 bench/img_bench.py [--spindle-img build/tools/spindle-img] [--dir /var/tmp]
                                   [--size-mb 512] [--target 1.0] [--repeat 3] [--quick]
                                   [--cache writeback] [--only SUBSTRING]
-A full run takes about 3-4 minutes on the 2-vCPU reference VM; --quick about 1 minute.
+A full run takes about 5-6 minutes on the 2-vCPU reference VM; --quick about 1.5 minutes.
 """
 import argparse
 import itertools
@@ -71,15 +71,17 @@ def timed_run(tool, fmt, image, op, depth, aio, size, count, cache):
 def prepare_images(directory, size_mb):
     raw = os.path.join(directory, "img-bench.raw")
     qed = os.path.join(directory, "img-bench.qed")
+    qcow2 = os.path.join(directory, "img-bench.qcow2")
     block = os.urandom(MiB)
     with open(raw, "wb") as f:
         for _ in range(size_mb):
             f.write(block)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qed", raw, qed], check=True)
-    for path in (raw, qed):  # into the page cache
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2], check=True)
+    for path in (raw, qed, qcow2):  # into the page cache
         subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
     os.sync()
-    return {"raw": raw, "qed": qed}
+    return {"raw": raw, "qed": qed, "qcow2": qcow2}
 
 
 def pick_count(image, fmt, op, depth, aio, size, cache, target):
@@ -119,7 +121,7 @@ def main():
     rows = []
     try:
         images = prepare_images(workdir, args.size_mb)
-        matrix = itertools.product(["read", "write"], ["raw", "qed"], [1, 32],
+        matrix = itertools.product(["read", "write"], ["raw", "qed", "qcow2"], [1, 32],
                                    ["io_uring", "threads"], ["4k", "64k"])
         for op, fmt, depth, aio, size in matrix:
             name = f"{fmt} {op} QD{depth} {aio} {size}"

@@ -4,7 +4,12 @@ nbdkit's file plugin serve the same page-cached raw file over a Unix socket, and
 engine drives each in turn with the same jobs. Prints IOPS, MB/s, mean latency, server CPU
 (% of one core, from /proc/PID/stat) and fio's own CPU (from wait4) per row, and the ratio of
 Spindle's IOPS to the best peer's, plus server CPU-seconds per million requests. Two QED rows (4 KiB
-random and 1 MiB sequential reads) compare spindle-nbd with qemu-nbd -f qed.
+random and 1 MiB sequential reads) compare spindle-nbd with qemu-nbd -f qed. The qcow2 rows compare
+spindle-nbd -f qcow2 with qemu-nbd -f qcow2 (--aio=threads and io_uring): the four raw jobs on a
+fully allocated image converted from the raw one ("qcow2 ..."), sequential 4 KiB writes that
+allocate into a fresh, empty image created again before every run ("qcow2 4k write alloc"), and
+reads of a compressed image made by qemu-img convert -c from compressible data ("qcow2c ...").
+After the table, spindle-nbd's qcow2 IOPS over its own raw IOPS for the same jobs.
 
 With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
 median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
@@ -14,7 +19,7 @@ client on the same machine, delivers less than the default (a writev from a mapp
 image, one kernel copy).
 
 Usage: python3 bench/nbd_bench.py [--spindle-nbd build/tools/spindle-nbd] [--size-mb 1024]
-                                  [--runtime 5] [--repeat 1] [--only NAME]
+                                  [--runtime 5] [--repeat 1] [--only NAME or PREFIX]
                                   [--baseline-spindle-nbd OTHER_BUILD [--no-peers]]
 Everything runs on this machine (Unix sockets only); the image lives under /tmp.
 """
@@ -29,6 +34,12 @@ JOBS = [
     ("4k randread 4 conns", ["--rw=randread", "--bs=4k", "--iodepth=32", "--numjobs=4",
                              "--group_reporting"]),
 ]
+
+
+# The allocating row writes sequentially into a fresh qcow2 image this large, so that no run
+# reaches its end (at 100k IOPS of 4 KiB, 10 s write 4 GiB): every 16th request allocates a
+# 64 KiB cluster, the others write into the cluster just allocated.
+ALLOCATING_SIZE_GB = 16
 
 
 def cpu_seconds(pid):
@@ -152,6 +163,9 @@ def main():
     workdir = tempfile.mkdtemp(prefix="spindle-nbd-bench-")
     image = os.path.join(workdir, "disk.img")
     qed = os.path.join(workdir, "disk.qed")
+    qcow2 = os.path.join(workdir, "disk.qcow2")
+    compressed = os.path.join(workdir, "compressed.qcow2")
+    fresh = os.path.join(workdir, "fresh.qcow2")
     socket = os.path.join(workdir, "nbd.sock")
     try:
         # Non-zero data everywhere, then read once so the page cache holds it.
@@ -161,6 +175,19 @@ def main():
                 f.write(block)
         subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qed", image, qed], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, qcow2],
+                       check=True)
+        # Compressible but not zero (zeros would become holes): text-like data, about 3:1.
+        text = os.path.join(workdir, "text.img")
+        with open(text, "wb") as f:
+            words = [os.urandom(3).hex().encode() for _ in range(4096)]
+            chunk = b" ".join(words[i % 4096] for i in range(150000))[:1 << 20]
+            chunk = chunk.ljust(1 << 20, b"x")
+            for i in range(args.size_mb):
+                f.write(chunk[i % 7:] + chunk[:i % 7])
+        subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", text,
+                        compressed], check=True)
+        os.unlink(text)
         cores = os.cpu_count()
         servers = [
             ("spindle-nbd", [spindle, "-t", "-f", "raw", "-k", socket, image]),
@@ -176,35 +203,60 @@ def main():
             baseline = os.path.abspath(args.baseline_spindle_nbd)
             servers.insert(1, ("spindle baseline", [baseline, "-t", "-f", "raw", "-k", socket,
                                                     image]))
-        qed_servers = [
-            ("spindle-nbd", [spindle, "-t", "-f", "qed", "-k", socket, qed]),
-            ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "qed", "-e", "8", "-k", socket, qed]),
-        ]
-        if args.no_peers:
-            qed_servers = qed_servers[:1]
-        if args.baseline_spindle_nbd:
-            qed_servers.insert(1, ("spindle baseline", [baseline, "-t", "-f", "qed", "-k", socket,
-                                                        qed]))
+
+        def format_servers(fmt, path, qemu_aio):
+            """spindle-nbd and qemu-nbd serving `path` as `fmt` (qemu-nbd with each AIO mode)."""
+            listed = [("spindle-nbd", [spindle, "-t", "-f", fmt, "-k", socket, path])]
+            for aio in qemu_aio:
+                listed.append((f"qemu-nbd {aio}", ["qemu-nbd", "-t", "-f", fmt, f"--aio={aio}",
+                                                   "-e", "8", "--cache=writeback", "-k", socket,
+                                                   path]))
+            if args.no_peers:
+                listed = listed[:1]
+            if args.baseline_spindle_nbd:
+                listed.insert(1, ("spindle baseline", [baseline, "-t", "-f", fmt, "-k", socket,
+                                                       path]))
+            return listed
+
+        qed_servers = format_servers("qed", qed, ["threads"])
+        qcow2_servers = format_servers("qcow2", qcow2, ["threads", "io_uring"])
+        compressed_servers = format_servers("qcow2", compressed, ["threads", "io_uring"])
+        fresh_servers = format_servers("qcow2", fresh, ["threads", "io_uring"])
+
+        def make_fresh():
+            # Each server starts from an empty image, so every run allocates.
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", fresh,
+                            f"{ALLOCATING_SIZE_GB}G"], check=True)
+
         rows = []
-        jobs = [(n, a, servers) for n, a in JOBS] + [
-            ("QED 4k randread QD32", JOBS[0][1], qed_servers),
-            ("QED 1M seqread QD8", JOBS[2][1], qed_servers)]
-        for job_name, job_args, server_list in jobs:
-            if args.only and args.only != job_name:
+        # name, fio arguments, servers, image (page-cached before each round), per-run setup
+        jobs = [(n, a, servers, image, None) for n, a in JOBS] + [
+            ("QED 4k randread QD32", JOBS[0][1], qed_servers, qed, None),
+            ("QED 1M seqread QD8", JOBS[2][1], qed_servers, qed, None)] + [
+            ("qcow2 " + n, a, qcow2_servers, qcow2, None) for n, a in JOBS] + [
+            ("qcow2 4k write alloc QD32", ["--rw=write", "--bs=4k", "--iodepth=32",
+                                           f"--size={ALLOCATING_SIZE_GB}G"],
+             fresh_servers, None, make_fresh),
+            ("qcow2c 4k randread QD32", JOBS[0][1], compressed_servers, compressed, None),
+            ("qcow2c 1M seqread QD8", JOBS[2][1], compressed_servers, compressed, None)]
+        for job_name, job_args, server_list, served, setup in jobs:
+            if args.only and args.only != job_name and not job_name.startswith(args.only + " "):
                 continue
             rounds = []  # one {server: (iops, MB/s, lat us, CPU %, CPU s/Mreq)} per round
-            served = qed if server_list is qed_servers else image
             for _ in range(max(args.repeat, 1)):
                 # Read the image again first: some hosts reclaim page cache that went unused
                 # for minutes (this VM's DAMON did, to the QED image), and every row is meant
                 # to measure page-cached data.
-                subprocess.run(["cat", served], stdout=subprocess.DEVNULL, check=True)
+                if served:
+                    subprocess.run(["cat", served], stdout=subprocess.DEVNULL, check=True)
                 results = {}
                 extra = []
                 if job_name.startswith("1M seqread"):
                     extra = [("spindle zero-copy", [spindle, "-t", "-f", "raw", "--zero-copy=always",
                                                     "-k", socket, image])]
                 for server_name, command in server_list[:1] + extra + server_list[1:]:
+                    if setup:
+                        setup()
                     proc = serve(server_name, command, socket)
                     try:
                         cpu_before, wall_before = cpu_seconds(proc.pid), time.time()
@@ -221,7 +273,7 @@ def main():
         rounds_note = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
         print(f"\nNBD servers over a Unix socket, fio --ioengine=nbd, {args.size_mb} MiB page-cached "
               f"image, {args.runtime} s per run{rounds_note}, {cores} CPUs")
-        header = (f"{'job':22} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
+        header = (f"{'job':26} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
                   f"{'CPU %':>6} | {'CPU s/Mreq':>10} | {'fio CPU %':>9} | ratio")
         print(header)
         print("-" * len(header))
@@ -232,8 +284,15 @@ def main():
                 ratio = ""
                 if server_name == "spindle-nbd":
                     ratio = compare(rounds, medians)
-                print(f"{job_name:22} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
+                print(f"{job_name:26} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
                       f"{cpu:6.1f} | {cpu_per_m:10.1f} | {fio_cpu:9.1f} | {ratio}")
+        # qcow2 over allocated data against spindle-nbd's own raw rows of the same run.
+        spindle_iops = {name: statistics.median(r["spindle-nbd"][0] for r in rounds)
+                        for name, rounds in rows}
+        for name, _ in JOBS:
+            if name in spindle_iops and "qcow2 " + name in spindle_iops:
+                print(f"spindle-nbd qcow2 / raw, {name}: "
+                      f"{spindle_iops['qcow2 ' + name] / spindle_iops[name]:.2f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

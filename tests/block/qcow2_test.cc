@@ -32,6 +32,7 @@
 #include "base/byte_order.h"
 #include "block/drivers/file.h"
 #include "block/drivers/filter_node.h"
+#include "block/formats/qcow2/compression.h"
 #include "block/formats/qcow2/qcow2_node.h"
 #include "block/image_chain.h"
 #include "coro/block_on.h"
@@ -1059,6 +1060,29 @@ TEST_F(Qcow2Test, SmallL2CacheStillReadsAndWritesEverything) {
   const CommandResult check = qemu_check("s.qcow2");
   EXPECT_EQ(check.exit_code, 0) << check.output;
   qemu_compare("s.qcow2", model);
+}
+
+// compress_cluster(): what it writes decompress_cluster() reads back, for both types; data that
+// does not shrink below the output buffer is refused with -ENOSPC.
+TEST(Qcow2Compression, CompressRoundTripsAndRefusesWhatDoesNotFit) {
+  std::vector<std::byte> cluster(65536);
+  for (std::size_t i = 0; i < cluster.size(); ++i) cluster[i] = std::byte(i / 300 % 7);
+  std::vector<std::byte> noise(65536);
+  std::mt19937 random(13);
+  for (std::byte& b : noise) b = std::byte(random() & 0xff);
+  for (const CompressionType type : {CompressionType::kDeflate, CompressionType::kZstd}) {
+    std::vector<std::byte> out(cluster.size() - 1);
+    const int length = compress_cluster(type, cluster, out);
+    ASSERT_GT(length, 0);
+    EXPECT_LT(length, 4096);
+    std::vector<std::byte> back(cluster.size());
+    // Trailing bytes after the stream (the stored extent is whole sectors) are ignored.
+    std::vector<std::byte> stored(out.begin(), out.begin() + length);
+    stored.resize(stored.size() + 300, std::byte{0x55});
+    ASSERT_EQ(decompress_cluster(type, stored, back), 0);
+    EXPECT_EQ(back, cluster);
+    EXPECT_EQ(compress_cluster(type, noise, out), -ENOSPC);
+  }
 }
 
 }  // namespace

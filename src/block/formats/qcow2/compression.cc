@@ -2,6 +2,7 @@
 
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include <cerrno>
 
@@ -47,7 +48,46 @@ int zstd_stream(std::span<const std::byte> in, std::span<std::byte> out) noexcep
   return result;
 }
 
+int deflate_raw(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
+  z_stream stream{};
+  if (deflateInit2(&stream, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) !=
+      Z_OK) {
+    return -ENOMEM;
+  }
+  stream.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+  stream.avail_in = static_cast<uInt>(in.size());
+  stream.next_out = reinterpret_cast<Bytef*>(out.data());
+  stream.avail_out = static_cast<uInt>(out.size());
+  const int status = deflate(&stream, Z_FINISH);
+  const std::size_t length = out.size() - stream.avail_out;
+  deflateEnd(&stream);
+  // Anything but a finished stream means the output ran out first.
+  return status == Z_STREAM_END ? static_cast<int>(length) : -ENOSPC;
+}
+
+int zstd_compress(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
+  ZSTD_CCtx* context = ZSTD_createCCtx();
+  if (context == nullptr) return -ENOMEM;
+  const std::size_t length = ZSTD_compress2(context, out.data(), out.size(), in.data(), in.size());
+  ZSTD_freeCCtx(context);
+  if (ZSTD_isError(length)) {
+    return ZSTD_getErrorCode(length) == ZSTD_error_memory_allocation ? -ENOMEM : -ENOSPC;
+  }
+  return static_cast<int>(length);
+}
+
 }  // namespace
+
+int compress_cluster(CompressionType type, std::span<const std::byte> in,
+                     std::span<std::byte> out) noexcept {
+  switch (type) {
+    case CompressionType::kDeflate:
+      return deflate_raw(in, out);
+    case CompressionType::kZstd:
+      return zstd_compress(in, out);
+  }
+  return -EINVAL;
+}
 
 int decompress_cluster(CompressionType type, std::span<const std::byte> in,
                        std::span<std::byte> out) noexcept {

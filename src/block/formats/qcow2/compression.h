@@ -1,7 +1,8 @@
-// Decompression of qcow2 compressed clusters (docs/interop/qcow2.rst, "Compressed Clusters
-// Descriptor"): deflate as a raw stream (no zlib header, window bits 12, as QEMU writes it)
-// or zstd (one or more frames). The stored extent is rounded up to whole sectors, so input
-// may carry trailing bytes: decompression stops once `out` is full.
+// Compression and decompression of qcow2 compressed clusters (docs/interop/qcow2.rst,
+// "Compressed Clusters Descriptor"): deflate as a raw stream (no zlib header, window bits 12,
+// as QEMU writes it) or zstd (one or more frames; we write one). The stored extent is rounded
+// up to whole sectors, so input may carry trailing bytes: decompression stops once `out` is
+// full.
 //
 // Thread-safety: pure functions; each call uses its own stream state.
 #pragma once
@@ -17,5 +18,11 @@ namespace spindle::block::qcow2 {
 // before `out` is full.
 int decompress_cluster(CompressionType type, std::span<const std::byte> in,
                        std::span<std::byte> out) noexcept;
+
+// Compresses `in` (one cluster) into `out`. The compressed length, or -ENOSPC when it does
+// not fit in `out` (the caller then stores the cluster uncompressed), -ENOMEM when no stream
+// state can be made.
+int compress_cluster(CompressionType type, std::span<const std::byte> in,
+                     std::span<std::byte> out) noexcept;
 
 }  // namespace spindle::block::qcow2

@@ -412,6 +412,7 @@ Qcow2Node::Unit Qcow2Node::unit_at(const CachedTable& table, std::uint64_t pos) 
     if (entry & kEntryZero) {
       if (host != 0 && !valid_host()) return unit;
       unit.kind = Kind::kZero;
+      if (host != 0) unit.host = host + pos % cs;  // space kept for it: qemu shows the offset
     } else if (host == 0) {
       unit.kind = Kind::kUnallocated;
     } else {
@@ -429,9 +430,10 @@ Qcow2Node::Unit Qcow2Node::unit_at(const CachedTable& table, std::uint64_t pos) 
   unit.end = cluster_start + (sub + 1) * sc;
   if ((allocated && zero) || (allocated && host == 0)) return unit;
   if (host != 0 && !valid_host()) return unit;
+  // A subcluster of an allocated cluster has its place in the host cluster whatever its bits.
+  if (host != 0) unit.host = host + pos % cs;
   if (allocated) {
     unit.kind = Kind::kData;
-    unit.host = host + pos % cs;
   } else {
     unit.kind = zero ? Kind::kZero : Kind::kUnallocated;
   }
@@ -462,7 +464,8 @@ int Qcow2Node::classify(const CachedTable* l2, std::uint64_t pos, std::uint64_t 
     while (at < end) {
       const Unit next = unit_at(*l2, at);
       if (!next.ok || next.kind != first.kind) break;
-      if (first.kind == Kind::kData && next.host != first.host + (at - pos)) break;
+      // Runs keep one host layout: contiguous space, or none (host 0).
+      if (next.host != (first.host != 0 ? first.host + (at - pos) : 0)) break;
       at = next.end;
     }
   }
@@ -626,6 +629,13 @@ coro::Task<BlockStatus> Qcow2Node::block_status(std::uint64_t offset, std::uint6
     case Kind::kCompressed:
       status.flags = kStatusData | kStatusAllocated;
       break;
+  }
+  // Zero or unallocated space inside an allocated cluster (a zero cluster that kept its host
+  // cluster, an extended L2 subcluster): its offset is valid, as qemu-img map shows it.
+  if ((mapping.kind == Kind::kUnallocated || mapping.kind == Kind::kZero) &&
+      mapping.host_offset != 0) {
+    status.flags |= kStatusOffsetValid;
+    status.file_offset = mapping.host_offset;
   }
   if (offset + status.bytes >= size()) status.flags |= kStatusEof;
   co_return status;
@@ -926,6 +936,7 @@ coro::Task<int> Qcow2Node::writable_l2(std::uint64_t pos, bool create, TableRef&
   out.reset();
   for (;;) {
     std::uint64_t l2_offset = 0;
+    std::uint64_t shared_entry = 0;  // the L1 entry of a table shared with a snapshot
     {
       std::lock_guard lock(meta_mutex_);
       if (l1_index >= l1_.size()) co_return -EINVAL;
@@ -933,14 +944,43 @@ coro::Task<int> Qcow2Node::writable_l2(std::uint64_t pos, bool create, TableRef&
       if ((entry & kL1OffsetMask) != 0) {
         const std::int64_t checked = checked_l2_offset(entry);
         if (checked < 0) co_return -EIO;
-        if (!(entry & kEntryCopied)) co_return -ENOTSUP;  // shared with an internal snapshot
+        if (!(entry & kEntryCopied)) shared_entry = entry;
         l2_offset = static_cast<std::uint64_t>(checked);
       } else if (entry & kL1ReservedMask) {
         corrupt_.store(true, std::memory_order_release);
         co_return -EIO;
       }
     }
-    if (l2_offset != 0) co_return co_await get_table(l2_cache_, l2_offset, out);
+    if (l2_offset != 0 && shared_entry == 0) co_return co_await get_table(l2_cache_, l2_offset, out);
+    if (l2_offset != 0) {
+      // Shared with an internal snapshot (refcount > 1): copy the table to a new cluster. The
+      // copy keeps every entry as it is (data clusters shared with the snapshot have no COPIED
+      // and are copied on write); it is written before the L1 entry naming it
+      // (write_back_locked), and the old table loses this reference only after that.
+      TableRef old_table;
+      int result = co_await get_table(l2_cache_, l2_offset, old_table);
+      if (result < 0) co_return result;
+      std::uint64_t host = 0;
+      result = co_await allocate_clusters(1, host);
+      if (result < 0) co_return result;
+      std::lock_guard lock(meta_mutex_);
+      if (l1_[l1_index] != shared_entry) {
+        pending_frees_.push_back(host);  // another request copied it first; ours is unused
+        continue;
+      }
+      auto table = std::make_shared<CachedTable>();
+      table->bytes = old_table->bytes;
+      table->bad = old_table->bad;
+      table->generation = 1;
+      l2_cache_.insert_ready(host, table);
+      l2_clusters_.insert(host / cluster_size());
+      known_bad_l2_.emplace(host, table->bad);
+      l1_[l1_index] = host | kEntryCopied;
+      ++l1_generation_;
+      pending_frees_.push_back(l2_offset);
+      out = std::move(table);
+      co_return 0;
+    }
     if (!create) co_return 0;
     std::uint64_t host = 0;
     const int result = co_await allocate_clusters(1, host);

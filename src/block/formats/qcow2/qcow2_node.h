@@ -20,9 +20,9 @@
 // zeros, a compressed or shared cluster); the data is written; then the L2 entry (in a new L2
 // table if the L1 entry is empty) points at it, with COPIED. Clusters the old entries held are
 // released only after the L2 tables that no longer name them are on disk; released clusters
-// are not reused (allocation only appends). Writes through an L2 table shared with an
-// internal snapshot (L1 entry without COPIED) fail with -ENOTSUP; external data files are
-// refused at open.
+// are not reused (allocation only appends). An L2 table shared with an internal snapshot (L1
+// entry without COPIED) is first copied to a new cluster (the copy written before the L1 entry
+// names it, the old table's reference dropped after); external data files are refused at open.
 //
 // Crash consistency: L2 tables, refcount blocks, the L1 table and the refcount table are
 // cached write-back. flush() snapshots all of them at one instant (under meta_mutex_), then
@@ -157,7 +157,9 @@ class Qcow2Node final : public BlockNode {
   struct Mapping {
     Kind kind = Kind::kUnallocated;
     std::uint64_t bytes = 0;
-    std::uint64_t host_offset = 0;  // kData: where pos lives; kCompressed: the entry
+    // kData: where pos lives; kZero/kUnallocated: where pos's space lives in a host cluster
+    // kept for it (a zero cluster with an offset, an extended L2 subcluster), else 0
+    std::uint64_t host_offset = 0;
     std::uint64_t entry = 0;        // kCompressed: the raw L2 entry
   };
   // A guest cluster's current L2 state, for the write path.
@@ -194,7 +196,7 @@ class Qcow2Node final : public BlockNode {
   struct Unit {
     bool ok = false;  // false: the entry is corrupt
     Kind kind = Kind::kUnallocated;
-    std::uint64_t host = 0;   // kData: where `pos` lives in the file
+    std::uint64_t host = 0;   // where `pos` lives in the file's host cluster, 0: none
     std::uint64_t end = 0;    // guest end of the unit
     std::uint64_t entry = 0;  // the raw L2 entry
   };
@@ -249,8 +251,8 @@ class Qcow2Node final : public BlockNode {
   std::uint64_t claim(std::uint64_t first, std::uint64_t count, InFlightRef& wait_for);
   void release_claims(std::uint64_t first, std::uint64_t count);
   // The L2 table for guest position `pos` (null if the L1 entry is 0 and !create); with
-  // `create`, a new table is made and linked in memory. -ENOTSUP for a table shared with an
-  // internal snapshot (no COPIED bit).
+  // `create`, a new table is made and linked in memory. A table shared with an internal
+  // snapshot (no COPIED bit) is copied to a new cluster and linked with COPIED in memory.
   coro::Task<int> writable_l2(std::uint64_t pos, bool create, TableRef& out);
   // With meta_mutex_ held: whether guest bytes [pos, min(end, cluster end)) may be written
   // in place, and where.
