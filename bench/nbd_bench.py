@@ -182,27 +182,12 @@ def main():
         with open(text, "wb") as f:
             words = [os.urandom(3).hex().encode() for _ in range(4096)]
             chunk = b" ".join(words[i % 4096] for i in range(150000))[:1 << 20]
-            chunk = chunk.ljust(1 << 20, b"x")
-            for i in range(args.size_mb):
-                f.write(chunk[i % 7:] + chunk[:i % 7])
+            for _ in range(args.size_mb):
+                f.write(chunk)
         subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", text,
                         compressed], check=True)
         os.unlink(text)
         cores = os.cpu_count()
-        servers = [
-            ("spindle-nbd", [spindle, "-t", "-f", "raw", "-k", socket, image]),
-            ("qemu-nbd threads", ["qemu-nbd", "-t", "-f", "raw", "--aio=threads", "-e", "8",
-                                  "--cache=writeback", "-k", socket, image]),
-            ("qemu-nbd io_uring", ["qemu-nbd", "-t", "-f", "raw", "--aio=io_uring", "-e", "8",
-                                   "--cache=writeback", "-k", socket, image]),
-            ("nbdkit file", ["nbdkit", "-f", "-U", socket, "file", image]),
-        ]
-        if args.no_peers:
-            servers = servers[:1]
-        if args.baseline_spindle_nbd:
-            baseline = os.path.abspath(args.baseline_spindle_nbd)
-            servers.insert(1, ("spindle baseline", [baseline, "-t", "-f", "raw", "-k", socket,
-                                                    image]))
 
         def format_servers(fmt, path, qemu_aio):
             """spindle-nbd and qemu-nbd serving `path` as `fmt` (qemu-nbd with each AIO mode)."""
@@ -214,10 +199,14 @@ def main():
             if args.no_peers:
                 listed = listed[:1]
             if args.baseline_spindle_nbd:
+                baseline = os.path.abspath(args.baseline_spindle_nbd)
                 listed.insert(1, ("spindle baseline", [baseline, "-t", "-f", fmt, "-k", socket,
                                                        path]))
             return listed
 
+        servers = format_servers("raw", image, ["threads", "io_uring"])
+        if not args.no_peers:
+            servers.append(("nbdkit file", ["nbdkit", "-f", "-U", socket, "file", image]))
         qed_servers = format_servers("qed", qed, ["threads"])
         qcow2_servers = format_servers("qcow2", qcow2, ["threads", "io_uring"])
         compressed_servers = format_servers("qcow2", compressed, ["threads", "io_uring"])

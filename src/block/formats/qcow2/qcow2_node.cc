@@ -942,67 +942,54 @@ coro::Task<int> Qcow2Node::writable_l2(std::uint64_t pos, bool create, TableRef&
   out.reset();
   for (;;) {
     std::uint64_t l2_offset = 0;
-    std::uint64_t shared_entry = 0;  // the L1 entry of a table shared with a snapshot
+    std::uint64_t seen = 0;  // the L1 entry as read: a new table is linked only over it
+    bool shared = false;     // the table is shared with an internal snapshot (no COPIED)
     {
       std::lock_guard lock(meta_mutex_);
       if (l1_index >= l1_.size()) co_return -EINVAL;
-      const std::uint64_t entry = l1_[l1_index];
-      if ((entry & kL1OffsetMask) != 0) {
-        const std::int64_t checked = checked_l2_offset(entry);
+      seen = l1_[l1_index];
+      if ((seen & kL1OffsetMask) != 0) {
+        const std::int64_t checked = checked_l2_offset(seen);
         if (checked < 0) co_return -EIO;
-        if (!(entry & kEntryCopied)) shared_entry = entry;
+        shared = !(seen & kEntryCopied);
         l2_offset = static_cast<std::uint64_t>(checked);
-      } else if (entry & kL1ReservedMask) {
+      } else if (seen & kL1ReservedMask) {
         corrupt_.store(true, std::memory_order_release);
         co_return -EIO;
       }
     }
-    if (l2_offset != 0 && shared_entry == 0) co_return co_await get_table(l2_cache_, l2_offset, out);
-    if (l2_offset != 0) {
-      // Shared with an internal snapshot (refcount > 1): copy the table to a new cluster. The
-      // copy keeps every entry as it is (data clusters shared with the snapshot have no COPIED
-      // and are copied on write); it is written before the L1 entry naming it
-      // (write_back_locked), and the old table loses this reference only after that.
-      TableRef old_table;
-      int result = co_await get_table(l2_cache_, l2_offset, old_table);
+    if (l2_offset != 0 && !shared) co_return co_await get_table(l2_cache_, l2_offset, out);
+    if (l2_offset == 0 && !create) co_return 0;
+    // A new table in a new cluster: empty, or a copy of the table shared with a snapshot (its
+    // entries as they are: data clusters shared with the snapshot have no COPIED and are
+    // copied on write). It is written before the L1 entry naming it (write_back_locked), and a
+    // shared table loses this reference only after that.
+    TableRef source;
+    if (shared) {
+      const int result = co_await get_table(l2_cache_, l2_offset, source);
       if (result < 0) co_return result;
-      std::uint64_t host = 0;
-      result = co_await allocate_clusters(1, host);
-      if (result < 0) co_return result;
-      std::lock_guard lock(meta_mutex_);
-      if (l1_[l1_index] != shared_entry) {
-        pending_frees_.push_back(host);  // another request copied it first; ours is unused
-        continue;
-      }
-      auto table = std::make_shared<CachedTable>();
-      table->bytes = old_table->bytes;
-      table->bad = old_table->bad;
-      table->generation = 1;
-      l2_cache_.insert_ready(host, table);
-      l2_clusters_.insert(host / cluster_size());
-      known_bad_l2_.emplace(host, table->bad);
-      l1_[l1_index] = host | kEntryCopied;
-      ++l1_generation_;
-      pending_frees_.push_back(l2_offset);
-      out = std::move(table);
-      co_return 0;
     }
-    if (!create) co_return 0;
     std::uint64_t host = 0;
     const int result = co_await allocate_clusters(1, host);
     if (result < 0) co_return result;
     std::lock_guard lock(meta_mutex_);
-    if ((l1_[l1_index] & kL1OffsetMask) != 0) {
+    if (l1_[l1_index] != seen) {
       // Another request linked a table first: ours was never referenced.
       pending_frees_.push_back(host);
       continue;
     }
     auto table = std::make_shared<CachedTable>();
-    table->bytes.assign(cluster_size(), std::byte{0});
+    if (source) {
+      table->bytes = source->bytes;
+      table->bad = source->bad;
+      pending_frees_.push_back(l2_offset);
+    } else {
+      table->bytes.assign(cluster_size(), std::byte{0});  // made here: no bad entries
+    }
     table->generation = 1;
     l2_cache_.insert_ready(host, table);
     l2_clusters_.insert(host / cluster_size());
-    known_bad_l2_.emplace(host, std::vector<std::uint32_t>());  // made here: no bad entries
+    known_bad_l2_.emplace(host, table->bad);
     l1_[l1_index] = host | kEntryCopied;
     ++l1_generation_;
     out = std::move(table);
