@@ -36,6 +36,11 @@ namespace spindle::block {
 enum RequestFlag : std::uint32_t {
   kMayUnmap = 0x4,     // write_zeroes may deallocate (punch a hole)
   kFua = 0x10,         // the write is durable when it completes
+  // write: store the data compressed (qemu-img convert -c). Nodes of a format whose
+  // can_compress() is true take it for one whole cluster at a cluster-aligned offset (the
+  // image's last cluster may be short) that holds nothing yet (else -EINVAL); filters pass it
+  // on; other nodes ignore it, so callers check can_compress() first.
+  kWriteCompressed = 0x20,
   kNoFallback = 0x100  // write_zeroes: fail with -ENOTSUP rather than write zero buffers
 };
 

@@ -128,6 +128,8 @@ class ImageFormat {
   virtual coro::Task<ImageDescription> describe(BlockNode& node) const;
 
   virtual bool can_check() const noexcept { return false; }
+  // Whether the format's nodes take writes with kWriteCompressed (block_node.h).
+  virtual bool can_compress() const noexcept { return false; }
   virtual coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const;
 };
 

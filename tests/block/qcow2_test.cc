@@ -1064,6 +1064,69 @@ TEST_F(Qcow2Test, SmallL2CacheStillReadsAndWritesEverything) {
 
 // compress_cluster(): what it writes decompress_cluster() reads back, for both types; data that
 // does not shrink below the output buffer is refused with -ENOSPC.
+// Compressed writes (convert -c) from four IoThreads at once: compressible clusters are packed
+// byte-wise, several to a host cluster (each host cluster's refcount counting them: qemu-img
+// check clean), incompressible ones are stored as plain clusters, and a compressed write to a
+// cluster that holds data, or not of one whole cluster, is refused.
+TEST_F(Qcow2Test, CompressedWritesPackShareFallBackAndRefuseAllocatedClusters) {
+  REQUIRE_QEMU();
+  const std::uint64_t cs = 4096;
+  const std::uint64_t clusters = 256;
+  const std::uint64_t size = clusters * cs - 1024;  // the last cluster is short
+  qemu_img("create -q -f qcow2 -o cluster_size=4096 c.qcow2 " + std::to_string(size));
+  BlockNodeRef node = open_image("c.qcow2");
+  ASSERT_TRUE(node);
+  const auto incompressible = [](std::uint64_t c) { return c % 37 == 5; };
+  Bytes model(size);
+  std::mt19937 random(7);
+  for (std::uint64_t c = 0; c < clusters; ++c) {
+    const std::uint64_t length = std::min(cs, size - c * cs);
+    for (std::uint64_t i = 0; i < length; ++i) {
+      model[c * cs + i] = incompressible(c) ? std::byte{static_cast<std::uint8_t>(random())}
+                                            : std::byte{static_cast<std::uint8_t>(c + i / 64)};
+    }
+  }
+  aio::IoThread t0("qcow2c-0"), t1("qcow2c-1"), t2("qcow2c-2"), t3("qcow2c-3");
+  aio::IoThread* io_threads[] = {&t0, &t1, &t2, &t3};
+  auto writer = [&](std::uint64_t w) -> coro::Task<int> {
+    for (std::uint64_t c = w; c < clusters; c += 4) {
+      const std::uint64_t length = std::min(cs, size - c * cs);
+      const int result = co_await node->write(
+          c * cs, std::span<const std::byte>(model).subspan(c * cs, length), kWriteCompressed);
+      if (result < 0) co_return result;
+    }
+    co_return 0;
+  };
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (std::uint64_t w = 0; w < 4; ++w) {
+    threads.emplace_back([&, w] {
+      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(read_all(*node), model);
+  const Bytes one(cs, std::byte{1});
+  EXPECT_EQ(run(node->write(0, std::span<const std::byte>(one), kWriteCompressed)), -EINVAL);
+  EXPECT_EQ(run(node->write(5 * cs, std::span<const std::byte>(one), kWriteCompressed)), -EINVAL);
+  EXPECT_EQ(run(node->write(512, std::span<const std::byte>(one).first(512), kWriteCompressed)),
+            -EINVAL);
+  EXPECT_FALSE(std::static_pointer_cast<Qcow2Node>(node)->corrupt());
+  ASSERT_EQ(close(*node), 0);
+  node.reset();
+  const CommandResult check = run_command("qemu-img check --output=json '" + path("c.qcow2") + "'");
+  EXPECT_EQ(check.exit_code, 0) << check.output;
+  std::uint64_t plain = 0;
+  for (std::uint64_t c = 0; c < clusters; ++c) plain += incompressible(c);
+  EXPECT_NE(check.output.find("\"compressed-clusters\": " + std::to_string(clusters - plain)),
+            std::string::npos)
+      << check.output;
+  // Packed: the compressed clusters take a few host clusters, not one each.
+  EXPECT_LT(fs::file_size(path("c.qcow2")), (8 + plain + (clusters - plain) / 4) * cs);
+  qemu_compare("c.qcow2", model);
+}
+
 TEST(Qcow2Compression, CompressRoundTripsAndRefusesWhatDoesNotFit) {
   std::vector<std::byte> cluster(65536);
   for (std::size_t i = 0; i < cluster.size(); ++i) cluster[i] = std::byte(i / 300 % 7);

@@ -494,21 +494,85 @@ class Qcow2Test(si.InteropTest):
                 os.unlink(out)
                 os.unlink(theirs)
 
-    @unittest.skip("spindle-img convert -c (compressed qcow2 output) is not implemented yet (#13)")
+    @staticmethod
+    def layout(image):
+        """qemu-img map of `image` without host offsets, adjacent equal runs merged: what is
+        data, zero, compressed (data without an offset) or a hole, whatever the packing."""
+        runs = []
+        for e in json.loads(qemu_img("map", "--output=json", image).stdout):
+            key = (e["data"], e["zero"], e["present"], e["data"] and "offset" not in e)
+            if runs and runs[-1][2] == key and runs[-1][0] + runs[-1][1] == e["start"]:
+                runs[-1][1] += e["length"]
+            else:
+                runs.append([e["start"], e["length"], key])
+        return runs
+
     def test_convert_compressed_checks_and_compares(self):
-        source = self.pattern_source()
-        for compression_type in ("zlib", "zstd"):
-            with self.subTest(compression_type=compression_type):
-                out = self.path(f"{compression_type}.qcow2")
-                img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-                    f"compression_type={compression_type}", source, out)
+        # Random (incompressible: stored as plain clusters), repeating, zero and hole ranges;
+        # the size leaves the last 64k and 2M clusters short.
+        source = self.pattern_source(12 * MiB - 3 * 512)
+        cases = [("zlib", []), ("zstd", []), ("zlib", ["compat=0.10"]),
+                 ("zlib", ["cluster_size=4096"]), ("zstd", ["cluster_size=2M"]),
+                 ("zlib", ["cluster_size=512"]), ("zlib", ["cluster_size=4096", "refcount_bits=1"]),
+                 ("zstd", ["extended_l2=on"])]
+        for compression_type, options in cases:
+            with self.subTest(compression_type=compression_type, options=options):
+                opts = list(options)
+                if "compat=0.10" not in options:
+                    opts.append(f"compression_type={compression_type}")
+                out = self.path("ours.qcow2")
+                theirs = self.path("theirs.qcow2")
+                plain = self.path("plain.qcow2")
+                img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", ",".join(opts), source, out)
+                qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", ",".join(opts),
+                         source, theirs)
+                img("convert", "-f", "raw", "-O", "qcow2", "-o", ",".join(opts), source, plain)
                 self.qemu_check_clean(out)
                 self.qemu_compare(out, "qcow2", source, "raw")
+                self.assertEqual(img("compare", "-f", "qcow2", "-F", "raw", out, source,
+                                     check=False).returncode, 0)
                 check = json.loads(qemu_img("check", "--output=json", out).stdout)
                 self.assertGreater(check.get("compressed-clusters", 0), 0, check)
                 info = json.loads(qemu_img("info", "--output=json", out).stdout)
-                self.assertEqual(info["format-specific"]["data"]["compression-type"],
-                                 compression_type)
+                if "compat=0.10" not in options:
+                    self.assertEqual(info["format-specific"]["data"]["compression-type"],
+                                     compression_type)
+                # The same clusters compressed, stored plain (incompressible) and left out
+                # (zeros) as qemu-img convert -c decides.
+                self.assertEqual(self.layout(out), self.layout(theirs))
+                # Packed byte-wise: smaller than the plain copy, close to qemu's file.
+                self.assertLess(os.path.getsize(out), os.path.getsize(plain))
+                self.assertLessEqual(os.path.getsize(out), os.path.getsize(theirs) * 1.05 + 65536)
+                for path in (out, theirs, plain):
+                    os.unlink(path)
+
+    def test_convert_compressed_refuses_formats_without_compression(self):
+        source = self.pattern_source(1 * MiB)
+        for fmt in ("raw", "qed"):
+            with self.subTest(fmt=fmt):
+                out = self.path(f"out.{fmt}")
+                proc = img("convert", "-c", "-O", fmt, source, out, check=False)
+                self.assertEqual(proc.returncode, 1)
+                self.assertIn("Compression not supported for this file format", proc.stderr)
+                self.assertFalse(os.path.exists(out))
+
+    def test_compressed_image_from_spindle_written_through_spindle_nbd(self):
+        # Overwrites of compressed clusters (whole and partial) allocate plain clusters and
+        # release the shared host clusters' references: check stays clean.
+        source = self.pattern_source(4 * MiB)
+        image = self.path("c.qcow2")
+        img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", source,
+            image)
+        model = self.path("model.qcow2")
+        shutil.copy(image, model)
+        writes = ["write -P 0x61 1M+512 8k", "write -P 0x62 4k 4k", "write -z 1M+64k 64k",
+                  "discard 1M+256k 64k", "flush"]
+        server = self.server(image, ["-f", "qcow2", "--discard=unmap"])
+        qemu_io("raw", server.uri(), writes)
+        qemu_io("qcow2", model, writes, extra=["-d", "unmap"])
+        self.stop_cleanly(server)
+        self.qemu_check_clean(image)
+        self.qemu_compare(image, "qcow2", model, "qcow2")
 
     def test_convert_qcow2_chain_to_qcow2(self):
         base = self.make_image("base.raw", 8 * MiB, [(0, os.urandom(2 * MiB))])

@@ -44,6 +44,7 @@ struct ConvertOptions {
   std::string target_format = "raw";
   std::string options;  // -o key=value,...
   bool progress = false;
+  bool compress = false;  // -c: compressed clusters (formats that can_compress())
   std::string sparse_size = "4k";
   bool out_of_order = false;
   int coroutines = 8;

@@ -59,6 +59,10 @@ int run_convert(const ConvertOptions& options) {
          "to 16MiB");
   }
   const block::ImageFormat& target_format = require_creatable_format(options.target_format);
+  const bool remote_target = block::nbd::is_nbd_uri(options.target);
+  if (options.compress && (!target_format.can_compress() || remote_target)) {
+    fail("Compression not supported for this file format");
+  }
   block::CreateRequest creation;
   parse_creation_options(options.options, creation);
   if (creation.options.contains("backing_file")) {
@@ -71,7 +75,6 @@ int run_convert(const ConvertOptions& options) {
   if (options.progress) progress.update(0, source.backend->size());
   // An NBD target is an existing export (as qemu-img convert -n): not created, but zeroed
   // first, since the copy skips the source's zero ranges.
-  const bool remote_target = block::nbd::is_nbd_uri(options.target);
   if (!remote_target) {
     creation.size = source.backend->size();
     create_image(options.target, target_format, creation);
@@ -90,6 +93,10 @@ int run_convert(const ConvertOptions& options) {
   ParallelCopier::Options copy;
   copy.workers = static_cast<unsigned>(options.coroutines);
   copy.sparse_size = *sparse;
+  if (options.compress) {
+    copy.compress_cluster_size = coro::block_on(target_format.describe(*target.root)).cluster_size;
+    if (copy.compress_cluster_size == 0) fail("Compression not supported for this file format");
+  }
   if (options.progress) {
     copy.on_progress = [&progress](std::uint64_t done, std::uint64_t total) {
       progress.update(done, total);

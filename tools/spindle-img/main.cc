@@ -101,6 +101,8 @@ int main(int argc, char** argv) {
                               "Target format: " + creatable + " (default raw)");
   convert_command->add_option("-o", convert.options, "Target creation options (see create)");
   convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
+  convert_command->add_flag("-c", convert.compress,
+                            "Compress the target's clusters (qcow2; -o compression_type=zlib|zstd)");
   convert_command->add_option("-S", convert.sparse_size,
                               "Zero-filled blocks of this size are left unallocated "
                               "(default 4k; 0: allocate everything)");

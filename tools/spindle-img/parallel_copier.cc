@@ -22,7 +22,10 @@ ParallelCopier::ParallelCopier(std::shared_ptr<block::BlockBackend> source,
     : source_(std::move(source)),
       target_(std::move(target)),
       options_(std::move(options)),
-      total_(source_->size()) {}
+      total_(source_->size()) {
+  // Chunks hold whole clusters of the compressing target.
+  options_.chunk_size = std::max(options_.chunk_size, options_.compress_cluster_size);
+}
 
 coro::Task<int> ParallelCopier::run() {
   const unsigned workers = std::max(1u, options_.workers);
@@ -54,7 +57,16 @@ coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t l
     const ChainExtent extent = co_await chain_status(source_->root(), pos, end - pos);
     if (extent.error < 0) co_return extent.error;
     const std::span<std::byte> piece(buffer.data(), extent.bytes);
-    if (extent.zero) {
+    if (options_.compress_cluster_size != 0) {
+      // Whole clusters are written compressed: gather the chunk first, zeros included.
+      const std::span<std::byte> place(buffer.data() + (pos - offset), extent.bytes);
+      if (extent.zero) {
+        std::fill(place.begin(), place.end(), std::byte{0});
+      } else {
+        const int read = co_await source_->read(pos, place);
+        if (read < 0) co_return read;
+      }
+    } else if (extent.zero) {
       if (options_.sparse_size == 0) {
         std::fill(piece.begin(), piece.end(), std::byte{0});
         const int written = co_await target_->write(pos, piece);
@@ -67,6 +79,23 @@ coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t l
       if (written < 0) co_return written;
     }
     pos += extent.bytes;
+  }
+  if (options_.compress_cluster_size != 0) {
+    co_return co_await write_compressed(offset, std::span<const std::byte>(buffer).first(length));
+  }
+  co_return 0;
+}
+
+coro::Task<int> ParallelCopier::write_compressed(std::uint64_t offset,
+                                                 std::span<const std::byte> data) {
+  // `offset` is a multiple of the chunk size and so of the cluster size.
+  const std::uint64_t cluster = options_.compress_cluster_size;
+  for (std::uint64_t pos = 0; pos < data.size(); pos += cluster) {
+    const std::span<const std::byte> piece =
+        data.subspan(pos, std::min<std::uint64_t>(cluster, data.size() - pos));
+    if (all_zero(piece)) continue;  // the fresh target reads as zeros there
+    const int written = co_await target_->write(offset + pos, piece, block::kWriteCompressed);
+    if (written < 0) co_return written;
   }
   co_return 0;
 }

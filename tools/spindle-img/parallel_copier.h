@@ -4,7 +4,10 @@
 //   * skips ranges that read as zeros (the freshly created target already reads as zeros), or
 //     writes zero buffers for them when sparse_size is 0 (a fully allocated target);
 //   * reads data ranges and writes them, leaving out every aligned sparse_size-byte block of
-//     the buffer that is all zeros (qemu-img convert -S).
+//     the buffer that is all zeros (qemu-img convert -S);
+//   * or, compressing (compress_cluster_size set), writes every target cluster that is not all
+//     zeros as one kWriteCompressed request (the target compresses it on its thread pool, so
+//     the workers' clusters compress in parallel).
 // Chunks complete out of order (qemu-img convert -W semantics).
 //
 // Thread-safety: one copier is driven by one run() call; its workers are coroutines on the
@@ -30,6 +33,8 @@ class ParallelCopier {
     unsigned workers = 8;
     std::uint64_t sparse_size = 4096;  // 0: write zero ranges too
     std::uint64_t chunk_size = 2u << 20;
+    // Non-zero: the target's cluster size, a power of two; every cluster is written compressed.
+    std::uint64_t compress_cluster_size = 0;
     // Called after every chunk with the bytes done so far (on the copying context).
     std::function<void(std::uint64_t done, std::uint64_t total)> on_progress;
   };
@@ -45,10 +50,11 @@ class ParallelCopier {
   coro::Task<int> copy_chunk(std::uint64_t offset, std::uint64_t length,
                              std::vector<std::byte>& buffer);
   coro::Task<int> write_sparse(std::uint64_t offset, std::span<const std::byte> data);
+  coro::Task<int> write_compressed(std::uint64_t offset, std::span<const std::byte> data);
 
   const std::shared_ptr<block::BlockBackend> source_;
   const std::shared_ptr<block::BlockBackend> target_;
-  const Options options_;
+  Options options_;  // fixed after construction
   const std::uint64_t total_;
   std::uint64_t next_offset_ = 0;
   std::uint64_t done_bytes_ = 0;

@@ -100,6 +100,7 @@ class Qcow2Format final : public ImageFormat {
   }
 
   bool can_check() const noexcept override { return true; }
+  bool can_compress() const noexcept override { return true; }
   // For an open node: its metadata is flushed, then the file is checked with the header as
   // the file holds it (a repair may have moved the refcount table since the node opened).
   coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const override {

@@ -53,13 +53,6 @@ bool parse_size(const std::string& text, std::uint64_t& value) {
   return true;
 }
 
-std::uint64_t get64(const CachedTable& table, std::uint64_t index) noexcept {
-  return base::load_be64(table.bytes.data() + index * 8);
-}
-void put64(CachedTable& table, std::uint64_t index, std::uint64_t value) noexcept {
-  base::store_be64(table.bytes.data() + index * 8, value);
-}
-
 std::vector<std::byte> encode_entries(const std::vector<std::uint64_t>& entries) {
   std::vector<std::byte> bytes(entries.size() * 8);
   for (std::size_t i = 0; i < entries.size(); ++i) base::store_be64(bytes.data() + i * 8, entries[i]);
@@ -868,9 +861,9 @@ coro::Task<int> Qcow2Node::grow_refcount_table_locked(std::uint64_t min_entries)
   co_return 0;
 }
 
-coro::Task<int> Qcow2Node::release_cluster(std::uint64_t host_offset) {
-  const std::uint64_t cs = cluster_size();
-  const std::uint64_t cluster = host_offset / cs;
+coro::Task<int> Qcow2Node::load_refcount_block_of(std::uint64_t host_offset,
+                                                  std::vector<TableRef>& pins) {
+  const std::uint64_t cluster = host_offset / cluster_size();
   std::uint64_t block_offset = 0;
   {
     std::lock_guard lock(meta_mutex_);
@@ -879,18 +872,36 @@ coro::Task<int> Qcow2Node::release_cluster(std::uint64_t host_offset) {
     block_offset = rctable_[range] & kRefcountTableOffsetMask;
     if (block_offset == 0) co_return -EIO;
   }
+  co_return co_await load_refcount_block(block_offset, pins);
+}
+
+coro::Task<int> Qcow2Node::change_refcount(std::uint64_t host_offset, int delta, bool& changed) {
+  changed = false;
+  const std::uint64_t cluster = host_offset / cluster_size();
   std::vector<TableRef> pins;
-  const int result = co_await load_refcount_block(block_offset, pins);
+  const int result = co_await load_refcount_block_of(host_offset, pins);
   if (result < 0) co_return result;
   std::lock_guard lock(meta_mutex_);
   CachedTable& block = *pins.back();
   const std::uint64_t index = cluster % refcount_entries_;
-  const std::uint64_t count = get_refcount(std::span<const std::byte>(block.bytes), index,
-                                           header_.refcount_order);
-  if (count == 0) co_return -EIO;  // would underflow: the image's refcounts are wrong
-  set_refcount(std::span(block.bytes), index, header_.refcount_order, count - 1);
+  const std::uint32_t order = header_.refcount_order;
+  const std::uint64_t count = get_refcount(std::span<const std::byte>(block.bytes), index, order);
+  if (delta < 0) {
+    if (count == 0) co_return -EIO;  // would underflow: the image's refcounts are wrong
+  } else {
+    const std::uint64_t largest =
+        order == 6 ? ~std::uint64_t{0} : (std::uint64_t{1} << (1u << order)) - 1;
+    if (count == 0 || count >= largest) co_return 0;
+  }
+  set_refcount(std::span(block.bytes), index, order, delta < 0 ? count - 1 : count + 1);
   ++block.generation;
+  changed = true;
   co_return 0;
+}
+
+coro::Task<int> Qcow2Node::release_cluster(std::uint64_t host_offset) {
+  bool changed = false;
+  co_return co_await change_refcount(host_offset, -1, changed);
 }
 
 void Qcow2Node::defer_release(std::uint64_t entry) noexcept {
@@ -960,41 +971,77 @@ coro::Task<int> Qcow2Node::writable_l2(std::uint64_t pos, bool create, TableRef&
     }
     if (l2_offset != 0 && !shared) co_return co_await get_table(l2_cache_, l2_offset, out);
     if (l2_offset == 0 && !create) co_return 0;
-    // A new table in a new cluster: empty, or a copy of the table shared with a snapshot (its
-    // entries as they are: data clusters shared with the snapshot have no COPIED and are
-    // copied on write). It is written before the L1 entry naming it (write_back_locked), and a
-    // shared table loses this reference only after that.
-    TableRef source;
-    if (shared) {
-      const int result = co_await get_table(l2_cache_, l2_offset, source);
-      if (result < 0) co_return result;
+    // One request makes the table; the others wait for it (a cluster allocated for a table
+    // that loses the race would be lost until the image is repaired: clusters are not reused).
+    InFlightRef maker;
+    {
+      std::lock_guard lock(meta_mutex_);
+      const auto [it, inserted] = l2_in_making_.try_emplace(l1_index);
+      if (inserted) {
+        it->second = std::make_shared<InFlight>();
+      } else {
+        maker = it->second;
+      }
     }
-    std::uint64_t host = 0;
-    const int result = co_await allocate_clusters(1, host);
-    if (result < 0) co_return result;
-    std::lock_guard lock(meta_mutex_);
-    if (l1_[l1_index] != seen) {
-      // Another request linked a table first: ours was never referenced.
-      pending_frees_.push_back(host);
+    if (maker) {
+      co_await maker->done.wait();
       continue;
     }
-    auto table = std::make_shared<CachedTable>();
-    if (source) {
-      table->bytes = source->bytes;
-      table->bad = source->bad;
-      pending_frees_.push_back(l2_offset);
-    } else {
-      table->bytes.assign(cluster_size(), std::byte{0});  // made here: no bad entries
+    const int made = co_await make_l2(l1_index, seen, shared ? l2_offset : 0, out);
+    InFlightRef record;
+    {
+      std::lock_guard lock(meta_mutex_);
+      const auto it = l2_in_making_.find(l1_index);
+      record = std::move(it->second);
+      l2_in_making_.erase(it);
     }
-    table->generation = 1;
-    l2_cache_.insert_ready(host, table);
-    l2_clusters_.insert(host / cluster_size());
-    known_bad_l2_.emplace(host, table->bad);
-    l1_[l1_index] = host | kEntryCopied;
-    ++l1_generation_;
-    out = std::move(table);
-    co_return 0;
+    record->done.set();
+    if (made == 1) continue;  // the L1 entry changed meanwhile: look again
+    co_return made;
   }
+}
+
+coro::Task<int> Qcow2Node::make_l2(std::uint64_t l1_index, std::uint64_t seen,
+                                   std::uint64_t shared_offset, TableRef& out) {
+  {
+    std::lock_guard lock(meta_mutex_);
+    if (l1_[l1_index] != seen) co_return 1;  // linked or changed before we got here
+  }
+  // A new table in a new cluster: empty, or a copy of the table shared with a snapshot (its
+  // entries as they are: data clusters shared with the snapshot have no COPIED and are copied
+  // on write). It is written before the L1 entry naming it (write_back_locked), and a shared
+  // table loses this reference only after that.
+  TableRef source;
+  if (shared_offset != 0) {
+    const int result = co_await get_table(l2_cache_, shared_offset, source);
+    if (result < 0) co_return result;
+  }
+  std::uint64_t host = 0;
+  const int result = co_await allocate_clusters(1, host);
+  if (result < 0) co_return result;
+  std::lock_guard lock(meta_mutex_);
+  if (l1_[l1_index] != seen) {
+    // Changed meanwhile (only by something that does not take l2_in_making_, such as
+    // truncate): ours was never referenced.
+    pending_frees_.push_back(host);
+    co_return 1;
+  }
+  auto table = std::make_shared<CachedTable>();
+  if (source) {
+    table->bytes = source->bytes;
+    table->bad = source->bad;
+    pending_frees_.push_back(shared_offset);
+  } else {
+    table->bytes.assign(cluster_size(), std::byte{0});  // made here: no bad entries
+  }
+  table->generation = 1;
+  l2_cache_.insert_ready(host, table);
+  l2_clusters_.insert(host / cluster_size());
+  known_bad_l2_.emplace(host, table->bad);
+  l1_[l1_index] = host | kEntryCopied;
+  ++l1_generation_;
+  out = std::move(table);
+  co_return 0;
 }
 
 bool Qcow2Node::in_place(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
@@ -1192,6 +1239,14 @@ coro::Task<int> Qcow2Node::write(std::uint64_t offset, std::span<const std::byte
   if (read_only_) co_return -EROFS;
   if (corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire)) {
     co_return -EIO;
+  }
+  if (flags & kWriteCompressed) {
+    const int result = co_await write_compressed(offset, buffer);
+    if (result < 0) {
+      co_await mark_corrupt();
+      co_return result;
+    }
+    co_return co_await after_write(flags);
   }
   std::uint64_t done = 0;
   while (done < buffer.size()) {

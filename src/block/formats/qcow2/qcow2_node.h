@@ -23,6 +23,10 @@
 // are not reused (allocation only appends). An L2 table shared with an internal snapshot (L1
 // entry without COPIED) is first copied to a new cluster (the copy written before the L1 entry
 // names it, the old table's reference dropped after); external data files are refused at open.
+// Compressed writes (kWriteCompressed, from convert -c) pack compressed clusters byte-wise
+// into host clusters, each host cluster's refcount counting the compressed clusters touching
+// it (one may span two adjacent host clusters); a few host clusters are filled at once, so
+// out-of-order requests still pack densely.
 //
 // Crash consistency: L2 tables, refcount blocks, the L1 table and the refcount table are
 // cached write-back. flush() snapshots all of them at one instant (under meta_mutex_), then
@@ -53,6 +57,9 @@
 //                        parallel; in-place writes to fully allocated clusters take no claim.
 //   table loads          a miss inserts a not-ready table and its creator reads it with no
 //                        lock held; concurrent misses wait on its Event (TableCache).
+//   l2_in_making_        one record per L1 entry whose new L2 table (or copy of a table
+//                        shared with a snapshot) is being made: others wanting that table
+//                        wait on its Event, then look at the L1 entry again.
 //   flush_mutex_         coro::Mutex serialising flush(), refcount table growth, truncate
 //                        (and its L1 growth) and marking the image corrupt, which each write
 //                        metadata in order. Allocating requests take it only to grow the
@@ -236,11 +243,16 @@ class Qcow2Node final : public BlockNode {
                          std::uint64_t& needed_entries, std::vector<TableRef>& pins,
                          std::vector<std::uint64_t>* table);
   coro::Task<int> load_refcount_block(std::uint64_t offset, std::vector<TableRef>& pins);
+  // The refcount block counting the cluster at `host_offset` (pinned last in `pins`).
+  coro::Task<int> load_refcount_block_of(std::uint64_t host_offset, std::vector<TableRef>& pins);
   // Moves the refcount table to a larger place (flush_mutex_ taken inside; _locked: held).
   coro::Task<int> grow_refcount_table(std::uint64_t min_entries);
   coro::Task<int> grow_refcount_table_locked(std::uint64_t min_entries);
   // Decrements a cluster's refcount in its (loaded) block.
   coro::Task<int> release_cluster(std::uint64_t host_offset);
+  // delta -1: as release_cluster; +1: adds a reference to an allocated cluster, `changed`
+  // false (nothing done) when its refcount is 0 or already the largest its width holds.
+  coro::Task<int> change_refcount(std::uint64_t host_offset, int delta, bool& changed);
   // With meta_mutex_ held: queues the clusters an entry being replaced held, for release once
   // the tables that no longer name them are on disk (write_back_locked).
   void defer_release(std::uint64_t entry) noexcept;
@@ -254,6 +266,10 @@ class Qcow2Node final : public BlockNode {
   // `create`, a new table is made and linked in memory. A table shared with an internal
   // snapshot (no COPIED bit) is copied to a new cluster and linked with COPIED in memory.
   coro::Task<int> writable_l2(std::uint64_t pos, bool create, TableRef& out);
+  // With l2_in_making_[l1_index] held: links a new table (empty, or a copy of the shared one
+  // at `shared_offset`) over L1 entry `seen`. 1: the entry is no longer `seen` (look again).
+  coro::Task<int> make_l2(std::uint64_t l1_index, std::uint64_t seen, std::uint64_t shared_offset,
+                          TableRef& out);
   // With meta_mutex_ held: whether guest bytes [pos, min(end, cluster end)) may be written
   // in place, and where.
   bool in_place(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
@@ -272,6 +288,21 @@ class Qcow2Node final : public BlockNode {
                                      std::span<const std::byte> data, TableRef l2,
                                      std::uint64_t first_cluster, std::uint64_t clusters);
   coro::Task<int> write_aligned(std::uint64_t offset, std::span<const std::byte> data);
+
+  // ---- compressed writes (compressed_write.cc) ----------------------------------------------
+  // A kWriteCompressed write of one whole cluster (the last may be short) into an unallocated
+  // or zero cluster: compressed on the context's thread pool with no lock held, then packed
+  // (store_compressed) and linked; stored normally when it does not compress below a cluster.
+  coro::Task<int> write_compressed(std::uint64_t offset, std::span<const std::byte> buffer);
+  // With the guest cluster's claim held: 0 stored compressed, 1 the caller stores it normally.
+  coro::Task<int> write_compressed_claimed(std::uint64_t offset,
+                                           std::span<const std::byte> buffer);
+  // Places compressed bytes after those already in the fullest host cluster being filled
+  // that has room for them (one more reference to it), or in a new one (starting in the tail
+  // of the cluster before it when that one is being filled), and writes them; `host` says
+  // where.
+  // -ENOTSUP when the file's request alignment exceeds a cluster (store normally).
+  coro::Task<int> store_compressed(std::span<const std::byte> data, std::uint64_t& host);
   // Flushes for FUA, or to write back when the caches hold too many dirty tables.
   coro::Task<int> after_write(std::uint32_t flags);
   enum class Mode { kZero, kDiscard };
@@ -314,9 +345,23 @@ class Qcow2Node final : public BlockNode {
   std::unordered_map<std::uint64_t, std::vector<std::uint32_t>> known_bad_l2_;
   std::uint64_t open_end_ = 0;  // the file's size at open (immutable after construction)
   std::map<std::uint64_t, InFlightRef> in_flight_;       // meta_mutex_: by guest cluster
+  std::map<std::uint64_t, InFlightRef> l2_in_making_;    // meta_mutex_: by L1 index
   std::vector<std::uint64_t> pending_frees_;             // meta_mutex_: host clusters
 
   coro::Mutex flush_mutex_;
+
+  // Compressed writes: the host clusters being filled with compressed clusters.
+  // compressed_mutex_ is taken after a guest cluster's claim and before flush_mutex_
+  // (allocation may grow the refcount table), and held across the write of the packed bytes
+  // so that writes sharing a sector come one after the other; compression runs before it.
+  struct FillingCluster {
+    std::uint64_t base = 0;        // host offset
+    std::uint64_t used = 0;        // bytes taken from the start
+    std::vector<std::byte> bytes;  // the cluster's content as written
+  };
+  static constexpr std::size_t kFillingClusters = 4;
+  coro::Mutex compressed_mutex_;
+  std::vector<FillingCluster> filling_;  // compressed_mutex_
 };
 
 }  // namespace spindle::block::qcow2

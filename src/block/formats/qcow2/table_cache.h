@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/byte_order.h"
 #include "coro/event.h"
 
 namespace spindle::block::qcow2 {
@@ -39,6 +40,15 @@ struct CachedTable {
   bool dirty() const noexcept { return generation != written; }
 };
 using TableRef = std::shared_ptr<CachedTable>;
+
+// The big-endian 64-bit entry `index` of an L1, L2 or refcount table's bytes (the caller holds
+// whatever lock guards the table).
+inline std::uint64_t get64(const CachedTable& table, std::uint64_t index) noexcept {
+  return base::load_be64(table.bytes.data() + index * 8);
+}
+inline void put64(CachedTable& table, std::uint64_t index, std::uint64_t value) noexcept {
+  base::store_be64(table.bytes.data() + index * 8, value);
+}
 
 class TableCache {
  public:
