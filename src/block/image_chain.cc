@@ -101,6 +101,12 @@ coro::Task<BlockResult<BlockNodeRef>> open_level(std::shared_ptr<ChainState> sta
       -> coro::Task<BlockResult<BlockNodeRef>> {
     co_return co_await open_level(state, combine_backing_path(path, name), backing_format, true);
   };
+  if (!nbd::is_nbd_uri(path)) {
+    options.open_data_file = [state, path](const std::string& name,
+                                           bool data_read_only) -> BlockResult<BlockNodeRef> {
+      return open_local(*state, combine_backing_path(path, name), data_read_only);
+    };
+  }
   BlockResult<BlockNodeRef> node = co_await format->open(std::move(file), std::move(options));
   if (!node.ok()) co_return node.error();
   state->levels.push_back(ChainLevel{node.value().get(), path, format, probed});

@@ -27,4 +27,36 @@ coro::Task<CheckReport> ImageFormat::check(BlockNodeRef /*node*/, RepairMode /*m
   co_return report;
 }
 
+coro::Task<BlockError> ImageFormat::amend(BlockNode& /*node*/,
+                                          std::map<std::string, std::string> /*options*/) const {
+  co_return BlockError{ENOTSUP,
+                       fmt::format("Format driver '{}' does not support option amendment", name())};
+}
+
+namespace {
+BlockError no_snapshots(std::string_view format) {
+  return {ENOTSUP, fmt::format("image format '{}' does not support internal snapshots", format)};
+}
+}  // namespace
+
+coro::Task<BlockResult<std::vector<SnapshotDescription>>> ImageFormat::list_snapshots(
+    BlockNode& /*node*/) const {
+  co_return no_snapshots(name());
+}
+
+coro::Task<BlockError> ImageFormat::create_snapshot(BlockNode& /*node*/,
+                                                    SnapshotDescription /*snapshot*/) const {
+  co_return no_snapshots(name());
+}
+
+coro::Task<BlockError> ImageFormat::apply_snapshot(BlockNode& /*node*/,
+                                                   std::string /*id_or_name*/) const {
+  co_return no_snapshots(name());
+}
+
+coro::Task<BlockError> ImageFormat::remove_snapshot(BlockNode& /*node*/,
+                                                    std::string /*name*/) const {
+  co_return no_snapshots(name());
+}
+
 }  // namespace spindle::block

@@ -13,6 +13,7 @@
 //   create()         formats `file` (already truncated to 0 by the caller) as a new image.
 //   describe()       what `qemu-img info` shows of an open node of this format.
 //   check()          qemu-img check's counts (and repair) for an open node of this format.
+//   *_snapshot(s)()  internal snapshots: list, create, apply, remove (qcow2; others: ENOTSUP).
 //
 // A node opened by a format answers `backing_node()` (block_node.h); `describe()` gives its
 // recorded backing name and format, so no caller needs to know the node's type.
@@ -31,6 +32,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "block/block_error.h"
 #include "block/block_node.h"
@@ -59,6 +61,9 @@ struct FormatOpenOptions {
   bool ignore_backing = false;   // do not open the backing file (qemu-img info's NO_BACKING)
   bool probed = false;           // the format was probed, not given (raw then guards sector 0)
   BackingOpener open_backing;    // required unless ignore_backing
+  // Opens an image's external data file (qcow2 data_file) by the name the image records,
+  // resolved against the image's location; unset: such images are refused.
+  std::function<BlockResult<BlockNodeRef>(const std::string& name, bool read_only)> open_data_file;
   // Format-specific runtime options with QEMU's names (e.g. qcow2 "l2-cache-size",
   // "cache-clean-interval"); a format refuses keys it does not know.
   std::map<std::string, std::string> options;
@@ -106,6 +111,17 @@ struct CheckReport {
 
 enum class RepairMode { kNone, kLeaks, kAll };  // qemu-img check's -r
 
+// One internal snapshot as qemu-img snapshot -l and info show it (QEMU's SnapshotInfo).
+struct SnapshotDescription {
+  std::string id;    // create: empty picks the next free number
+  std::string name;
+  std::uint64_t vm_state_size = 0;
+  std::uint32_t date_sec = 0;
+  std::uint32_t date_nsec = 0;
+  std::uint64_t vm_clock_nsec = 0;
+  std::optional<std::uint64_t> icount;  // none recorded
+};
+
 class ImageFormat {
  public:
   virtual ~ImageFormat() = default;
@@ -131,6 +147,24 @@ class ImageFormat {
   // Whether the format's nodes take writes with kWriteCompressed (block_node.h).
   virtual bool can_compress() const noexcept { return false; }
   virtual coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const;
+  // qemu-img amend: changes the open (writable) node's image options, `options` by qemu's
+  // names (compat, lazy_refcounts, size, ...), with no other request in flight. Default: the
+  // error qemu-img gives for a format without amendment.
+  virtual coro::Task<BlockError> amend(BlockNode& node,
+                                       std::map<std::string, std::string> options) const;
+
+  // Internal snapshots (qemu-img snapshot), on a node of this format opened for them alone.
+  // The defaults fail with ENOTSUP. list: the snapshots in table order. create: adds one of
+  // the active image. apply: the snapshot with id `id_or_name`, else the first so named,
+  // becomes the active image. remove: deletes the first snapshot named `name`. ENOENT: none
+  // matches.
+  virtual bool can_snapshot() const noexcept { return false; }
+  virtual coro::Task<BlockResult<std::vector<SnapshotDescription>>> list_snapshots(
+      BlockNode& node) const;
+  virtual coro::Task<BlockError> create_snapshot(BlockNode& node,
+                                                 SnapshotDescription snapshot) const;
+  virtual coro::Task<BlockError> apply_snapshot(BlockNode& node, std::string id_or_name) const;
+  virtual coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const;
 };
 
 }  // namespace spindle::block

@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -32,6 +33,7 @@
 #include "base/byte_order.h"
 #include "block/drivers/file.h"
 #include "block/drivers/filter_node.h"
+#include "block/formats/qcow2/check.h"
 #include "block/formats/qcow2/compression.h"
 #include "block/formats/qcow2/qcow2_node.h"
 #include "block/image_chain.h"
@@ -643,12 +645,12 @@ TEST_F(Qcow2Test, ConcurrentAllocatingWritesFromFourThreads) {
 }
 
 // Extended L2: a write into an allocated subcluster of a partly allocated cluster goes in place
-// while another request's allocation of a different subcluster copies the whole cluster to a
-// new host cluster; the in-place write must land before the copy or after it (in the new
-// cluster), never be lost between them. qemu-io allocates the first four subclusters of each
-// cluster; writer w rewrites subcluster w of each cluster in turn and allocates subcluster 4 + w
-// of it, so writers race on each cluster's first allocation. Reads (the copy's) are slowed to
-// widen that window; every write has its own pattern, so a lost one shows whatever the timing.
+// (no claim) while another request allocates a different subcluster of the same cluster in
+// the same host cluster; neither may lose the other's bytes. qemu-io allocates the first four
+// subclusters of each cluster; writer w rewrites subcluster w of each cluster in turn and
+// allocates subcluster 4 + w of it, so writers race on each cluster's allocations. Reads are
+// slowed to widen the window; every write has its own pattern, so a lost one shows whatever
+// the timing.
 TEST_F(Qcow2Test, ConcurrentSubclusterWritesIntoPartlyAllocatedClusters) {
   REQUIRE_QEMU();
   const std::uint64_t cs = 65536;
@@ -711,6 +713,181 @@ TEST_F(Qcow2Test, ConcurrentSubclusterWritesIntoPartlyAllocatedClusters) {
   const CommandResult check = qemu_check("x.qcow2");
   EXPECT_EQ(check.exit_code, 0) << check.output;
   qemu_compare("x.qcow2", model);
+}
+
+// Extended L2: the subcluster bitmap of guest cluster `index` of the first L2 table of the
+// image file at `file` (the L1 table's first entry), and the cluster's L2 entry.
+std::pair<std::uint64_t, std::uint64_t> extended_l2_entry(const std::string& file,
+                                                          std::uint64_t index) {
+  const Bytes bytes = read_file_bytes(file);
+  const std::uint64_t l1 = base::load_be64(bytes.data() + 40);
+  const std::uint64_t l2 = base::load_be64(bytes.data() + l1) & kL1OffsetMask;
+  return {base::load_be64(bytes.data() + l2 + index * 16),
+          base::load_be64(bytes.data() + l2 + index * 16 + 8)};
+}
+
+// Extended L2 over a backing file: an allocating write marks only the subclusters it writes
+// allocated (partial ones completed from the backing file), a zero cluster's other subclusters
+// stay zero, and a write into a partly allocated cluster fills its own subclusters in place.
+// The same writes done by qemu-io on a copy give the same L2 entries and the same
+// `qemu-img map` (host offsets included).
+TEST_F(Qcow2Test, ExtendedL2WritesAllocateOnlyTheSubclustersWritten) {
+  REQUIRE_QEMU();
+  const std::uint64_t cs = 65536;
+  const std::uint64_t sc = cs / 32;
+  qemu_img("create -q -f raw base.raw 1M");
+  must_run("qemu-io -f raw -c 'write -P 0xba 0 1M' '" + path("base.raw") + "'");
+  qemu_img("create -q -f qcow2 -o extended_l2=on,cluster_size=64k -b base.raw -F raw e.qcow2");
+  qemu_io("e.qcow2", "-c 'write -z 128k 64k' -c 'write -P 0x05 256k 2k'");
+  fs::copy_file(path("e.qcow2"), path("q.qcow2"));
+  struct Write {
+    std::uint64_t offset, length;
+    std::uint8_t value;
+  };
+  const Write writes[] = {
+      {0, 2 * sc, 0x01},                     // subclusters 0-1 of a fresh cluster
+      {cs + 3 * sc + 100, 1000, 0x02},       // inside subcluster 3: the rest from backing
+      {2 * cs + 5 * sc - 10, 20, 0x03},      // across subclusters 4 and 5 of a zero cluster
+      {10 * sc, 3 * sc, 0x04},               // a partly allocated cluster: in place
+      {4 * cs + 300, 100, 0x06},             // allocated subcluster 0 (qemu-io), then 1 new:
+      {4 * cs + sc - 50, 100, 0x07},         //   an edge inside an allocated subcluster
+      {5 * cs + 31 * sc, cs + 100, 0x08},    // the last subcluster, a whole cluster, a head
+  };
+  Bytes model = qemu_raw("e.qcow2");
+  BlockNodeRef node = open_image("e.qcow2");
+  ASSERT_TRUE(node);
+  std::string commands;
+  for (const Write& w : writes) {
+    const Bytes data = pattern(w.length, w.value);
+    ASSERT_EQ(write(*node, w.offset, data), 0) << w.offset;
+    std::fill_n(model.begin() + static_cast<std::ptrdiff_t>(w.offset), w.length,
+                std::byte{w.value});
+    commands += " -c 'write -P " + std::to_string(w.value) + " " + std::to_string(w.offset) +
+                " " + std::to_string(w.length) + "'";
+  }
+  EXPECT_EQ(read_all(*node), model);
+  // Unwritten subclusters still show the backing file, or zeros.
+  BlockStatus status = run(node->block_status(2 * sc, cs - 2 * sc));
+  EXPECT_EQ(status.error, 0);
+  EXPECT_EQ(status.flags & (kStatusData | kStatusZero | kStatusAllocated), 0u);
+  EXPECT_EQ(status.bytes, 8 * sc);  // up to the in-place write at subcluster 10
+  status = run(node->block_status(2 * cs + 6 * sc, sc));
+  EXPECT_EQ(status.flags & (kStatusData | kStatusZero), kStatusZero);
+  ASSERT_EQ(run(node->flush()), 0);
+  auto* qcow2 = dynamic_cast<Qcow2Node*>(node.get());
+  ASSERT_NE(qcow2, nullptr);
+  const CheckReport report = run(check_image(*qcow2->file(), qcow2->header(), RepairMode::kNone));
+  EXPECT_EQ(report.exit_code(), 0);
+  EXPECT_EQ(report.corruptions + report.leaks, 0u);
+  ASSERT_EQ(close(*node), 0);
+  node.reset();
+
+  EXPECT_EQ(extended_l2_entry(path("e.qcow2"), 0).second, 0x3u | (0x7ull << 10));
+  EXPECT_EQ(extended_l2_entry(path("e.qcow2"), 1).second, 1u << 3);
+  // The zero cluster: subclusters 4 and 5 allocated, every other one still zero.
+  EXPECT_EQ(extended_l2_entry(path("e.qcow2"), 2).second, 0x30u | (~0x30ull << 32));
+  qemu_io("q.qcow2", commands);
+  for (std::uint64_t index = 0; index < 8; ++index) {
+    EXPECT_EQ(extended_l2_entry(path("e.qcow2"), index), extended_l2_entry(path("q.qcow2"), index))
+        << "cluster " << index;
+  }
+  const CommandResult ours = run_command("qemu-img map --output=json '" + path("e.qcow2") + "'");
+  const CommandResult theirs = run_command("qemu-img map --output=json '" + path("q.qcow2") + "'");
+  ASSERT_EQ(ours.exit_code, 0) << ours.output;
+  EXPECT_EQ(ours.output, theirs.output);
+  const CommandResult check = qemu_check("e.qcow2");
+  EXPECT_EQ(check.exit_code, 0) << check.output;
+  EXPECT_EQ(qemu_raw("e.qcow2"), model);
+}
+
+// Extended L2: four IoThreads write into different subclusters of the same fresh clusters at
+// once (partial subclusters: copy-on-write from the backing file, with reads slowed). The
+// first allocates the host cluster and the others fill their subclusters in it: every write
+// lands, each cluster has exactly the subclusters written allocated, and the image is clean.
+TEST_F(Qcow2Test, ConcurrentWritesToSubclustersOfOneFreshCluster) {
+  REQUIRE_QEMU();
+  const std::uint64_t cs = 65536;
+  const std::uint64_t sc = cs / 32;
+  const std::uint64_t clusters = 32;
+  const std::uint64_t size = clusters * cs;
+  qemu_img("create -q -f raw base.raw " + std::to_string(size));
+  must_run("qemu-io -f raw -c 'write -P 0xba 0 " + std::to_string(size) + "' '" +
+           path("base.raw") + "'");
+  qemu_img("create -q -f qcow2 -o extended_l2=on,cluster_size=64k -b base.raw -F raw c.qcow2");
+  Bytes model = qemu_raw("c.qcow2");
+  base::Result<BlockNodeRef> file = open_file(path("c.qcow2"), false);
+  ASSERT_TRUE(file.ok());
+  base::Result<BlockNodeRef> backing = open_file(path("base.raw"), true);
+  ASSERT_TRUE(backing.ok());
+  FormatOpenOptions options;
+  BlockNodeRef slow_backing = std::make_shared<SlowReadNode>(backing.value());
+  options.open_backing = [slow_backing](std::string,
+                                        std::string) -> coro::Task<BlockResult<BlockNodeRef>> {
+    co_return slow_backing;
+  };
+  BlockResult<BlockNodeRef> opened =
+      run(open_qcow2(std::make_shared<SlowReadNode>(file.value()), std::move(options)));
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  BlockNodeRef node = opened.value();
+  constexpr int kWriters = 4;
+  // Writer w's subcluster of cluster c, and the bytes it writes there (a partial subcluster).
+  auto subcluster = [](int w, std::uint64_t c) {
+    return (c + static_cast<std::uint64_t>(w) * 7) % 32;
+  };
+  auto offset = [&](int w, std::uint64_t c) { return c * cs + subcluster(w, c) * sc + 256; };
+  auto value = [](int w, std::uint64_t c) {
+    return static_cast<std::uint8_t>(1 + w * 50 + c % 50);
+  };
+  const std::uint64_t length = sc - 512;
+  aio::IoThread t0("qcow2-0"), t1("qcow2-1"), t2("qcow2-2"), t3("qcow2-3");
+  aio::IoThread* io_threads[] = {&t0, &t1, &t2, &t3};
+  auto writer = [&](int w) -> coro::Task<int> {
+    for (std::uint64_t c = 0; c < clusters; ++c) {
+      Bytes data(length, std::byte{value(w, c)});
+      const int result = co_await node->write(offset(w, c), std::span<const std::byte>(data), 0);
+      if (result < 0) co_return result;
+    }
+    co_return 0;
+  };
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int w = 0; w < kWriters; ++w) {
+    threads.emplace_back([&, w] {
+      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  for (int w = 0; w < kWriters; ++w) {
+    for (std::uint64_t c = 0; c < clusters; ++c) {
+      std::fill_n(model.begin() + static_cast<std::ptrdiff_t>(offset(w, c)), length,
+                  std::byte{value(w, c)});
+    }
+  }
+  EXPECT_EQ(read_all(*node), model);
+  ASSERT_EQ(run(node->flush()), 0);
+  auto* qcow2 = dynamic_cast<Qcow2Node*>(node.get());
+  ASSERT_NE(qcow2, nullptr);
+  const CheckReport report = run(check_image(*qcow2->file(), qcow2->header(), RepairMode::kNone));
+  EXPECT_EQ(report.exit_code(), 0);
+  EXPECT_EQ(report.corruptions + report.leaks, 0u);
+  EXPECT_EQ(report.allocated_clusters, clusters);
+  ASSERT_EQ(close(*node), 0);
+  node.reset();
+  std::vector<std::uint64_t> hosts;
+  for (std::uint64_t c = 0; c < clusters; ++c) {
+    std::uint64_t expected = 0;
+    for (int w = 0; w < kWriters; ++w) expected |= 1ull << subcluster(w, c);
+    const auto [entry, bitmap] = extended_l2_entry(path("c.qcow2"), c);
+    EXPECT_EQ(bitmap, expected) << "cluster " << c;
+    EXPECT_NE(entry & kL2OffsetMask, 0u) << "cluster " << c;
+    hosts.push_back(entry & kL2OffsetMask);
+  }
+  std::sort(hosts.begin(), hosts.end());
+  EXPECT_EQ(std::unique(hosts.begin(), hosts.end()), hosts.end());
+  const CommandResult check = qemu_check("c.qcow2");
+  EXPECT_EQ(check.exit_code, 0) << check.output;
+  qemu_compare("c.qcow2", model);
 }
 
 TEST_F(Qcow2Test, ACrashAtAnyPointLeavesAtWorstLeakedClusters) {

@@ -45,6 +45,7 @@ struct ConvertOptions {
   std::string options;  // -o key=value,...
   bool progress = false;
   bool compress = false;  // -c: compressed clusters (formats that can_compress())
+  bool no_create = false;  // -n: the target exists (not created; zeroed over the source's size)
   std::string sparse_size = "4k";
   bool out_of_order = false;
   int coroutines = 8;
@@ -80,6 +81,16 @@ struct ResizeOptions {
 };
 int run_resize(const ResizeOptions& options);
 
+struct AmendOptions {
+  std::string format;
+  std::string options;  // -o key=value,...
+  bool options_given = false;
+  bool progress = false;
+  bool quiet = false;
+  std::string filename;
+};
+int run_amend(const AmendOptions& options);
+
 // Numbers stay text here: run_bench() parses them to print qemu-img's messages.
 struct BenchOptions {
   std::string count = "75000";
@@ -100,5 +111,18 @@ struct BenchOptions {
   std::string filename;
 };
 int run_bench(const BenchOptions& options);
+
+// qemu-img snapshot: exactly one of -l/-c/-a/-d (none: the image is opened writable and
+// nothing is done, as qemu-img 7.2 does; more than one: "Cannot mix", exit 1).
+struct SnapshotOptions {
+  char action = 0;   // 'l', 'c', 'a', 'd' or 0
+  int actions = 0;   // how many of -l/-c/-a/-d were given
+  std::string name;  // -c/-a/-d's snapshot name (-a: id or name)
+  std::string format;  // -f (qemu-img 7.2's snapshot probes; later versions take -f)
+  bool quiet = false;        // -q: accepted; nothing is printed on success anyway
+  bool force_share = false;  // -U: -l only (spindle-img takes no image locks)
+  std::string filename;
+};
+int run_snapshot(const SnapshotOptions& options);
 
 }  // namespace spindle::img

@@ -63,6 +63,12 @@ int run_convert(const ConvertOptions& options) {
   if (options.compress && (!target_format.can_compress() || remote_target)) {
     fail("Compression not supported for this file format");
   }
+  // -n, or an NBD target (an existing export): the target is not created but must be large
+  // enough, and is zeroed over the source's size first, since the copy skips zero ranges.
+  const bool existing_target = options.no_create || remote_target;
+  if (options.no_create && !options.options.empty()) {
+    fail("-o has no effect when skipping image creation");
+  }
   block::CreateRequest creation;
   parse_creation_options(options.options, creation);
   if (creation.options.contains("backing_file")) {
@@ -73,20 +79,18 @@ int run_convert(const ConvertOptions& options) {
 
   ProgressPrinter progress;
   if (options.progress) progress.update(0, source.backend->size());
-  // An NBD target is an existing export (as qemu-img convert -n): not created, but zeroed
-  // first, since the copy skips the source's zero ranges.
-  if (!remote_target) {
+  if (!existing_target) {
     creation.size = source.backend->size();
     create_image(options.target, target_format, creation);
   }
   OpenedImage target = open_image(options.target, options.target_format,
                                   ImageOpenOptions{.read_only = false, .with_backing = false});
-  if (remote_target) {
+  if (existing_target) {
     if (target.backend->size() < source.backend->size()) {
-      fail("'" + options.target + "' is smaller than '" + options.source + "'");
+      fail("output file is smaller than input file");
     }
     const int zeroed =
-        coro::block_on(target.backend->write_zeroes(0, target.backend->size(), block::kMayUnmap));
+        coro::block_on(target.backend->write_zeroes(0, source.backend->size(), block::kMayUnmap));
     if (zeroed < 0) fail("cannot zero '" + options.target + "': " + std::strerror(-zeroed));
   }
 

@@ -1,5 +1,6 @@
 // `spindle-img info`: what an image is (qemu-img info), as text or as qemu-img's JSON
-// (ImageInfo field names), optionally for every image of the backing chain.
+// (ImageInfo field names, internal snapshots included), optionally for every image of the
+// backing chain.
 #include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 #include "coro/block_on.h"
 #include "human_size.h"
 #include "image_opener.h"
+#include "snapshot_listing.h"
 #include "tool_failure.h"
 
 namespace spindle::img {
@@ -30,6 +32,7 @@ struct ImageDescription {
   std::string full_backing_filename;
   std::string backing_format;      // only when the image records it
   nlohmann::ordered_json format_specific;  // {"type": ..., "data": {...}} or null
+  std::vector<block::SnapshotDescription> snapshots;  // internal snapshots, table order
 };
 
 coro::Task<block::ImageDescription> describe_node(const block::ImageFormat& format,
@@ -57,6 +60,7 @@ ImageDescription describe(const std::string& filename, const std::string& format
     description.backing_format = found.backing_format;
   }
   description.format_specific = std::move(found.format_specific);
+  description.snapshots = image_snapshots(image);
   return description;
 }
 
@@ -80,6 +84,7 @@ void print_specific(int indent, const std::string& key, const nlohmann::ordered_
 nlohmann::ordered_json to_json(const ImageDescription& image) {
   nlohmann::ordered_json json;
   if (!image.backing_format.empty()) json["backing-filename-format"] = image.backing_format;
+  if (!image.snapshots.empty()) json["snapshots"] = snapshots_json(image.snapshots);
   json["virtual-size"] = image.virtual_size;
   json["filename"] = image.filename;
   if (image.cluster_size) json["cluster-size"] = image.cluster_size;
@@ -113,6 +118,7 @@ void print_human(const ImageDescription& image) {
       std::printf("backing file format: %s\n", image.backing_format.c_str());
     }
   }
+  std::fputs(snapshot_table_text(image.snapshots).c_str(), stdout);
   const auto data = image.format_specific.find("data");
   if (image.format_specific.is_object() && data != image.format_specific.end() &&
       data->is_object()) {

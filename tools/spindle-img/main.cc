@@ -1,5 +1,5 @@
 // spindle-img: a qemu-img-compatible image tool for the formats of the block layer's registry
-// (create, info, check, convert, compare, map, resize, bench). Options, output formats and exit codes follow qemu-img
+// (create, info, check, convert, compare, map, resize, amend, bench, snapshot). Options, output formats and exit codes follow qemu-img
 // (reference/qed.md §4); errors print "spindle-img: <message>" on stderr and exit 1 unless the
 // subcommand's qemu-img counterpart uses another code. The tool is single-threaded: every
 // subcommand drives its coroutines with coro::block_on on the main context.
@@ -101,6 +101,8 @@ int main(int argc, char** argv) {
                               "Target format: " + creatable + " (default raw)");
   convert_command->add_option("-o", convert.options, "Target creation options (see create)");
   convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
+  convert_command->add_flag("-n", convert.no_create,
+                            "Write into the existing TARGET instead of creating it");
   convert_command->add_flag("-c", convert.compress,
                             "Compress the target's clusters (qcow2; -o compression_type=zlib|zstd)");
   convert_command->add_option("-S", convert.sparse_size,
@@ -130,6 +132,17 @@ int main(int argc, char** argv) {
   map_command->add_option("-f", map.format, "Image format (default: probe)");
   add_output_option(map_command, map.output);
   map_command->add_option("filename", map.filename, "Image")->required();
+
+  AmendOptions amend;
+  CLI::App* amend_command =
+      app.add_subcommand("amend", "Change an image's format options (qcow2: compat, "
+                                  "lazy_refcounts, size)");
+  amend_command->add_option("-f", amend.format, "Image format (default: probe)");
+  CLI::Option* amend_options =
+      amend_command->add_option("-o", amend.options, "Options to change: key=value,...");
+  amend_command->add_flag("-p", amend.progress, "Show progress on stderr");
+  amend_command->add_flag("-q", amend.quiet, "Quiet");
+  amend_command->add_option("filename", amend.filename, "Image")->required();
 
   ResizeOptions resize;
   CLI::App* resize_command = app.add_subcommand("resize", "Change an image's virtual size");
@@ -169,6 +182,25 @@ int main(int argc, char** argv) {
                           "Open shared (accepted; spindle-img takes no image locks)");
   bench_command->add_option("filename", bench.filename, "Image")->required();
 
+  SnapshotOptions snapshot;
+  std::string snapshot_create, snapshot_apply, snapshot_delete;
+  CLI::App* snapshot_command = app.add_subcommand(
+      "snapshot", "List, create, apply or delete internal snapshots (qcow2)");
+  bool snapshot_list = false;
+  CLI::Option* snapshot_list_option =
+      snapshot_command->add_flag("-l", snapshot_list, "List the snapshots");
+  CLI::Option* snapshot_create_option =
+      snapshot_command->add_option("-c", snapshot_create, "Create a snapshot of this name");
+  CLI::Option* snapshot_apply_option = snapshot_command->add_option(
+      "-a", snapshot_apply, "Apply (revert the image to) the snapshot of this id or name");
+  CLI::Option* snapshot_delete_option =
+      snapshot_command->add_option("-d", snapshot_delete, "Delete the snapshot of this name");
+  snapshot_command->add_option("-f", snapshot.format, "Image format (default: probe)");
+  snapshot_command->add_flag("-q", snapshot.quiet, "Quiet");
+  snapshot_command->add_flag("-U,--force-share", snapshot.force_share,
+                             "Open shared (-l only; spindle-img takes no image locks)");
+  snapshot_command->add_option("filename", snapshot.filename, "Image")->required();
+
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;
     for (const CLI::App* command : app.get_subcommands({})) known |= command->get_name() == argv[1];
@@ -202,7 +234,26 @@ int main(int argc, char** argv) {
     if (compare_command->parsed()) return run_compare(compare);
     if (map_command->parsed()) return run_map(map);
     if (resize_command->parsed()) return run_resize(resize);
+    if (amend_command->parsed()) {
+      amend.options_given = amend_options->count() > 0;
+      return run_amend(amend);
+    }
     if (bench_command->parsed()) return run_bench(bench);
+    if (snapshot_command->parsed()) {
+      const std::pair<CLI::Option*, char> actions[] = {{snapshot_list_option, 'l'},
+                                                       {snapshot_create_option, 'c'},
+                                                       {snapshot_apply_option, 'a'},
+                                                       {snapshot_delete_option, 'd'}};
+      for (const auto& [option, action] : actions) {
+        if (option->count() == 0) continue;
+        snapshot.actions += static_cast<int>(option->count());
+        snapshot.action = action;
+      }
+      snapshot.name = snapshot.action == 'c'   ? snapshot_create
+                      : snapshot.action == 'a' ? snapshot_apply
+                                               : snapshot_delete;
+      return run_snapshot(snapshot);
+    }
   } catch (const ToolFailure& failure) {
     std::fflush(stdout);
     std::fprintf(stderr, "spindle-img: %s\n", failure.what());

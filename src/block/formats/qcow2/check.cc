@@ -1,13 +1,17 @@
 #include "block/formats/qcow2/check.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "base/byte_order.h"
+#include "block/formats/qcow2/snapshot_table.h"
 
 namespace spindle::block::qcow2 {
 
@@ -20,8 +24,6 @@ using base::load_be64;
 constexpr std::uint64_t kMaxL1Entries = (32ull << 20) / 8;
 constexpr std::uint64_t kReftableReservedMask = 0x1ff;
 constexpr std::uint64_t kL2BitmapAllAlloc = 0xffffffffull;
-constexpr std::uint64_t kMaxSnapshotExtra = 1024;
-constexpr std::uint64_t kMaxSnapshotTableBytes = 64ull << 20;
 
 // Expected refcounts: dense for clusters inside the file, sparse beyond it (entries may point
 // anywhere; memory stays bounded by the number of entries).
@@ -155,7 +157,10 @@ class Checker {
       }
       const std::uint64_t offset = entry & kL2OffsetMask;
       const bool zero_flag = (entry & kEntryZero) && !sub;
-      if (offset == 0) {
+      // (offset 0 with COPIED is the data file's first cluster)
+      const bool data_file_start =
+          (h_.incompatible_features & kIncompatDataFile) && (entry & kEntryCopied);
+      if (offset == 0 && !data_file_start) {
         if (!zero_flag && (bitmap & kL2BitmapAllAlloc)) ++r_.corruptions;
         continue;
       }
@@ -174,14 +179,16 @@ class Checker {
           continue;
         }
       }
-      const bool past_eof = offset >= file_size_;
+      // Clusters in an external data file are not counted (nor bounded by this file).
+      const bool external = (h_.incompatible_features & kIncompatDataFile) != 0;
+      const bool past_eof = !external && offset >= file_size_;
       if (past_eof) ++r_.corruptions;  // not referenced: the refcounts cannot cover it
       if (active) {
         ++r_.allocated_clusters;
         if (next_contiguous && offset != next_contiguous) ++r_.fragmented_clusters;
         next_contiguous = offset + cs_;
       }
-      if (!past_eof) reference(offset, cs_);
+      if (!past_eof && !external) reference(offset, cs_);
     }
     (void)l1_index;
     (void)l1_table_offset;
@@ -233,7 +240,7 @@ class Checker {
       const std::uint16_t id_size = load_be16(fixed + 12);
       const std::uint16_t name_size = load_be16(fixed + 14);
       const std::uint32_t extra = load_be32(fixed + 36);
-      if (extra > kMaxSnapshotExtra) {
+      if (extra > kMaxSnapshotExtraData) {
         ++r_.check_errors;
         co_return;
       }
@@ -498,16 +505,68 @@ class Checker {
       io_error(r);
       co_return;
     }
-    std::byte raw[12];
-    base::store_be64(raw, table_at << h_.cluster_bits);
-    base::store_be32(raw + 8, static_cast<std::uint32_t>(table_clusters));
-    if (int r = co_await write(48, raw); r < 0) {
+    // The header's refcount table fields (and, v3, refcount_order) in one write: the commit
+    // point that switches from the old structures to the new ones.
+    h_.refcount_table_offset = table_at << h_.cluster_bits;
+    h_.refcount_table_clusters = static_cast<std::uint32_t>(table_clusters);
+    std::byte raw[52] = {};
+    base::store_be64(raw, h_.refcount_table_offset);
+    base::store_be32(raw + 8, h_.refcount_table_clusters);
+    base::store_be32(raw + 12, h_.nb_snapshots);
+    base::store_be64(raw + 16, h_.snapshots_offset);
+    base::store_be64(raw + 24, h_.incompatible_features);
+    base::store_be64(raw + 32, h_.compatible_features);
+    base::store_be64(raw + 40, h_.autoclear_features);
+    base::store_be32(raw + 48, h_.refcount_order);
+    const std::span<const std::byte> fields(raw, h_.version >= 3 ? 52 : 12);
+    if (int r = co_await write(48, fields); r < 0) {
       io_error(r);
       co_return;
     }
-    h_.refcount_table_offset = table_at << h_.cluster_bits;
-    h_.refcount_table_clusters = static_cast<std::uint32_t>(table_clusters);
   }
+
+ public:
+  // Rebuilds the refcount structures of a clean image with 2^new_order-bit entries (qemu-img
+  // amend -o refcount_bits); the header is the commit point. The error names the first cluster
+  // whose refcount the new width cannot hold, with qemu-img's message.
+  coro::Task<BlockError> change_width(std::uint32_t new_order) {
+    co_await check_pass();
+    if (r_.check_errors) {
+      co_return BlockError{r_.error ? -r_.error : EIO, "Could not check the image's refcounts"};
+    }
+    if (r_.corruptions || r_.leaks) {
+      co_return BlockError{EINVAL, "The image's refcounts are not consistent; repair it first "
+                                   "(check -r all)"};
+    }
+    const std::uint64_t new_max =
+        new_order == 6 ? ~0ull : (std::uint64_t{1} << (1u << new_order)) - 1;
+    std::optional<std::uint64_t> over;
+    for (std::uint64_t c = 0; c < refs_.dense_size() && !over; ++c) {
+      if (refs_.get(c) > new_max) over = c;
+    }
+    for (const auto& [cluster, count] : refs_.sparse()) {
+      if (!over && count > new_max) over = cluster;
+    }
+    if (over) {
+      co_return BlockError{
+          EINVAL, fmt::format("Cannot decrease refcount entry width to {} bits: Cluster at offset "
+                              "0x{:x} has a refcount of {}",
+                              1u << new_order, *over << h_.cluster_bits, refs_.get(*over))};
+    }
+    h_.refcount_order = new_order;
+    refcount_max_ = new_max;
+    co_await rebuild();
+    if (r_.check_errors) {
+      co_return BlockError{r_.error ? -r_.error : EIO, "Could not rebuild the refcounts"};
+    }
+    if (int r = co_await file_.flush(); r < 0) {
+      co_return BlockError{-r, "Could not rebuild the refcounts"};
+    }
+    co_return BlockError{};
+  }
+  const Header& header() const noexcept { return h_; }
+
+ private:
   coro::Task<void> check_copied() {
     const bool repair = mode_ == RepairMode::kAll ||
                         (mode_ == RepairMode::kLeaks && !r_.check_errors && !r_.corruptions &&
@@ -553,7 +612,9 @@ class Checker {
         if (entry & kEntryCompressed) continue;
         const std::uint64_t offset = entry & kL2OffsetMask;
         if (!offset) continue;
-        const std::uint64_t rc = co_await stored(offset);
+        // A cluster of an external data file has one owner: COPIED always.
+        std::uint64_t rc = 1;
+        if (!(h_.incompatible_features & kIncompatDataFile)) rc = co_await stored(offset);
         if ((rc == 1) != ((entry & kEntryCopied) != 0)) {
           ++r_.corruptions;
           if (repair) {
@@ -643,6 +704,14 @@ class Checker {
 coro::Task<CheckReport> check_image(BlockNode& file, Header header, RepairMode mode) {
   Checker checker(file, std::move(header), mode);
   co_return co_await checker.run();
+}
+
+coro::Task<BlockError> change_refcount_width(BlockNode& file, Header& header,
+                                             std::uint32_t new_order) {
+  Checker checker(file, header, RepairMode::kNone);
+  BlockError error = co_await checker.change_width(new_order);
+  if (error.ok()) header = checker.header();
+  co_return error;
 }
 
 }  // namespace spindle::block::qcow2

@@ -39,4 +39,11 @@ namespace spindle::block::qcow2 {
 
 coro::Task<CheckReport> check_image(BlockNode& file, Header header, RepairMode mode);
 
+// qemu-img amend -o refcount_bits: rebuilds a clean image's refcount table and blocks with
+// 2^new_order-bit entries (placed first-fit, as a repair's rebuild) and switches the header to
+// them in one write; `header` is updated. Refuses (EINVAL, qemu-img's message) a width that
+// cannot hold some cluster's refcount, and images with leaks or corruptions.
+coro::Task<BlockError> change_refcount_width(BlockNode& file, Header& header,
+                                             std::uint32_t new_order);
+
 }  // namespace spindle::block::qcow2

@@ -42,6 +42,7 @@ coro::Task<int> Qcow2Node::write_compressed(std::uint64_t offset,
 coro::Task<int> Qcow2Node::write_compressed_claimed(std::uint64_t offset,
                                                     std::span<const std::byte> buffer) {
   const std::uint64_t cs = cluster_size();
+  if (external_data_) co_return 1;  // no compressed clusters in a data file: store it plainly
   TableRef l2;
   int result = co_await writable_l2(offset, true, l2);
   if (result < 0) co_return result;
@@ -84,6 +85,17 @@ coro::Task<int> Qcow2Node::write_compressed_claimed(std::uint64_t offset,
   co_return 0;
 }
 
+coro::Task<int> Qcow2Node::add_reference(std::uint64_t host_offset, bool& added) {
+  added = false;
+  std::uint64_t now = 0;
+  int result = co_await adjust_refcount(host_offset, 0, now);
+  // (0: released since; at the largest count: a 1-bit refcount, say)
+  if (result < 0 || now == 0 || now >= largest_refcount()) co_return result;
+  result = co_await adjust_refcount(host_offset, +1, now);
+  added = result >= 0;
+  co_return result;
+}
+
 coro::Task<int> Qcow2Node::store_compressed(std::span<const std::byte> data,
                                             std::uint64_t& host) {
   const std::uint64_t cs = cluster_size();
@@ -109,7 +121,7 @@ coro::Task<int> Qcow2Node::store_compressed(std::span<const std::byte> data,
   }
   if (chosen) {
     bool added = false;
-    const int result = co_await change_refcount(filling_[*chosen].base, +1, added);
+    const int result = co_await add_reference(filling_[*chosen].base, added);
     if (result < 0) co_return result;
     if (!added) {  // its refcount cannot count one more (1-bit refcounts, say)
       erase(*chosen);
@@ -146,7 +158,7 @@ coro::Task<int> Qcow2Node::store_compressed(std::span<const std::byte> data,
   }
   if (before) {
     bool added = false;
-    result = co_await change_refcount(filling_[*before].base, +1, added);
+    result = co_await add_reference(filling_[*before].base, added);
     if (result < 0 || !added) {
       erase(*before);
       before.reset();

@@ -308,6 +308,9 @@ BlockError too_big() {
 
 }  // namespace
 
+std::optional<std::uint64_t> parse_option_size(const std::string& text) { return parse_size(text); }
+std::optional<bool> parse_option_bool(const std::string& text) { return parse_bool(text); }
+
 BlockResult<CreateOptions> parse_create_options(const CreateRequest& request) {
   static const char* const kKnown[] = {
       "size",           "compat",         "backing_file", "backing_fmt", "data_file",

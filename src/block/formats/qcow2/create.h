@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "block/block_error.h"
@@ -26,6 +27,10 @@
 #include "coro/task.h"
 
 namespace spindle::block::qcow2 {
+
+// QEMU's option value parsers: sizes with k/M/G/T/P/E suffixes, and on/off (yes/no, ...).
+std::optional<std::uint64_t> parse_option_size(const std::string& text);
+std::optional<bool> parse_option_bool(const std::string& text);
 
 enum class Preallocation { kOff, kMetadata, kFalloc, kFull };
 

@@ -36,7 +36,8 @@ coro::Task<BlockResult<Header>> read_header(BlockNode& file) {
 }
 
 // Recognises qcow2 by its magic (every version, as QEMU does; versions other than 2 and 3 are
-// refused on open with their number), opens, creates, describes and checks qcow2 images.
+// refused on open with their number), opens, creates, describes and checks qcow2 images, and
+// lists, creates, applies and removes their internal snapshots.
 class Qcow2Format final : public ImageFormat {
  public:
   std::string_view name() const noexcept override { return "qcow2"; }
@@ -99,8 +100,55 @@ class Qcow2Format final : public ImageFormat {
     co_return d;
   }
 
+  bool can_snapshot() const noexcept override { return true; }
+  coro::Task<BlockResult<std::vector<SnapshotDescription>>> list_snapshots(
+      BlockNode& node) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    BlockResult<std::vector<SnapshotEntry>> table = co_await q->snapshots();
+    if (!table) co_return table.error();
+    std::vector<SnapshotDescription> list;
+    for (const SnapshotEntry& s : table.value()) {
+      list.push_back({s.id, s.name, s.vm_state_size, s.date_sec, s.date_nsec, s.vm_clock_nsec,
+                      s.icount});
+    }
+    co_return list;
+  }
+  coro::Task<BlockError> create_snapshot(BlockNode& node,
+                                         SnapshotDescription snapshot) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    SnapshotEntry entry;
+    entry.id = std::move(snapshot.id);
+    entry.name = std::move(snapshot.name);
+    entry.vm_state_size = snapshot.vm_state_size;
+    entry.date_sec = snapshot.date_sec;
+    entry.date_nsec = snapshot.date_nsec;
+    entry.vm_clock_nsec = snapshot.vm_clock_nsec;
+    entry.icount = snapshot.icount;
+    co_return co_await q->create_snapshot(std::move(entry));
+  }
+  coro::Task<BlockError> apply_snapshot(BlockNode& node, std::string id_or_name) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    co_return co_await q->apply_snapshot(std::move(id_or_name));
+  }
+  coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    co_return co_await q->delete_snapshot(std::move(name));
+  }
+
   bool can_check() const noexcept override { return true; }
   bool can_compress() const noexcept override { return true; }
+  coro::Task<BlockError> amend(BlockNode& node,
+                               std::map<std::string, std::string> options) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    BlockResult<Qcow2Node::AmendRequest> request = parse_amend_options(options);
+    if (!request) co_return request.error();
+    co_return co_await q->amend(request.value());
+  }
   // For an open node: its metadata is flushed, then the file is checked with the header as
   // the file holds it (a repair may have moved the refcount table since the node opened).
   coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const override {

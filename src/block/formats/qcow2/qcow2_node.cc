@@ -73,10 +73,13 @@ Qcow2Node::Qcow2Node(Private, BlockNodeRef file, Header header, std::vector<std:
                      std::vector<std::uint64_t> rctable, bool read_only, std::size_t l2_tables,
                      std::size_t refcount_tables)
     : file_(std::move(file)),
+      data_(file_),
       read_only_(read_only),
       l2_entries_(header.l2_entries()),
       refcount_entries_(header.refcount_block_entries()),
       extended_(header.extended_l2()),
+      external_data_((header.incompatible_features & kIncompatDataFile) != 0),
+      raw_data_(external_data_ && (header.autoclear_features & kAutoclearDataFileRaw) != 0),
       size_(header.size),
       header_(std::move(header)),
       l1_(std::move(l1)),
@@ -121,10 +124,22 @@ coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOp
     co_return BlockError{ENOTSUP, fmt::format("qcow2: encrypted images are not supported ({})",
                                               header.crypt_method == 1 ? "AES" : "LUKS")};
   }
-  if ((header.incompatible_features & kIncompatDataFile) || !header.data_file.empty()) {
-    co_return BlockError{ENOTSUP, fmt::format("qcow2: external data files are not supported "
-                                              "(the image names '{}')",
+  const bool external_data = (header.incompatible_features & kIncompatDataFile) != 0;
+  if (!external_data && !header.data_file.empty()) {
+    co_return BlockError{EINVAL, fmt::format("qcow2: the image names a data file ('{}') without "
+                                             "the external data file feature bit",
+                                             header.data_file)};
+  }
+  if (external_data && header.data_file.empty()) {
+    co_return BlockError{EINVAL, "'data-file' is required for this image"};
+  }
+  if (external_data && !options.open_data_file) {
+    co_return BlockError{ENOTSUP, fmt::format("qcow2: the image's external data file '{}' "
+                                              "cannot be opened from here",
                                               header.data_file)};
+  }
+  if (external_data && header.nb_snapshots != 0) {
+    co_return BlockError{EINVAL, "qcow2: internal snapshots with an external data file"};
   }
 
   // Option keys.
@@ -217,6 +232,15 @@ coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOp
   auto node = std::make_shared<Qcow2Node>(Qcow2Node::Private{}, file, header, std::move(l1),
                                           std::move(rctable), read_only, l2_tables,
                                           refcount_tables);
+  if (external_data) {
+    BlockResult<BlockNodeRef> data = options.open_data_file(header.data_file, read_only);
+    if (!data.ok()) {
+      BlockError error = data.error();
+      error.message = fmt::format("Could not open '{}': {}", header.data_file, error.message);
+      co_return error;
+    }
+    node->data_ = std::move(data).value();
+  }
 
   if (!header.backing_file.empty() && !options.ignore_backing) {
     if (!options.open_backing) {
@@ -347,7 +371,11 @@ std::vector<std::uint32_t> Qcow2Node::bad_l2_entries(std::uint64_t l2_offset,
   for (std::uint64_t i = 0; i < l2_entries_; ++i) {
     const std::uint64_t entry = get64(table, i * step);
     std::uint64_t host = entry & kL2OffsetMask;
-    if (entry & kEntryCompressed) host = decode_compressed_entry(entry, header_.cluster_bits).host_offset;
+    if (entry & kEntryCompressed) {
+      host = decode_compressed_entry(entry, header_.cluster_bits).host_offset;
+    } else if (external_data_) {
+      continue;  // data clusters live in the data file, at their guest offsets
+    }
     if (host != 0 && host >= open_end_) bad.push_back(static_cast<std::uint32_t>(i));
   }
   known_bad_l2_.emplace(l2_offset, bad);
@@ -390,7 +418,8 @@ Qcow2Node::Unit Qcow2Node::unit_at(const CachedTable& table, std::uint64_t pos) 
   const std::uint64_t bitmap = extended ? get64(table, index * 2 + 1) : 0;
   const std::uint64_t entry = unit.entry;
   if (entry & kEntryCompressed) {
-    if (entry & kEntryCopied) return unit;  // error
+    // (an image with an external data file has no compressed clusters)
+    if ((entry & kEntryCopied) || external_data_) return unit;  // error
     const CompressedExtent extent = decode_compressed_entry(entry, header_.cluster_bits);
     if (extent.host_offset < cs || extent.host_offset >= file_end()) return unit;
     unit.kind = Kind::kCompressed;
@@ -400,15 +429,17 @@ Qcow2Node::Unit Qcow2Node::unit_at(const CachedTable& table, std::uint64_t pos) 
   const std::uint64_t reserved = kL2ReservedMask | (extended ? kEntryZero : 0);
   if (entry & reserved) return unit;
   const std::uint64_t host = entry & kL2OffsetMask;
+  const bool present = has_host(entry);
   auto valid_host = [&] {
+    if (external_data_) return host % cs == 0;
     return host % cs == 0 && host < file_end() && !is_metadata(host);
   };
   if (!extended) {
     if (entry & kEntryZero) {
-      if (host != 0 && !valid_host()) return unit;
+      if (present && !valid_host()) return unit;
       unit.kind = Kind::kZero;
-      if (host != 0) unit.host = host + pos % cs;  // space kept for it: qemu shows the offset
-    } else if (host == 0) {
+      if (present) unit.host = host + pos % cs;  // space kept for it: qemu shows the offset
+    } else if (!present) {
       unit.kind = Kind::kUnallocated;
     } else {
       if (!valid_host()) return unit;
@@ -423,10 +454,10 @@ Qcow2Node::Unit Qcow2Node::unit_at(const CachedTable& table, std::uint64_t pos) 
   const bool allocated = (bitmap >> sub) & 1;
   const bool zero = (bitmap >> (32 + sub)) & 1;
   unit.end = cluster_start + (sub + 1) * sc;
-  if ((allocated && zero) || (allocated && host == 0)) return unit;
-  if (host != 0 && !valid_host()) return unit;
+  if ((allocated && zero) || (allocated && !present)) return unit;
+  if (present && !valid_host()) return unit;
   // A subcluster of an allocated cluster has its place in the host cluster whatever its bits.
-  if (host != 0) unit.host = host + pos % cs;
+  if (present) unit.host = host + pos % cs;
   if (allocated) {
     unit.kind = Kind::kData;
   } else {
@@ -581,7 +612,7 @@ coro::Task<int> Qcow2Node::read(std::uint64_t offset, std::span<std::byte> buffe
         result = co_await read_backing(pos, part);
         break;
       case Kind::kData:
-        result = co_await read_aligned(*file_, mapping.host_offset, part);
+        result = co_await read_aligned(*data_, mapping.host_offset, part);
         break;
       case Kind::kCompressed:
         result = co_await read_compressed(mapping.entry, pos % cluster_size(), part);
@@ -665,7 +696,7 @@ std::optional<HostFileRange> Qcow2Node::host_file_range(std::uint64_t offset,
     }
     host = first.host;
   }
-  return file_->host_file_range(host, bytes);
+  return data_->host_file_range(host, bytes);
 }
 
 // ---- allocation -----------------------------------------------------------------------------
@@ -875,8 +906,8 @@ coro::Task<int> Qcow2Node::load_refcount_block_of(std::uint64_t host_offset,
   co_return co_await load_refcount_block(block_offset, pins);
 }
 
-coro::Task<int> Qcow2Node::change_refcount(std::uint64_t host_offset, int delta, bool& changed) {
-  changed = false;
+coro::Task<int> Qcow2Node::adjust_refcount(std::uint64_t host_offset, int delta,
+                                           std::uint64_t& now) {
   const std::uint64_t cluster = host_offset / cluster_size();
   std::vector<TableRef> pins;
   const int result = co_await load_refcount_block_of(host_offset, pins);
@@ -886,22 +917,19 @@ coro::Task<int> Qcow2Node::change_refcount(std::uint64_t host_offset, int delta,
   const std::uint64_t index = cluster % refcount_entries_;
   const std::uint32_t order = header_.refcount_order;
   const std::uint64_t count = get_refcount(std::span<const std::byte>(block.bytes), index, order);
-  if (delta < 0) {
-    if (count == 0) co_return -EIO;  // would underflow: the image's refcounts are wrong
-  } else {
-    const std::uint64_t largest =
-        order == 6 ? ~std::uint64_t{0} : (std::uint64_t{1} << (1u << order)) - 1;
-    if (count == 0 || count >= largest) co_return 0;
+  if (delta < 0 && count == 0) co_return -EIO;  // the image's refcounts are wrong
+  if (delta > 0 && count >= largest_refcount()) co_return -EINVAL;  // as QEMU: cannot count it
+  now = delta < 0 ? count - 1 : delta > 0 ? count + 1 : count;
+  if (delta != 0) {
+    set_refcount(std::span(block.bytes), index, order, now);
+    ++block.generation;
   }
-  set_refcount(std::span(block.bytes), index, order, delta < 0 ? count - 1 : count + 1);
-  ++block.generation;
-  changed = true;
   co_return 0;
 }
 
 coro::Task<int> Qcow2Node::release_cluster(std::uint64_t host_offset) {
-  bool changed = false;
-  co_return co_await change_refcount(host_offset, -1, changed);
+  std::uint64_t now = 0;
+  co_return co_await adjust_refcount(host_offset, -1, now);
 }
 
 void Qcow2Node::defer_release(std::uint64_t entry) noexcept {
@@ -915,7 +943,7 @@ void Qcow2Node::defer_release(std::uint64_t entry) noexcept {
     return;
   }
   const std::uint64_t host = entry & kL2OffsetMask;
-  if (host != 0) pending_frees_.push_back(host);
+  if (host != 0 && !external_data_) pending_frees_.push_back(host);  // data file: not counted
 }
 
 // ---- writes ---------------------------------------------------------------------------------
@@ -1058,7 +1086,8 @@ bool Qcow2Node::in_place(const CachedTable& table, std::uint64_t pos, std::uint6
     return false;
   }
   const std::uint64_t offset = entry & kL2OffsetMask;
-  if (offset == 0 || offset % cs != 0 || offset >= file_end() || is_metadata(offset)) return false;
+  if (!has_host(entry) || offset % cs != 0) return false;
+  if (!external_data_ && (offset >= file_end() || is_metadata(offset))) return false;
   if (extended) {
     const std::uint64_t bitmap = get64(table, index * 2 + 1);
     const std::uint64_t sc = cs / 32;
@@ -1073,21 +1102,12 @@ bool Qcow2Node::in_place(const CachedTable& table, std::uint64_t pos, std::uint6
 }
 
 std::uint64_t Qcow2Node::in_place_run(const CachedTable& table, std::uint64_t pos,
-                                       std::uint64_t end, std::uint64_t& host,
-                                       bool& partial) const noexcept {
+                                       std::uint64_t end, std::uint64_t& host) const noexcept {
   const std::uint64_t cs = cluster_size();
-  partial = false;
   if (!in_place(table, pos, end, host)) return 0;
-  auto partly_allocated = [&](std::uint64_t at) {
-    const std::uint64_t index = (at / cs) % l2_entries_;
-    return extended_ && (get64(table, index * 2 + 1) & kAllSubclustersAllocated) !=
-                            kAllSubclustersAllocated;
-  };
-  partial = partly_allocated(pos);
   std::uint64_t at = pos - pos % cs + cs;
   std::uint64_t next_host = 0;
   while (at < end && in_place(table, at, end, next_host) && next_host == host + (at - pos)) {
-    partial = partial || partly_allocated(at);
     at += cs;
   }
   return std::min(at, end) - pos;
@@ -1106,11 +1126,10 @@ coro::Task<int> Qcow2Node::write_span(std::uint64_t pos, std::uint64_t length,
     // In place: the longest host-contiguous run of COPIED data clusters from p.
     std::uint64_t host = 0;
     std::uint64_t run = 0;
-    bool partial = false;        // the run touches a partly allocated cluster (extended L2)
     std::uint64_t clusters = 0;  // else: how many clusters from p need allocation
     if (l2) {
       std::lock_guard lock(meta_mutex_);
-      run = in_place_run(*l2, p, end, host, partial);
+      run = in_place_run(*l2, p, end, host);
       if (run == 0) {
         // Entries that will be replaced must be valid: a corrupt one is never overwritten
         // (nor the clusters it names released).
@@ -1128,34 +1147,13 @@ coro::Task<int> Qcow2Node::write_span(std::uint64_t pos, std::uint64_t length,
     } else {
       clusters = (end - 1) / cs - p / cs + 1;
     }
-    if (run > 0 && !partial) {
-      result = co_await file_->write(host, data.subspan(done, run), 0);
+    if (run > 0) {
+      // In place, with no claim: an allocating write of other subclusters of the same cluster
+      // (extended L2) keeps its host cluster and writes only subclusters not allocated yet.
+      result = co_await data_->write(host, data.subspan(done, run), 0);
       if (result < 0) co_return result;
       done += run;
       continue;
-    }
-    if (run > 0) {
-      // A cluster with unallocated subclusters may be moved by another request's allocation
-      // (a copy of its old content to a new host cluster): write in place only while holding
-      // its claim, so that such a copy comes before or after this write, never across it.
-      const std::uint64_t first = p / cs;
-      InFlightRef wait_for;
-      const std::uint64_t claimed = claim(first, (p + run - 1) / cs - first + 1, wait_for);
-      if (claimed == 0) {
-        co_await wait_for->done.wait();
-        continue;
-      }
-      result = co_await writable_l2(p, false, l2);
-      run = 0;
-      if (result >= 0 && l2) {
-        std::lock_guard lock(meta_mutex_);
-        run = in_place_run(*l2, p, std::min(end, (first + claimed) * cs), host, partial);
-      }
-      if (result >= 0 && run > 0) result = co_await file_->write(host, data.subspan(done, run), 0);
-      release_claims(first, claimed);
-      if (result < 0) co_return result;
-      done += run;
-      continue;  // run 0: no longer in place; look again
     }
     const std::uint64_t first = p / cs;
     InFlightRef wait_for;
@@ -1190,54 +1188,150 @@ coro::Task<int> Qcow2Node::allocate_and_write(std::uint64_t pos, std::uint64_t l
                                               std::uint64_t first_cluster,
                                               std::uint64_t clusters) {
   const std::uint64_t cs = cluster_size();
-  const std::uint64_t start = first_cluster * cs;
-  const std::uint64_t stop = (first_cluster + clusters) * cs;
+  const std::uint64_t end = pos + length;
+  const bool extended = extended_;
+  // What each guest cluster gets: the guest range [lo, hi) written to the host cluster (the
+  // data plus copy-on-write around it), the host cluster (an existing one, or a new one), and
+  // the new L2 entry and bitmap. The entries cannot change under us: we hold their claims.
+  struct Piece {
+    std::uint64_t lo = 0, hi = 0;
+    std::uint64_t host = 0;     // host offset of the cluster (kept, or filled in once allocated)
+    bool keep = false;          // extended L2: an allocated cluster written in place
+    std::uint64_t bitmap = 0;   // extended L2: the new subcluster bitmap
+  };
+  std::vector<Piece> pieces(clusters);
+  std::uint64_t fresh = 0;  // how many need a new host cluster
+  {
+    std::lock_guard lock(meta_mutex_);
+    const CachedTable& table = *l2;
+    const std::uint64_t sc = subcluster_size();
+    for (std::uint64_t i = 0; i < clusters; ++i) {
+      Piece& piece = pieces[i];
+      const std::uint64_t cluster_start = (first_cluster + i) * cs;
+      const std::uint64_t index = (first_cluster + i) % l2_entries_;
+      // Entries that will be replaced must be valid: a corrupt one is never overwritten (nor
+      // the clusters it names released), nor a bitmap with impossible subclusters kept.
+      const Unit unit = unit_at(table, cluster_start);
+      const std::uint64_t entry = get64(table, extended ? index * 2 : index);
+      const std::uint64_t bitmap = extended ? get64(table, index * 2 + 1) : 0;
+      const std::uint64_t old_host = entry & kL2OffsetMask;
+      const bool compressed = (entry & kEntryCompressed) != 0;
+      const std::uint64_t allocated = bitmap & kAllSubclustersAllocated;
+      const std::uint64_t zero = bitmap >> 32;
+      if (!unit.ok ||
+          (extended && !compressed &&
+           ((allocated & zero) != 0 || (!has_host(entry) && allocated)))) {
+        corrupt_.store(true, std::memory_order_release);
+        co_return -EIO;
+      }
+      const std::uint64_t lo = std::max(pos, cluster_start);
+      const std::uint64_t hi = std::min(end, cluster_start + cs);
+      // Extended L2: a cluster that is neither compressed nor shared (COPIED) keeps its host
+      // cluster, and an empty (unallocated or zero) one gets a new host cluster; in both only
+      // the subclusters written become allocated, each completed from its old content.
+      // Anything else (standard L2; compressed or shared clusters) is copied whole to a new
+      // host cluster, every subcluster allocated.
+      const bool subclusters =
+          extended && !compressed && (!has_host(entry) || (entry & kEntryCopied) != 0);
+      if (!subclusters) {
+        piece.lo = cluster_start;
+        piece.hi = cluster_start + cs;
+        piece.bitmap = kAllSubclustersAllocated;
+        ++fresh;
+        continue;
+      }
+      piece.keep = has_host(entry);
+      piece.host = old_host;
+      const std::uint64_t first_sub = (lo - cluster_start) / sc;
+      const std::uint64_t last_sub = (hi - 1 - cluster_start) / sc;
+      // Rounded out to whole subclusters, except at an edge whose subcluster is allocated
+      // already (in place: its other bytes may be written concurrently by another request).
+      piece.lo = ((allocated >> first_sub) & 1) ? lo : cluster_start + first_sub * sc;
+      piece.hi = ((allocated >> last_sub) & 1) ? hi : cluster_start + (last_sub + 1) * sc;
+      const std::uint64_t count = last_sub - first_sub + 1;
+      const std::uint64_t touched = ((1ull << count) - 1) << first_sub;
+      piece.bitmap = (allocated | touched) | ((zero & ~touched) << 32);
+      if (!piece.keep) ++fresh;
+    }
+  }
   std::uint64_t host = 0;
-  int result = co_await allocate_clusters(clusters, host);
-  if (result < 0) co_return result;
-  if (pos == start && pos + length == stop) {
-    result = co_await file_->write(host, data, 0);
-  } else {
-    // Copy-on-write: the untouched head and tail come from the cluster's current content
-    // (which cannot change: we hold the claim on these clusters).
-    std::vector<std::byte> buffer(stop - start);
+  int result = 0;
+  if (fresh > 0 && external_data_) {
+    // The data file maps guest offsets to themselves; nothing is counted.
+    for (std::uint64_t i = 0; i < clusters; ++i) {
+      if (!pieces[i].keep) pieces[i].host = (first_cluster + i) * cs;
+    }
+  } else if (fresh > 0) {
+    result = co_await allocate_clusters(fresh, host);
+    if (result < 0) co_return result;
+    std::uint64_t next = host;
+    for (Piece& piece : pieces) {
+      if (!piece.keep) {
+        piece.host = next;
+        next += cs;
+      }
+    }
+  }
+  // The pieces cover [lo, hi) without gaps (only the first and last can stop short of their
+  // cluster's edges); copy-on-write fills [lo, pos) and [end, hi) from the current content
+  // (backing file, zeros, the old cluster), which cannot change: we hold the claims.
+  const std::uint64_t lo = pieces.front().lo;
+  const std::uint64_t hi = pieces.back().hi;
+  std::vector<std::byte> buffer;
+  std::span<const std::byte> source = data;
+  if (lo < pos || hi > end) {
+    buffer.resize(hi - lo);
     std::span<std::byte> whole(buffer);
-    result = co_await read_guest(start, whole.first(pos - start));
+    result = co_await read_guest(lo, whole.first(pos - lo));
+    if (result >= 0) result = co_await read_guest(end, whole.subspan(end - lo));
     if (result >= 0) {
-      result = co_await read_guest(pos + length, whole.subspan(pos + length - start));
+      std::memcpy(buffer.data() + (pos - lo), data.data(), length);
+      source = buffer;
     }
-    if (result >= 0) {
-      std::memcpy(buffer.data() + (pos - start), data.data(), length);
-      result = co_await write_aligned(host, std::span<const std::byte>(buffer));
+  }
+  // One write per host-contiguous run of pieces.
+  for (std::uint64_t i = 0; result >= 0 && i < clusters;) {
+    const std::uint64_t run_host = pieces[i].host + pieces[i].lo % cs;
+    std::uint64_t run_end = pieces[i].hi;
+    std::uint64_t j = i + 1;
+    while (j < clusters &&
+           pieces[j].host + pieces[j].lo % cs == run_host + (run_end - pieces[i].lo)) {
+      run_end = pieces[j].hi;
+      ++j;
     }
+    result = co_await write_aligned(run_host,
+                                    source.subspan(pieces[i].lo - lo, run_end - pieces[i].lo));
+    i = j;
   }
   if (result < 0) {
     std::lock_guard lock(meta_mutex_);
-    for (std::uint64_t i = 0; i < clusters; ++i) pending_frees_.push_back(host + i * cs);
+    if (!external_data_) {
+      for (std::uint64_t i = 0; i < fresh; ++i) pending_frees_.push_back(host + i * cs);
+    }
     co_return result;
   }
   std::lock_guard lock(meta_mutex_);
-  const bool extended = extended_;
   CachedTable& table = *l2;
   for (std::uint64_t i = 0; i < clusters; ++i) {
     const std::uint64_t index = (first_cluster + i) % l2_entries_;
-    const std::uint64_t old = get64(table, extended ? index * 2 : index);
-    defer_release(old);
-    put64(table, extended ? index * 2 : index, (host + i * cs) | kEntryCopied);
-    if (extended) put64(table, index * 2 + 1, kAllSubclustersAllocated);
+    if (!pieces[i].keep) {
+      defer_release(get64(table, extended ? index * 2 : index));
+      put64(table, extended ? index * 2 : index, pieces[i].host | kEntryCopied);
+    }
+    if (extended) put64(table, index * 2 + 1, pieces[i].bitmap);
   }
   ++table.generation;
   co_return 0;
 }
 
 coro::Task<int> Qcow2Node::write_aligned(std::uint64_t offset, std::span<const std::byte> data) {
-  co_return co_await file_->write(offset, data, 0);
+  co_return co_await data_->write(offset, data, 0);
 }
 
 coro::Task<int> Qcow2Node::write(std::uint64_t offset, std::span<const std::byte> buffer,
                                  std::uint32_t flags) {
   if (read_only_) co_return -EROFS;
-  if (corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire)) {
+  if (refuses_writes()) {
     co_return -EIO;
   }
   if (flags & kWriteCompressed) {
@@ -1303,8 +1397,7 @@ coro::Task<int> Qcow2Node::zero_or_discard(std::uint64_t first_cluster, std::uin
           result = -EIO;
           break;
         }
-        const std::uint64_t host = old & kL2OffsetMask;
-        const bool plain = !(old & kEntryCompressed) && (old & kEntryCopied) && host != 0;
+        const bool plain = !(old & kEntryCompressed) && (old & kEntryCopied) && has_host(old);
         std::uint64_t entry = 0;
         std::uint64_t bitmap = 0;
         if (mode == Mode::kZero && plain && !(flags & kMayUnmap)) {
@@ -1313,7 +1406,7 @@ coro::Task<int> Qcow2Node::zero_or_discard(std::uint64_t first_cluster, std::uin
           if (mode == Mode::kDiscard && backing_ && header_.version < 3) {
             continue;  // v2 over a backing file: nothing can hide the backing data
           }
-          if (!(old & kEntryCompressed) && host == 0 && !(old & kEntryZero) &&
+          if (!(old & kEntryCompressed) && !has_host(old) && !(old & kEntryZero) &&
               (!extended || get64(table, slot + 1) == 0) && !backing_) {
             continue;  // unallocated without a backing file reads as zeros already
           }
@@ -1336,7 +1429,7 @@ coro::Task<int> Qcow2Node::zero_or_discard(std::uint64_t first_cluster, std::uin
 coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                         std::uint32_t flags) {
   if (read_only_) co_return -EROFS;
-  if (corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire)) {
+  if (refuses_writes()) {
     co_return -EIO;
   }
   const std::uint64_t cs = cluster_size();
@@ -1344,7 +1437,8 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
   std::uint64_t head_end = std::min(end, (offset + cs - 1) / cs * cs);
   std::uint64_t tail_begin = std::max(head_end, end / cs * cs);
   if (end == size() && tail_begin < end) tail_begin = end;  // the image's partial last cluster
-  if (header_.version < 3) {
+  if (header_.version < 3 || raw_data_) {
+    // (a raw data file must read as the guest's view: its zeros are written there)
     if (flags & kNoFallback) co_return -ENOTSUP;
     co_return co_await BlockNode::write_zeroes(offset, bytes, flags);
   }
@@ -1371,7 +1465,7 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
 
 coro::Task<int> Qcow2Node::discard(std::uint64_t offset, std::uint64_t bytes) {
   if (read_only_) co_return -EROFS;
-  if (corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire)) {
+  if (refuses_writes()) {
     co_return -EIO;
   }
   const std::uint64_t cs = cluster_size();
@@ -1379,6 +1473,14 @@ coro::Task<int> Qcow2Node::discard(std::uint64_t offset, std::uint64_t bytes) {
   const std::uint64_t begin = (offset + cs - 1) / cs * cs;
   std::uint64_t stop = end / cs * cs;
   if (end == size()) stop = end;
+  if (raw_data_) {
+    // A raw data file must keep reading as the guest's view, its clusters mapped one to one:
+    // the discarded clusters are zeroed (holes punched) there, the entries stay.
+    if (begin >= stop) co_return 0;
+    const int zeroed = co_await data_->write_zeroes(begin, stop - begin, kMayUnmap);
+    if (zeroed < 0) co_return zeroed;
+    co_return co_await after_write(0);
+  }
   int result = 0;
   for (std::uint64_t pos = begin; result >= 0 && pos < stop;) {
     const std::uint64_t span_end = std::min(stop, (pos / l2_span() + 1) * l2_span());
@@ -1442,6 +1544,12 @@ coro::Task<int> Qcow2Node::write_refcount_blocks() {
 }
 
 coro::Task<int> Qcow2Node::write_back_locked() {
+  // Data before the L2 entries naming it: the data file is flushed before any table is
+  // written (the image file's own data is ordered by the flushes below).
+  if (external_data_) {
+    const int flushed = co_await data_->flush();
+    if (flushed < 0) co_return flushed;
+  }
   std::vector<Snapshot> tables;
   std::vector<std::byte> l1;
   std::uint64_t l1_generation = 0;
@@ -1511,7 +1619,7 @@ coro::Task<int> Qcow2Node::flush() {
 coro::Task<int> Qcow2Node::truncate(std::uint64_t new_size) {
   if (read_only_) co_return -EROFS;
   if (new_size % 512 != 0) co_return -EINVAL;
-  if (corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire)) {
+  if (refuses_writes()) {
     co_return -EIO;
   }
   const std::uint64_t cs = cluster_size();
@@ -1586,6 +1694,10 @@ coro::Task<int> Qcow2Node::truncate(std::uint64_t new_size) {
     header_.l1_table_offset = offset;
     header_.l1_size = static_cast<std::uint32_t>(needed);
     l1_on_disk_.resize(needed, 0);
+  }
+  if (external_data_ && data_->size() < new_size) {
+    result = co_await data_->truncate(new_size);  // as qemu grows the data file with the image
+    if (result < 0) co_return result;
   }
   {
     std::lock_guard lock(meta_mutex_);

@@ -18,11 +18,21 @@
 // counted in cached refcount blocks (new refcount blocks, and a larger refcount table, made as
 // needed); the untouched parts of the cluster are copied from its old content (backing file,
 // zeros, a compressed or shared cluster); the data is written; then the L2 entry (in a new L2
-// table if the L1 entry is empty) points at it, with COPIED. Clusters the old entries held are
-// released only after the L2 tables that no longer name them are on disk; released clusters
-// are not reused (allocation only appends). An L2 table shared with an internal snapshot (L1
+// table if the L1 entry is empty) points at it, with COPIED. Extended L2: only the subclusters
+// written become allocated (their zero bits cleared, the others' bits kept), partial ones
+// completed from their old content (backing file or zeros); an unallocated or zero cluster
+// gets a new host cluster, and a COPIED data cluster keeps its own, written in place at the
+// new subclusters; a compressed or shared cluster is copied whole, every subcluster
+// allocated. As qemu does, only the subclusters written reach the file, so the file may end
+// inside its last host cluster. Clusters the old entries held are released only after the L2
+// tables that no longer name them are on disk; released clusters are not reused (allocation
+// only appends). An L2 table shared with an internal snapshot (L1
 // entry without COPIED) is first copied to a new cluster (the copy written before the L1 entry
-// names it, the old table's reference dropped after); external data files are refused at open.
+// names it, the old table's reference dropped after). With an external data file
+// (FormatOpenOptions::open_data_file opens it) data clusters live there at their guest offsets,
+// unrefcounted, and the data file is flushed before any table is written; a raw data file
+// (data_file_raw) gets zeros written and holes punched for zeroes and discards, so that it
+// always reads as the guest's view.
 // Compressed writes (kWriteCompressed, from convert -c) pack compressed clusters byte-wise
 // into host clusters, each host cluster's refcount counting the compressed clusters touching
 // it (one may span two adjacent host clusters); a few host clusters are filled at once, so
@@ -48,25 +58,27 @@
 //                        in_flight_, pending_frees_, and the header's mutable fields (L1 and
 //                        refcount table location and size, size, feature bits).
 //   in_flight_           one record per guest cluster being allocated, zeroed or discarded,
-//                        or (extended L2) written in place while some of its subclusters are
-//                        unallocated: such a cluster can be copied to a new host cluster by an
-//                        allocating write of its other subclusters, so an in-place write there
-//                        holds the claim too. A second request for that cluster waits on the
-//                        record's Event, then looks the cluster up again (and then usually
-//                        writes in place). Requests on different guest clusters allocate in
-//                        parallel; in-place writes to fully allocated clusters take no claim.
+//                        or (extended L2) having subclusters allocated. A second request for
+//                        that cluster waits on the record's Event, then looks the cluster up
+//                        again (and then usually writes in place). Requests on different guest
+//                        clusters allocate in parallel; in-place writes take no claim: an
+//                        allocating write never moves a cluster that has COPIED data in place
+//                        (it writes only its unallocated subclusters, and copies-on-write
+//                        only from those), so the two touch different bytes.
 //   table loads          a miss inserts a not-ready table and its creator reads it with no
 //                        lock held; concurrent misses wait on its Event (TableCache).
 //   l2_in_making_        one record per L1 entry whose new L2 table (or copy of a table
 //                        shared with a snapshot) is being made: others wanting that table
 //                        wait on its Event, then look at the L1 entry again.
 //   flush_mutex_         coro::Mutex serialising flush(), refcount table growth, truncate
-//                        (and its L1 growth) and marking the image corrupt, which each write
-//                        metadata in order. Allocating requests take it only to grow the
+//                        (and its L1 growth), marking the image corrupt and the internal
+//                        snapshot operations (snapshots.cc), which each write metadata in
+//                        order. Allocating requests take it only to grow the
 //                        refcount table or to write back when the caches fill with dirty
 //                        tables; nothing holding it waits for a guest cluster's record.
-//   corrupt_, broken_    atomics; set once (a corrupt entry found; a metadata move that
-//                        failed half way), after which writes fail with -EIO.
+//   corrupt_, broken_,   atomics; set once (a corrupt entry found; a metadata move that
+//   retired_             failed half way; amend rebuilt the refcounts with another width),
+//                        after which writes fail with -EIO.
 // Guest requests that overlap are not ordered against each other (the caller's job), except
 // that allocations of one guest cluster are serialised as above.
 #pragma once
@@ -85,6 +97,7 @@
 #include "block/block_error.h"
 #include "block/block_node.h"
 #include "block/formats/qcow2/format.h"
+#include "block/formats/qcow2/snapshot_table.h"
 #include "block/formats/qcow2/table_cache.h"
 #include "block/image_format.h"
 #include "coro/event.h"
@@ -101,8 +114,8 @@ namespace spindle::block::qcow2 {
 // its refcounts rebuilt by check_image() (check.h) and the bit cleared first; read-only or
 // without repair_if_dirty it opens as it is.
 // Errors: EINVAL for malformed headers, tables outside the file or a failed repair, ENOTSUP
-// for features we do not implement (encryption, external data files), EACCES for a writable
-// open of an image marked corrupt.
+// for features we do not implement (encryption; an external data file without an opener),
+// EACCES for a writable open of an image marked corrupt.
 coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOptions options);
 
 class Qcow2Node final : public BlockNode {
@@ -122,8 +135,8 @@ class Qcow2Node final : public BlockNode {
   // A range inside one host-contiguous run of data clusters whose L2 table is cached, where the
   // file node stores it in a host file. Never waits: with meta_mutex_ busy or the table not
   // cached it says "nowhere". Host clusters are never reused while the node is open, and data
-  // moves only when a write to the same guest cluster allocates (extended L2: a partly
-  // allocated cluster is copied), so the range holds the guest data until a write overlapping
+  // moves only when a write to the same guest cluster allocates (a cluster shared with a
+  // snapshot is copied), so the range holds the guest data until a write overlapping
   // the guest cluster lands (ordering against it is the caller's job, as with any request).
   std::optional<HostFileRange> host_file_range(std::uint64_t offset,
                                                std::uint64_t bytes) const noexcept override;
@@ -151,9 +164,45 @@ class Qcow2Node final : public BlockNode {
   // For check and info (qcow2 check/create, tools). The header as of the last metadata change:
   // read it while no request runs.
   const Header& header() const noexcept { return header_; }
+
+  // qemu-img amend (amend.cc), with no other request in flight. Unset fields stay as they are.
+  // version 2 (compat=0.10) expands zero clusters first (allocated and zeroed over a backing
+  // file, else made unallocated) and refuses what v2 cannot hold (extended L2, non-16-bit
+  // refcounts, zstd-compressed clusters, lazy refcounts asked for); version 3 rewrites the
+  // header as v3. Errors carry qemu-img's messages.
+  struct AmendRequest {
+    std::optional<std::uint32_t> version;
+    std::optional<bool> lazy_refcounts;
+    std::optional<std::uint32_t> refcount_bits;
+    std::optional<std::uint64_t> size;
+  };
+  coro::Task<BlockError> amend(AmendRequest request);
   const BlockNodeRef& file() const noexcept { return file_; }
   const BlockNodeRef& backing() const noexcept { return backing_; }
   bool corrupt() const noexcept { return corrupt_.load(std::memory_order_acquire); }
+
+  // ---- internal snapshots (snapshots.cc) ----------------------------------------------------
+  // Call these with no other request in flight on the node (spindle-img opens the image for
+  // them alone). The changing ones take flush_mutex_ and write back all dirty metadata first;
+  // a crash at any point leaves at worst leaked clusters (and COPIED bits still clear where a
+  // refcount went back to 1). Errors: EINVAL for a bad snapshot table or snapshot L1 table
+  // or a refcount already at the largest its width holds (as QEMU), EIO for a corrupt tree or
+  // refcount, ENOENT no such snapshot, EEXIST a duplicate id, EFBIG too many snapshots, EROFS
+  // read-only, I/O failures as their errno.
+  // The snapshot table as the file holds it.
+  coro::Task<BlockResult<std::vector<SnapshotEntry>>> snapshots();
+  // Appends a snapshot of the active image: `snapshot`'s id (empty: one more than the
+  // largest number among the ids), name, date, VM clock, VM state size and icount are kept;
+  // its L1 table is a copy of the active one and every cluster the active tree reaches gets
+  // one more reference (COPIED cleared).
+  coro::Task<BlockError> create_snapshot(SnapshotEntry snapshot);
+  // Removes the first snapshot named `name` and drops its references; COPIED is set again in
+  // the active tree where a refcount is back to 1.
+  coro::Task<BlockError> delete_snapshot(std::string name);
+  // Makes the snapshot with id `id_or_name` (else the first named so) the active image: its
+  // L1 table is copied to new clusters and committed with its virtual size in one header
+  // write; the old active tree loses its references afterwards.
+  coro::Task<BlockError> apply_snapshot(std::string id_or_name);
 
  private:
   friend coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file,
@@ -197,6 +246,12 @@ class Qcow2Node final : public BlockNode {
   std::vector<std::uint32_t> bad_l2_entries(std::uint64_t l2_offset, const CachedTable& table);
   // With meta_mutex_ held: -EIO (and corrupt_) if an L1 entry is invalid, else its offset.
   std::int64_t checked_l2_offset(std::uint64_t l1_entry) noexcept;
+  // Whether a (non-compressed) L2 entry names a host cluster: a non-zero offset, or, in an
+  // external data file (where 0 is a valid offset and every cluster has one owner), offset 0
+  // with COPIED.
+  bool has_host(std::uint64_t entry) const noexcept {
+    return (entry & kL2OffsetMask) != 0 || (external_data_ && (entry & kEntryCopied) != 0);
+  }
   // With meta_mutex_ held: whether the host cluster at `offset` holds metadata.
   bool is_metadata(std::uint64_t offset) const noexcept;
   // One cluster (or, with extended L2, one subcluster) of an L2 table, as seen from `pos`.
@@ -218,6 +273,13 @@ class Qcow2Node final : public BlockNode {
   // v3 opens; writes fail with -EIO from then on.
   coro::Task<void> mark_corrupt();
   coro::Task<int> write_header_fields();
+  // Rewrites the whole header cluster (fields, extensions, backing name) from header_.
+  coro::Task<int> write_header_cluster();
+  // The guest clusters whose active L2 entry is compressed (flag kEntryCompressed) or, not
+  // compressed, has `flag` set (amend.cc).
+  coro::Task<int> find_clusters(std::uint64_t flag, std::vector<std::uint64_t>& found);
+  // For a downgrade to v2: no zero clusters left in the active tables (amend.cc).
+  coro::Task<int> expand_zero_clusters();
 
   // ---- reads ------------------------------------------------------------------------------
   // Guest content of [pos, pos + buffer.size()), zeros past the image's end.
@@ -250,9 +312,14 @@ class Qcow2Node final : public BlockNode {
   coro::Task<int> grow_refcount_table_locked(std::uint64_t min_entries);
   // Decrements a cluster's refcount in its (loaded) block.
   coro::Task<int> release_cluster(std::uint64_t host_offset);
-  // delta -1: as release_cluster; +1: adds a reference to an allocated cluster, `changed`
-  // false (nothing done) when its refcount is 0 or already the largest its width holds.
-  coro::Task<int> change_refcount(std::uint64_t host_offset, int delta, bool& changed);
+  // Adds `delta` (-1, 0 or +1) to the refcount of the cluster holding `host_offset`; `now`
+  // is the new count. -EIO below 0 or without a refcount block, -EINVAL above the maximum.
+  coro::Task<int> adjust_refcount(std::uint64_t host_offset, int delta, std::uint64_t& now);
+  // The largest refcount the image's refcount width holds.
+  std::uint64_t largest_refcount() const noexcept {
+    return header_.refcount_order == 6 ? ~std::uint64_t{0}
+                                       : (std::uint64_t{1} << (1u << header_.refcount_order)) - 1;
+  }
   // With meta_mutex_ held: queues the clusters an entry being replaced held, for release once
   // the tables that no longer name them are on disk (write_back_locked).
   void defer_release(std::uint64_t entry) noexcept;
@@ -275,15 +342,15 @@ class Qcow2Node final : public BlockNode {
   bool in_place(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
                 std::uint64_t& host) const noexcept;
   // With meta_mutex_ held: the length of the host-contiguous in-place run from `pos` (before
-  // `end`; 0: `pos` is not in place), its host offset, and whether it touches a cluster that
-  // has unallocated subclusters (extended L2: such a write takes the cluster's claim).
+  // `end`; 0: `pos` is not in place) and its host offset.
   std::uint64_t in_place_run(const CachedTable& table, std::uint64_t pos, std::uint64_t end,
-                             std::uint64_t& host, bool& partial) const noexcept;
+                             std::uint64_t& host) const noexcept;
   // Writes [pos, pos + length) of one L2 table's span: in place where it can, else by
   // allocation (claiming the guest clusters first).
   coro::Task<int> write_span(std::uint64_t pos, std::uint64_t length,
                              std::span<const std::byte> data);
-  // With the claims on [first_cluster, first_cluster + clusters) held.
+  // With the claims on [first_cluster, first_cluster + clusters) held: writes clusters that
+  // are not in place (see "Writes" above), extended L2 subclusters in their host cluster.
   coro::Task<int> allocate_and_write(std::uint64_t pos, std::uint64_t length,
                                      std::span<const std::byte> data, TableRef l2,
                                      std::uint64_t first_cluster, std::uint64_t clusters);
@@ -303,6 +370,27 @@ class Qcow2Node final : public BlockNode {
   // where.
   // -ENOTSUP when the file's request alignment exceeds a cluster (store normally).
   coro::Task<int> store_compressed(std::span<const std::byte> data, std::uint64_t& host);
+  // One more reference to the host cluster being filled; `added` false (nothing done) when
+  // its refcount is 0 or already the largest the width holds.
+  coro::Task<int> add_reference(std::uint64_t host_offset, bool& added);
+  // ---- internal snapshots (snapshots.cc); flush_mutex_ held ---------------------------------
+  // The table and the bytes it spans on disk (`extent`).
+  coro::Task<BlockResult<std::vector<SnapshotEntry>>> read_snapshot_table(std::uint64_t& extent);
+  // The same after writing back the caches (the table change then starts from disk state).
+  coro::Task<BlockResult<std::vector<SnapshotEntry>>> flushed_snapshot_table(
+      std::uint64_t& extent);
+  // Why a snapshot may not be created, applied or deleted now (read-only, corrupt), or ok.
+  BlockError snapshot_change_refused() const;
+  // adjust_refcount's error for the refcount of `what` (a cluster, a table), as a message.
+  BlockError refcount_error(int result, const std::string& what) const;
+  // Adds `delta` to every cluster the tree of `l1` reaches (L2 tables, data clusters, each
+  // host cluster a compressed cluster touches). `active`: `l1` is l1_ and the COPIED bits of
+  // l1_ and of its L2 tables are set from the resulting refcounts.
+  coro::Task<BlockError> walk_tree(std::vector<std::uint64_t> l1, bool active, int delta);
+  // Writes `table` to new clusters, then (all metadata written back) points the header at it,
+  // then frees the old table (`old_extent` bytes at the old snapshots_offset).
+  coro::Task<BlockError> commit_snapshot_table(const std::vector<SnapshotEntry>& table,
+                                               std::uint64_t old_extent);
   // Flushes for FUA, or to write back when the caches hold too many dirty tables.
   coro::Task<int> after_write(std::uint32_t flags);
   enum class Mode { kZero, kDiscard };
@@ -316,15 +404,25 @@ class Qcow2Node final : public BlockNode {
   coro::Task<int> write_refcount_blocks();
 
   const BlockNodeRef file_;
+  // Where data clusters live: file_, or the external data file (set once during open). Its
+  // host offsets are the guest offsets, and its clusters are not refcounted.
+  BlockNodeRef data_;
   BlockNodeRef backing_;  // set once during open
   const bool read_only_;
   std::uint64_t l2_entries_;
   std::uint64_t refcount_entries_;  // per refcount block
   const bool extended_;             // extended L2 entries (subclusters)
+  const bool external_data_;        // data clusters in data_, not in file_
+  const bool raw_data_;             // ...which must always read as the guest sees the image
   std::atomic<std::uint64_t> size_;
   std::atomic<bool> corrupt_{false};
   std::atomic<bool> corrupt_marked_{false};
   std::atomic<bool> broken_{false};  // a metadata move failed half way: no more writes
+  std::atomic<bool> retired_{false};  // amend rebuilt the refcounts on the file: no more writes
+  bool refuses_writes() const noexcept {
+    return corrupt_.load(std::memory_order_acquire) || broken_.load(std::memory_order_acquire) ||
+           retired_.load(std::memory_order_acquire);
+  }
 
   mutable std::mutex meta_mutex_;  // mutable: host_file_range() try-locks it
   Header header_;                        // meta_mutex_ for the mutable fields
@@ -363,5 +461,10 @@ class Qcow2Node final : public BlockNode {
   coro::Mutex compressed_mutex_;
   std::vector<FillingCluster> filling_;  // compressed_mutex_
 };
+
+// qemu-img amend's -o options for qcow2 (amend.cc), with qemu-img's messages for keys it does
+// not amend (create-only, unknown) and bad values.
+BlockResult<Qcow2Node::AmendRequest> parse_amend_options(
+    const std::map<std::string, std::string>& options);
 
 }  // namespace spindle::block::qcow2

@@ -1,0 +1,50 @@
+// `spindle-img amend`: changes an existing image's options in place (qemu-img amend): for
+// qcow2 compat (0.10 <-> 1.1), lazy_refcounts and size; the format decides what it accepts and
+// answers with qemu-img's messages.
+#include <cstdio>
+#include <cstring>
+
+#include "commands.h"
+#include "coro/block_on.h"
+#include "image_creator.h"
+#include "image_opener.h"
+#include "tool_failure.h"
+
+namespace spindle::img {
+
+namespace {
+
+coro::Task<block::BlockError> amend_and_close(OpenedImage& image,
+                                              std::map<std::string, std::string> options) {
+  block::BlockError error = co_await image.format->amend(*image.root, std::move(options));
+  const int closed = co_await image.root->close();
+  if (error.ok() && closed < 0) {
+    error = {-closed, std::string("Error while closing the image: ") + std::strerror(-closed)};
+  }
+  co_return error;
+}
+
+}  // namespace
+
+int run_amend(const AmendOptions& options) {
+  if (!options.options_given) {
+    fail("Must specify options (-o)\nTry 'qemu-img --help' for more information");
+  }
+  if (options.options.empty()) fail("Invalid option list: ");
+  block::CreateRequest request;
+  parse_creation_options(options.options, request);
+  OpenedImage image = open_image(options.filename, options.format,
+                                 ImageOpenOptions{.read_only = false, .with_backing = true,
+                                                  .repair_if_dirty = true});
+  if (options.progress) {
+    std::fprintf(stderr, "    (0.00/100%%)\r");
+    std::fflush(stderr);
+  }
+  const block::BlockError error =
+      coro::block_on(amend_and_close(image, std::move(request.options)));
+  if (options.progress) std::fprintf(stderr, "    (100.00/100%%)\n");
+  if (!error.ok()) fail(error.message);
+  return 0;
+}
+
+}  // namespace spindle::img
