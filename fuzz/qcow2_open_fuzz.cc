@@ -6,8 +6,9 @@
 // block status through a BlockBackend, and the open node is checked as well. Errors are fine;
 // crashes, sanitizer reports, leaks and hangs are not.
 //
-// Backing files never reach the file system: a relative name opens a null node (reads as
-// zeros), an absolute one is reported missing (ENOENT).
+// Backing and external data files never reach the file system: a relative name opens a null
+// node (reads as zeros), an absolute one is reported missing (ENOENT). The snapshot table is
+// listed as well.
 //
 // Seeds: with SPINDLE_FUZZ_WRITE_SEEDS=DIR the binary writes a few small images made by our
 // own create (512 B and 4 KiB clusters, v2 and v3, a backing file, preallocated metadata)
@@ -76,6 +77,10 @@ FormatOpenOptions open_options() {
     if (name.starts_with('/')) co_return BlockError{ENOENT, "backing file missing"};
     co_return BlockNodeRef(std::make_shared<NullNode>(kBackingSize));
   };
+  options.open_data_file = [](const std::string& name, bool) -> BlockResult<BlockNodeRef> {
+    if (name.starts_with('/')) return BlockError{ENOENT, "data file missing"};
+    return BlockNodeRef(std::make_shared<NullNode>(kBackingSize));
+  };
   return options;
 }
 
@@ -136,6 +141,7 @@ coro::Task<void> exercise(const std::uint8_t* data, std::size_t size) {
     }
   }
   (void)co_await format.describe(*node);
+  (void)co_await format.list_snapshots(*node);
   (void)co_await format.check(node, RepairMode::kNone);
   (void)co_await node->close();
 }
