@@ -46,6 +46,8 @@ struct ConvertOptions {
   bool progress = false;
   bool compress = false;  // -c: compressed clusters (formats that can_compress())
   bool no_create = false;  // -n: the target exists (not created; zeroed over the source's size)
+  std::string backing;         // -B: the target's backing file (content as the source's own)
+  std::string backing_format;  // -F
   std::string sparse_size = "4k";
   bool out_of_order = false;
   int coroutines = 8;

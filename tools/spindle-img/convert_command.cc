@@ -72,7 +72,13 @@ int run_convert(const ConvertOptions& options) {
   block::CreateRequest creation;
   parse_creation_options(options.options, creation);
   if (creation.options.contains("backing_file")) {
-    fail("convert does not support a backing file for the target (-o backing_file)");
+    fail("convert does not support -o backing_file for the target: use -B");
+  }
+  if (!options.backing.empty()) {
+    if (options.backing_format.empty()) fail("Use of backing file requires explicit backing format");
+    if (existing_target) fail("-B is not supported with -n or an NBD target");
+    creation.options["backing_file"] = options.backing;
+    creation.options["backing_fmt"] = options.backing_format;
   }
   validate_creation(target_format, creation);
   OpenedImage source = open_image(options.source, options.source_format, ImageOpenOptions{});
@@ -83,8 +89,10 @@ int run_convert(const ConvertOptions& options) {
     creation.size = source.backend->size();
     create_image(options.target, target_format, creation);
   }
-  OpenedImage target = open_image(options.target, options.target_format,
-                                  ImageOpenOptions{.read_only = false, .with_backing = false});
+  // (with -B the target knows its backing file: zeros must be written to hide it)
+  OpenedImage target = open_image(
+      options.target, options.target_format,
+      ImageOpenOptions{.read_only = false, .with_backing = !options.backing.empty()});
   if (existing_target) {
     if (target.backend->size() < source.backend->size()) {
       fail("output file is smaller than input file");
@@ -97,6 +105,7 @@ int run_convert(const ConvertOptions& options) {
   ParallelCopier::Options copy;
   copy.workers = static_cast<unsigned>(options.coroutines);
   copy.sparse_size = *sparse;
+  copy.target_has_backing = !options.backing.empty();
   if (options.compress) {
     copy.compress_cluster_size = coro::block_on(target_format.describe(*target.root)).cluster_size;
     if (copy.compress_cluster_size == 0) fail("Compression not supported for this file format");

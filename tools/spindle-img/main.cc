@@ -101,6 +101,10 @@ int main(int argc, char** argv) {
                               "Target format: " + creatable + " (default raw)");
   convert_command->add_option("-o", convert.options, "Target creation options (see create)");
   convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
+  convert_command->add_option("-B", convert.backing,
+                              "Backing file of the target (as the source's backing file): only "
+                              "what the source's top image allocates is copied");
+  convert_command->add_option("-F", convert.backing_format, "Format of the -B backing file");
   convert_command->add_flag("-n", convert.no_create,
                             "Write into the existing TARGET instead of creating it");
   convert_command->add_flag("-c", convert.compress,

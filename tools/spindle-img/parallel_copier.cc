@@ -52,12 +52,35 @@ coro::Task<void> ParallelCopier::worker() {
 coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t length,
                                            std::vector<std::byte>& buffer) {
   const std::uint64_t end = offset + length;
+  const std::uint64_t cluster = options_.compress_cluster_size;
+  // Compressing over a backing file: the clusters the source's top image allocates.
+  std::vector<bool> top_allocated;
+  if (cluster != 0) top_allocated.assign((length + cluster - 1) / cluster, false);
   std::uint64_t pos = offset;
   while (pos < end) {
     const ChainExtent extent = co_await chain_status(source_->root(), pos, end - pos);
     if (extent.error < 0) co_return extent.error;
     const std::span<std::byte> piece(buffer.data(), extent.bytes);
-    if (options_.compress_cluster_size != 0) {
+    // With a backing file for the target (-B), what the source's top image does not allocate
+    // is left to it.
+    const bool from_top = extent.present && extent.depth == 0;
+    if (cluster != 0 && from_top) {
+      for (std::uint64_t c = (pos - offset) / cluster; c * cluster < pos - offset + extent.bytes;
+           ++c) {
+        top_allocated[c] = true;
+      }
+    }
+    if (options_.target_has_backing && cluster == 0) {
+      if (from_top && extent.zero) {
+        const int zeroed = co_await target_->write_zeroes(pos, extent.bytes);
+        if (zeroed < 0) co_return zeroed;
+      } else if (from_top) {
+        const int read = co_await source_->read(pos, piece);
+        if (read < 0) co_return read;
+        const int written = co_await target_->write(pos, piece);
+        if (written < 0) co_return written;
+      }
+    } else if (cluster != 0) {
       // Whole clusters are written compressed: gather the chunk first, zeros included.
       const std::span<std::byte> place(buffer.data() + (pos - offset), extent.bytes);
       if (extent.zero) {
@@ -80,21 +103,30 @@ coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t l
     }
     pos += extent.bytes;
   }
-  if (options_.compress_cluster_size != 0) {
-    co_return co_await write_compressed(offset, std::span<const std::byte>(buffer).first(length));
+  if (cluster != 0) {
+    co_return co_await write_compressed(offset, std::span<const std::byte>(buffer).first(length),
+                                        top_allocated);
   }
   co_return 0;
 }
 
 coro::Task<int> ParallelCopier::write_compressed(std::uint64_t offset,
-                                                 std::span<const std::byte> data) {
+                                                 std::span<const std::byte> data,
+                                                 const std::vector<bool>& top_allocated) {
   // `offset` is a multiple of the chunk size and so of the cluster size.
   const std::uint64_t cluster = options_.compress_cluster_size;
   for (std::uint64_t pos = 0; pos < data.size(); pos += cluster) {
     const std::span<const std::byte> piece =
         data.subspan(pos, std::min<std::uint64_t>(cluster, data.size() - pos));
-    if (all_zero(piece)) continue;  // the fresh target reads as zeros there
-    const int written = co_await target_->write(offset + pos, piece, block::kWriteCompressed);
+    int written = 0;
+    if (options_.target_has_backing && !top_allocated[pos / cluster]) {
+      continue;  // the target's backing file holds it
+    } else if (all_zero(piece)) {
+      // A fresh target reads as zeros there, unless its backing file shows through.
+      if (options_.target_has_backing) written = co_await target_->write_zeroes(offset + pos, piece.size());
+    } else {
+      written = co_await target_->write(offset + pos, piece, block::kWriteCompressed);
+    }
     if (written < 0) co_return written;
   }
   co_return 0;

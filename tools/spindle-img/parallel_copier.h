@@ -7,7 +7,9 @@
 //     the buffer that is all zeros (qemu-img convert -S);
 //   * or, compressing (compress_cluster_size set), writes every target cluster that is not all
 //     zeros as one kWriteCompressed request (the target compresses it on its thread pool, so
-//     the workers' clusters compress in parallel).
+//     the workers' clusters compress in parallel);
+//   * with target_has_backing (convert -B), copies only what the source's top image
+//     allocates (zeros as write_zeroes, so that they hide the target's backing file).
 // Chunks complete out of order (qemu-img convert -W semantics).
 //
 // Thread-safety: one copier is driven by one run() call; its workers are coroutines on the
@@ -35,6 +37,9 @@ class ParallelCopier {
     std::uint64_t chunk_size = 2u << 20;
     // Non-zero: the target's cluster size, a power of two; every cluster is written compressed.
     std::uint64_t compress_cluster_size = 0;
+    // The target has a backing file with the content of the source's (convert -B): only what
+    // the source's top image allocates is copied, its zeros as zeroes, all else left to it.
+    bool target_has_backing = false;
     // Called after every chunk with the bytes done so far (on the copying context).
     std::function<void(std::uint64_t done, std::uint64_t total)> on_progress;
   };
@@ -50,7 +55,8 @@ class ParallelCopier {
   coro::Task<int> copy_chunk(std::uint64_t offset, std::uint64_t length,
                              std::vector<std::byte>& buffer);
   coro::Task<int> write_sparse(std::uint64_t offset, std::span<const std::byte> data);
-  coro::Task<int> write_compressed(std::uint64_t offset, std::span<const std::byte> data);
+  coro::Task<int> write_compressed(std::uint64_t offset, std::span<const std::byte> data,
+                                   const std::vector<bool>& top_allocated);
 
   const std::shared_ptr<block::BlockBackend> source_;
   const std::shared_ptr<block::BlockBackend> target_;
