@@ -211,24 +211,9 @@ class Allocator {
     return r < 0 ? r : -EAGAIN;
   }
 
-  // QEMU's qcow2_refcount_metadata_size: refcount blocks needed to count `clusters` (and the
-  // refcount structures themselves); `generous` adds room for half the table again.
   std::uint64_t blocks_needed(std::uint64_t clusters, bool generous) const {
-    const std::uint64_t per_table_cluster = (std::uint64_t{1} << cluster_bits_) / 8;
-    const std::uint64_t per_block = std::uint64_t{1} << block_bits_;
-    std::uint64_t table = 0, blocks = 0, n = 0, last = 0;
-    do {
-      last = n;
-      blocks = (clusters + table + blocks + per_block - 1) / per_block;
-      table = (blocks + per_table_cluster - 1) / per_table_cluster;
-      n = clusters + blocks + table;
-      if (n == last && generous) {
-        clusters += (table + 1) / 2;
-        n = 0;
-        generous = false;
-      }
-    } while (n != last);
-    return blocks;
+    return refcount_metadata(clusters, cluster_bits_, cluster_bits_ + 3 - block_bits_, generous)
+        .blocks;
   }
 
   int grow_table(std::uint64_t start, std::uint64_t index, std::uint64_t block) {

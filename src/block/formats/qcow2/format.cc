@@ -211,6 +211,25 @@ const std::vector<FeatureName>& standard_feature_names() {
   return names;
 }
 
+RefcountMetadata refcount_metadata(std::uint64_t clusters, std::uint32_t cluster_bits,
+                                   std::uint32_t refcount_order, bool generous) noexcept {
+  const std::uint64_t per_table_cluster = (std::uint64_t{1} << cluster_bits) / 8;
+  const std::uint64_t per_block = std::uint64_t{1} << (cluster_bits + 3 - refcount_order);
+  std::uint64_t table = 0, blocks = 0, n = 0, last = 0;
+  do {
+    last = n;
+    blocks = (clusters + table + blocks + per_block - 1) / per_block;
+    table = (blocks + per_table_cluster - 1) / per_table_cluster;
+    n = clusters + blocks + table;
+    if (n == last && generous) {
+      clusters += (table + 1) / 2;
+      n = 0;
+      generous = false;
+    }
+  } while (n != last);
+  return {blocks, table};
+}
+
 std::uint64_t l1_entries_needed(std::uint64_t size, std::uint32_t cluster_bits,
                                 bool extended_l2) noexcept {
   Header h;

@@ -140,6 +140,16 @@ BlockResult<std::vector<std::byte>> encode_header(const Header& header);
 // The feature name table QEMU 7.2 writes into every v3 header, in its order.
 const std::vector<FeatureName>& standard_feature_names();
 
+// The refcount blocks and refcount table clusters needed to count `clusters` clusters and
+// themselves (QEMU's qcow2_refcount_metadata_size); `generous` adds room for half the table
+// again, as QEMU's allocator does when it grows the table.
+struct RefcountMetadata {
+  std::uint64_t blocks = 0;
+  std::uint64_t table_clusters = 0;
+};
+RefcountMetadata refcount_metadata(std::uint64_t clusters, std::uint32_t cluster_bits,
+                                   std::uint32_t refcount_order, bool generous) noexcept;
+
 // L1 entries needed to map `size` bytes (QEMU's size_to_l1).
 std::uint64_t l1_entries_needed(std::uint64_t size, std::uint32_t cluster_bits,
                                 bool extended_l2) noexcept;
