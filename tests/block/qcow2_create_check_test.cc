@@ -27,6 +27,7 @@
 #include "coro/block_on.h"
 #include "coro/task.h"
 #include "support/shell_command.h"
+#include "support/temp_dir.h"
 
 namespace spindle::block::qcow2 {
 namespace {
@@ -61,15 +62,6 @@ std::uint64_t file_be64(const std::string& path, std::uint64_t offset) {
 
 class Qcow2CreateCheckTest : public testing::Test {
  protected:
-  void SetUp() override {
-    char templ[] = "/tmp/spindle-qcow2cc-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
 
   template <typename T>
@@ -141,7 +133,8 @@ class Qcow2CreateCheckTest : public testing::Test {
     EXPECT_EQ(ours.exit_code(), qemu["exit"].get<int>()) << qemu.dump();
   }
 
-  std::string dir_;
+  test::TempDir temp_{"spindle-qcow2cc"};
+  const std::string& dir_ = temp_.dir();
   aio::ContextRef context_ = aio::Context::create("qcow2-cc-test");
 };
 

@@ -27,13 +27,17 @@
 #include "block/formats/qcow2/snapshot_table.h"
 #include "coro/block_on.h"
 #include "coro/task.h"
+#include "support/recording_node.h"
 #include "support/shell_command.h"
+#include "support/temp_dir.h"
 
 namespace spindle::block::qcow2 {
 namespace {
 
 namespace fs = std::filesystem;
 using Bytes = std::vector<std::byte>;
+using test::RecordingNode;
+using test::apply_event;
 using test::must_run;
 using test::read_file_bytes;
 using test::run_command;
@@ -178,48 +182,6 @@ TEST(Qcow2SnapshotTable, ValidatesSnapshotL1Tables) {
 
 // ---- Qcow2Node, against qemu-img ----------------------------------------------------------
 
-// Passes everything to the file and records each write and flush, so that a test can rebuild
-// the file as a crash at any point could have left it.
-class RecordingNode final : public FilterNode {
- public:
-  struct Event {
-    bool flush = false;
-    std::uint64_t offset = 0;
-    Bytes data;
-  };
-  explicit RecordingNode(BlockNodeRef child) : FilterNode(std::move(child)) {}
-  const char* driver_name() const noexcept override { return "recording"; }
-  coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
-                        std::uint32_t flags) override {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back({false, offset, Bytes(buffer.begin(), buffer.end())});
-    }
-    co_return co_await child_->write(offset, buffer, flags);
-  }
-  coro::Task<int> flush() override {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back({true, 0, {}});
-    }
-    co_return co_await child_->flush();
-  }
-  std::vector<Event> take_events() {
-    std::lock_guard lock(mutex_);
-    return std::exchange(events_, {});
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<Event> events_;
-};
-
-void apply_event(Bytes& image, const RecordingNode::Event& event) {
-  if (event.flush) return;
-  if (image.size() < event.offset + event.data.size()) image.resize(event.offset + event.data.size());
-  std::copy(event.data.begin(), event.data.end(), image.begin() + static_cast<std::ptrdiff_t>(event.offset));
-}
-
 void write_file(const std::string& path, const Bytes& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
@@ -243,15 +205,6 @@ std::string harmful_findings(const std::string& output) {
 
 class Qcow2SnapshotNodeTest : public testing::TestWithParam<std::string> {
  protected:
-  void SetUp() override {
-    char templ[] = "/tmp/spindle-qcow2snap-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   template <typename T>
   T run(coro::Task<T> task) {
@@ -287,7 +240,8 @@ class Qcow2SnapshotNodeTest : public testing::TestWithParam<std::string> {
     EXPECT_EQ(out, Bytes(n, std::byte{byte})) << "at " << offset;
   }
 
-  std::string dir_;
+  test::TempDir temp_{"spindle-qcow2snap"};
+  const std::string& dir_ = temp_.dir();
   aio::ContextRef context_ = aio::Context::create("qcow2-snapshot-test");
 };
 

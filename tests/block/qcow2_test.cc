@@ -40,13 +40,17 @@
 #include "coro/block_on.h"
 #include "coro/sleep.h"
 #include "coro/task.h"
+#include "support/recording_node.h"
 #include "support/shell_command.h"
+#include "support/temp_dir.h"
 
 namespace spindle::block::qcow2 {
 namespace {
 
 namespace fs = std::filesystem;
 using Bytes = std::vector<std::byte>;
+using test::RecordingNode;
+using test::apply_event;
 using test::CommandResult;
 using test::must_run;
 using test::read_file_bytes;
@@ -73,42 +77,6 @@ std::uint64_t file_be64(const std::string& path, std::uint64_t offset) {
 
 Bytes pattern(std::size_t size, std::uint8_t value) { return Bytes(size, std::byte{value}); }
 
-// Passes everything to the file and records each write and flush, so that a test can rebuild
-// the file as a crash at any point could have left it.
-class RecordingNode final : public FilterNode {
- public:
-  struct Event {
-    bool flush = false;
-    std::uint64_t offset = 0;
-    Bytes data;
-  };
-  explicit RecordingNode(BlockNodeRef child) : FilterNode(std::move(child)) {}
-  const char* driver_name() const noexcept override { return "recording"; }
-  coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
-                        std::uint32_t flags) override {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back({false, offset, Bytes(buffer.begin(), buffer.end())});
-    }
-    co_return co_await child_->write(offset, buffer, flags);
-  }
-  coro::Task<int> flush() override {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back({true, 0, {}});
-    }
-    co_return co_await child_->flush();
-  }
-  std::vector<Event> events() {
-    std::lock_guard lock(mutex_);
-    return events_;
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<Event> events_;
-};
-
 // Passes everything to the file; each read sleeps for a millisecond after it has the data, which
 // widens the window between an allocation's copy-on-write read and its L2 update (what a test
 // may race against; the outcome it asserts must not depend on the window).
@@ -124,24 +92,8 @@ class SlowReadNode final : public FilterNode {
   }
 };
 
-void apply(Bytes& image, const RecordingNode::Event& event) {
-  if (event.flush) return;
-  if (image.size() < event.offset + event.data.size()) image.resize(event.offset + event.data.size());
-  std::copy(event.data.begin(), event.data.end(), image.begin() + static_cast<std::ptrdiff_t>(event.offset));
-}
-
 class Qcow2Test : public testing::Test {
  protected:
-  void SetUp() override {
-    char templ[] = "/tmp/spindle-qcow2-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
-
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
 
   template <typename T>
@@ -236,7 +188,8 @@ class Qcow2Test : public testing::Test {
     qemu_io(name, commands);
   }
 
-  std::string dir_;
+  test::TempDir temp_{"spindle-qcow2"};
+  const std::string& dir_ = temp_.dir();
   aio::ContextRef context_ = aio::Context::create("qcow2-test");
 };
 
@@ -939,10 +892,10 @@ TEST_F(Qcow2Test, ACrashAtAnyPointLeavesAtWorstLeakedClusters) {
       durable = in_order;
       continue;
     }
-    apply(in_order, event);
+    apply_event(in_order, event);
     check_image(in_order, i, "in-order");
     Bytes only_this = durable;
-    apply(only_this, event);
+    apply_event(only_this, event);
     check_image(only_this, i, "reordered");
     if (HasFailure()) break;
   }

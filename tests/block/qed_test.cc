@@ -33,6 +33,7 @@
 #include "coro/block_on.h"
 #include "coro/task.h"
 #include "support/shell_command.h"
+#include "support/temp_dir.h"
 
 // The tests build CreateOptions with designated initializers that leave the rest defaulted.
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
@@ -74,16 +75,6 @@ Bytes pattern(std::size_t size, std::uint8_t value) { return Bytes(size, std::by
 
 class QedTest : public testing::Test {
  protected:
-  void SetUp() override {
-    char templ[] = "/tmp/spindle-qed-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
-
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
 
   template <typename T>
@@ -163,7 +154,8 @@ class QedTest : public testing::Test {
     return result;
   }
 
-  std::string dir_;
+  test::TempDir temp_{"spindle-qed"};
+  const std::string& dir_ = temp_.dir();
   aio::ContextRef context_ = aio::Context::create("qed-test");
 };
 
