@@ -197,6 +197,18 @@ class Qcow2Test(si.InteropTest):
                 self.assertEqual(found, expected,
                                  f"offset {probe}: qemu says {extent}, nbd map {nbd_map}")
 
+    def write_through_nbd_like_qemu_io(self, image, model, writes, unmap=False):
+        """Writes `writes` through spindle-nbd serving `image` and with qemu-io into `model` (a
+        copy of it): the export reads as the model, and once the server has stopped the image
+        checks clean and reads as the model."""
+        server = self.server(image, ["-f", "qcow2"] + (["--discard=unmap"] if unmap else []))
+        qemu_io("raw", server.uri(), writes)
+        qemu_io("qcow2", model, writes, extra=["-d", "unmap"] if unmap else [])
+        self.qemu_compare(model, "qcow2", server.uri(), "raw")
+        self.stop_cleanly(server)
+        self.qemu_check_clean(image)
+        self.qemu_compare(image, "qcow2", model, "qcow2")
+
     def stop_cleanly(self, server):
         rc, _, killed = server.stop()
         self.assertFalse(killed, "spindle-nbd ignored SIGTERM")
@@ -312,13 +324,7 @@ class Qcow2Test(si.InteropTest):
                 info = json.loads(img("info", "--output=json", image).stdout)
                 self.assertEqual(info["format-specific"]["data"]["data-file"],
                                  os.path.join(os.path.dirname(image), "data.raw"))
-                server = self.server(image, ["-f", "qcow2", "--discard=unmap"])
-                qemu_io("raw", server.uri(), self.NBD_WRITES)
-                qemu_io("qcow2", model, self.NBD_WRITES, extra=["-d", "unmap"])
-                self.qemu_compare(model, "qcow2", server.uri(), "raw")
-                self.stop_cleanly(server)
-                self.qemu_check_clean(image)
-                self.qemu_compare(image, "qcow2", model, "qcow2")
+                self.write_through_nbd_like_qemu_io(image, model, self.NBD_WRITES, unmap=True)
                 if "data_file_raw=on" in options:
                     data = os.path.join(os.path.dirname(image), "data.raw")
                     self.qemu_compare(data, "raw", image, "qcow2")
@@ -632,12 +638,7 @@ class Qcow2Test(si.InteropTest):
         shutil.copy(image, model)
         writes = ["write -P 0x61 1M+512 8k", "write -P 0x62 4k 4k", "write -z 1M+64k 64k",
                   "discard 1M+256k 64k", "flush"]
-        server = self.server(image, ["-f", "qcow2", "--discard=unmap"])
-        qemu_io("raw", server.uri(), writes)
-        qemu_io("qcow2", model, writes, extra=["-d", "unmap"])
-        self.stop_cleanly(server)
-        self.qemu_check_clean(image)
-        self.qemu_compare(image, "qcow2", model, "qcow2")
+        self.write_through_nbd_like_qemu_io(image, model, writes, unmap=True)
 
     def test_convert_qcow2_chain_to_qcow2(self):
         base = self.make_image("base.raw", 8 * MiB, [(0, os.urandom(2 * MiB))])
@@ -788,13 +789,7 @@ class Qcow2Test(si.InteropTest):
                 qemu_io("qcow2", image, STANDARD_WRITES)
                 model = self.path(f"model{index}.qcow2")
                 shutil.copy(image, model)
-                server = self.server(image, ["-f", "qcow2", "--discard=unmap"])
-                qemu_io("raw", server.uri(), self.NBD_WRITES)
-                qemu_io("qcow2", model, self.NBD_WRITES, extra=["-d", "unmap"])
-                self.qemu_compare(model, "qcow2", server.uri(), "raw")
-                self.stop_cleanly(server)
-                self.qemu_check_clean(image)
-                self.qemu_compare(image, "qcow2", model, "qcow2")
+                self.write_through_nbd_like_qemu_io(image, model, self.NBD_WRITES, unmap=True)
 
     def test_nbdcopy_multi_conn_upload(self):
         size = 32 * MiB
@@ -867,14 +862,8 @@ class Qcow2Test(si.InteropTest):
                 qemu_io("qcow2", overlay, ["write -P 0x10 64k 4k"])
                 model = self.path(f"{index}/model.qcow2")
                 shutil.copy(overlay, model)  # same folder: the relative backing name holds
-                server = self.server(overlay, ["-f", "qcow2", "--discard=unmap"])
-                qemu_io("raw", server.uri(), self.OVERLAY_WRITES)
-                qemu_io("qcow2", model, self.OVERLAY_WRITES, extra=["-d", "unmap"])
-                self.qemu_compare(model, "qcow2", server.uri(), "raw")
-                self.stop_cleanly(server)
+                self.write_through_nbd_like_qemu_io(overlay, model, self.OVERLAY_WRITES, unmap=True)
                 self.assertEqual(read_file(base), base_before, "the backing file changed")
-                self.qemu_check_clean(overlay)
-                self.qemu_compare(overlay, "qcow2", model, "qcow2")
                 # Copy-on-write really copied: the overlay alone holds the backing bytes
                 # around the partial write.
                 rebased = self.path(f"{index}/alone.qcow2")
@@ -913,13 +902,7 @@ class Qcow2Test(si.InteropTest):
                 qemu_io("qcow2", image, ["write -z 128k 128k", "write -P 0x10 192k 2k"])
                 model = self.path(f"{index}/model.qcow2")
                 shutil.copy(image, model)
-                server = self.server(image, ["-f", "qcow2"])
-                qemu_io("raw", server.uri(), self.SUBCLUSTER_WRITES)
-                qemu_io("qcow2", model, self.SUBCLUSTER_WRITES)
-                self.qemu_compare(model, "qcow2", server.uri(), "raw")
-                self.stop_cleanly(server)
-                self.qemu_check_clean(image)
-                self.qemu_compare(image, "qcow2", model, "qcow2")
+                self.write_through_nbd_like_qemu_io(image, model, self.SUBCLUSTER_WRITES)
                 ours = json.loads(qemu_img("map", "--output=json", image).stdout)
                 theirs = json.loads(qemu_img("map", "--output=json", model).stdout)
                 self.assert_map_matches(ours, theirs, f"map {options}")
@@ -943,13 +926,7 @@ class Qcow2Test(si.InteropTest):
                 qemu_img("snapshot", "-c", "s1", image)
                 model = self.path(f"model{cluster}.qcow2")
                 shutil.copy(image, model)
-                server = self.server(image, ["-f", "qcow2"])
-                qemu_io("raw", server.uri(), self.SNAPSHOT_WRITES)
-                qemu_io("qcow2", model, self.SNAPSHOT_WRITES)
-                self.qemu_compare(model, "qcow2", server.uri(), "raw")
-                self.stop_cleanly(server)
-                self.qemu_check_clean(image)
-                self.qemu_compare(image, "qcow2", model, "qcow2")
+                self.write_through_nbd_like_qemu_io(image, model, self.SNAPSHOT_WRITES)
                 qemu_img("snapshot", "-a", "s1", image)
                 qemu_io("qcow2", image, ["read -P 0xaa 0 1M", "read -P 0xbb 2M 64k",
                                          "read -P 0 3M 64k"])
