@@ -92,6 +92,21 @@ class SlowReadNode final : public FilterNode {
   }
 };
 
+
+// Runs writer(w) for every w in [0, count) at once, each on io_threads[w] from a thread of its
+// own; how many of them returned an error.
+template <typename Writer>
+int failures_running(aio::IoThread* const* io_threads, int count, Writer& writer) {
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int w = 0; w < count; ++w) {
+    threads.emplace_back([&, w] {
+      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  return failures.load();
+}
 class Qcow2Test : public testing::Test {
  protected:
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
@@ -570,15 +585,7 @@ TEST_F(Qcow2Test, ConcurrentAllocatingWritesFromFourThreads) {
     }
     co_return 0;
   };
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int w = 0; w < kWriters; ++w) {
-    threads.emplace_back([&, w] {
-      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(failures_running(io_threads, kWriters, writer), 0);
   // The model: each writer's pieces, replayed.
   Bytes model(size);
   for (int w = 0; w < kWriters; ++w) {
@@ -642,15 +649,7 @@ TEST_F(Qcow2Test, ConcurrentSubclusterWritesIntoPartlyAllocatedClusters) {
     }
     co_return 0;
   };
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int w = 0; w < kWriters; ++w) {
-    threads.emplace_back([&, w] {
-      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(failures_running(io_threads, kWriters, writer), 0);
   for (int w = 0; w < kWriters; ++w) {
     for (std::uint64_t c = 0; c < clusters; ++c) {
       for (int k = 0; k < 2; ++k) {
@@ -802,15 +801,7 @@ TEST_F(Qcow2Test, ConcurrentWritesToSubclustersOfOneFreshCluster) {
     }
     co_return 0;
   };
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int w = 0; w < kWriters; ++w) {
-    threads.emplace_back([&, w] {
-      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(failures_running(io_threads, kWriters, writer), 0);
   for (int w = 0; w < kWriters; ++w) {
     for (std::uint64_t c = 0; c < clusters; ++c) {
       std::fill_n(model.begin() + static_cast<std::ptrdiff_t>(offset(w, c)), length,
@@ -1227,15 +1218,7 @@ TEST_F(Qcow2Test, CompressedWritesPackShareFallBackAndRefuseAllocatedClusters) {
     }
     co_return 0;
   };
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (std::uint64_t w = 0; w < 4; ++w) {
-    threads.emplace_back([&, w] {
-      if (coro::block_on(io_threads[w]->context(), writer(w)) != 0) failures.fetch_add(1);
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(failures_running(io_threads, 4, writer), 0);
   EXPECT_EQ(read_all(*node), model);
   const Bytes one(cs, std::byte{1});
   EXPECT_EQ(run(node->write(0, std::span<const std::byte>(one), kWriteCompressed)), -EINVAL);
