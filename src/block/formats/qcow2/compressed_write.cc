@@ -77,7 +77,6 @@ coro::Task<int> Qcow2Node::write_compressed_claimed(std::uint64_t offset,
 
   std::lock_guard lock(meta_mutex_);
   CachedTable& table = *l2;
-  defer_release(get64(table, slot));  // a zero cluster holds nothing; kept for symmetry
   put64(table, slot,
         encode_compressed_entry(host, static_cast<std::uint64_t>(length), header_.cluster_bits));
   if (extended_) put64(table, slot + 1, 0);  // the bitmap of a compressed cluster is reserved
