@@ -27,24 +27,52 @@ target_flags() {
   esac
 }
 
-mkdir -p "$dir/artifacts" "$dir/corpus" "$dir/seeds"
-status=0
-for target in "$dir"/fuzz/*_fuzz; do
+# Runs one target for the time given; its output goes to $dir/logs/NAME.log and its exit status
+# to $dir/logs/NAME.rc.
+fuzz_one() {  # target
+  local target=$1 name
   name=$(basename "$target")
   mkdir -p "$dir/corpus/$name"
   rm -rf "$dir/seeds/$name"
-  inputs=("$dir/corpus/$name")
-  if ! SPINDLE_FUZZ_WRITE_SEEDS="$dir/seeds/$name" "$target" -runs=0 >/dev/null 2>&1; then
-    echo "== $name: writing its seeds FAILED"
-    status=1
-    continue
+  local inputs=("$dir/corpus/$name")
+  if ! SPINDLE_FUZZ_WRITE_SEEDS="$dir/seeds/$name" "$target" -runs=0 >"$dir/logs/$name.log" 2>&1; then
+    echo "writing its seeds FAILED" >>"$dir/logs/$name.log"
+    echo 1 >"$dir/logs/$name.rc"
+    return
   fi
   [[ -d $dir/seeds/$name ]] && inputs+=("$dir/seeds/$name")
-  echo "== $name: ${seconds} s"
+  local rc=0
   # shellcheck disable=SC2046  # the flags are words
-  if ! "$target" $(target_flags "$name") -max_total_time="$seconds" -print_final_stats=1 \
-      -artifact_prefix="$dir/artifacts/$name-" "${inputs[@]}"; then
+  "$target" $(target_flags "$name") -max_total_time="$seconds" -print_final_stats=1 \
+    -artifact_prefix="$dir/artifacts/$name-" "${inputs[@]}" >"$dir/logs/$name.log" 2>&1 || rc=$?
+  echo $rc >"$dir/logs/$name.rc"
+}
+
+# One target per core at a time, so each gets the CPU time it would get alone.
+mkdir -p "$dir/artifacts" "$dir/corpus" "$dir/seeds" "$dir/logs"
+rm -f "$dir"/logs/*
+parallel=$(nproc)
+running=0
+for target in "$dir"/fuzz/*_fuzz; do
+  echo "== $(basename "$target"): ${seconds} s"
+  fuzz_one "$target" &
+  running=$((running + 1))
+  if ((running >= parallel)); then
+    wait -n || true
+    running=$((running - 1))
+  fi
+done
+wait
+
+status=0
+for target in "$dir"/fuzz/*_fuzz; do
+  name=$(basename "$target")
+  if [[ $(cat "$dir/logs/$name.rc" 2>/dev/null) == 0 ]]; then
+    echo "== $name: passed"
+    grep -E "^(Done|stat::)" "$dir/logs/$name.log" || true
+  else
     echo "== $name: FAILED (inputs in $dir/artifacts/)"
+    cat "$dir/logs/$name.log"
     status=1
   fi
 done
