@@ -3,8 +3,9 @@
 // is checked without repair through the format registry's check (on the file node, so the
 // checker's own reading of every table runs whatever the driver thinks of the image); then the
 // image is opened read-only through the qcow2 driver and read in a few places and walked with
-// block status through a BlockBackend, and the open node is checked as well. Errors are fine;
-// crashes, sanitizer reports, leaks and hangs are not.
+// block status through a BlockBackend, and the open node is checked as well; then it is opened
+// writable and written (allocating, unaligned, zeroes, discard, flush) and checked again.
+// Errors are fine; crashes, sanitizer reports, leaks and hangs are not.
 //
 // Backing and external data files never reach the file system: a relative name opens a null
 // node (reads as zeros), an absolute one is reported missing (ENOENT). The snapshot table is
@@ -111,6 +112,40 @@ coro::Task<void> read_some(BlockBackend& backend, std::uint64_t offset) {
   (void)co_await backend.read(offset, std::span(buffer));
 }
 
+// The image that opened read-only, opened writable (no repair) and written: allocating and
+// unaligned writes, zeroes and a discard, a flush, a close; then checked again.
+coro::Task<void> write_some(const ImageFormat& format) {
+  base::Result<BlockNodeRef> file = open_file(scratch_path(), false);
+  if (!file.ok()) co_return;
+  FormatOpenOptions options = open_options();
+  options.read_only = false;
+  BlockResult<BlockNodeRef> opened = co_await format.open(std::move(file).value(), options);
+  if (!opened.ok()) co_return;
+  BlockNodeRef node = std::move(opened).value();
+  {
+    BlockBackend backend(node);
+    const std::uint64_t disk = backend.size();
+    std::vector<std::byte> pattern(5000, std::byte{0x5a});
+    auto write_at = [&](std::uint64_t offset, std::size_t bytes) -> coro::Task<void> {
+      if (offset >= disk) co_return;
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(bytes, disk - offset));
+      (void)co_await backend.write(offset, std::span<const std::byte>(pattern).first(n));
+    };
+    co_await write_at(0, 4096);
+    co_await write_at(disk / 2 + 1, 5000);
+    if (disk >= 2 * 65536) {
+      (void)co_await backend.write_zeroes(disk / 4 / 512 * 512, 65536, kMayUnmap);
+      (void)co_await backend.discard(disk / 8 / 512 * 512, 65536);
+    }
+    co_await write_at(disk - std::min<std::uint64_t>(disk, 700), 700);
+    (void)co_await backend.flush();
+  }
+  (void)co_await node->close();
+  node.reset();
+  base::Result<BlockNodeRef> again = open_file(scratch_path(), true);
+  if (again.ok()) (void)co_await format.check(again.value(), RepairMode::kNone);
+}
+
 coro::Task<void> exercise(const std::uint8_t* data, std::size_t size) {
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
   round_trip(bytes);
@@ -144,6 +179,8 @@ coro::Task<void> exercise(const std::uint8_t* data, std::size_t size) {
   (void)co_await format.list_snapshots(*node);
   (void)co_await format.check(node, RepairMode::kNone);
   (void)co_await node->close();
+  node.reset();
+  co_await write_some(format);
 }
 
 struct Seed {

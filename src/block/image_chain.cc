@@ -37,13 +37,14 @@ BlockError check_loop(ChainState& state, const std::string& key, const std::stri
 // A local file: loops are detected by comparing real paths.
 BlockResult<BlockNodeRef> open_local(ChainState& state, const std::string& path, bool read_only) {
   char resolved[PATH_MAX];
-  if (::realpath(path.c_str(), resolved) == nullptr) {
-    const int error = errno;
-    return BlockError{error, std::strerror(error)};
-  }
+  // qemu's wording: the file named as opened, then why.
+  auto failed = [&path](int error) {
+    return BlockError{error, fmt::format("Could not open '{}': {}", path, std::strerror(error))};
+  };
+  if (::realpath(path.c_str(), resolved) == nullptr) return failed(errno);
   if (BlockError error = check_loop(state, resolved, path); !error.ok()) return error;
   base::Result<BlockNodeRef> file = state.options.open_file(path, read_only);
-  if (!file.ok()) return BlockError{file.error(), std::strerror(file.error())};
+  if (!file.ok()) return failed(file.error());
   return std::move(file).value();
 }
 

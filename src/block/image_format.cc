@@ -27,10 +27,30 @@ coro::Task<CheckReport> ImageFormat::check(BlockNodeRef /*node*/, RepairMode /*m
   co_return report;
 }
 
+BlockResult<std::uint64_t> ImageFormat::measure_granularity(
+    const CreateRequest& /*request*/) const {
+  return BlockError{ENOTSUP,
+                    fmt::format("Block driver '{}' does not support size measurement", name())};
+}
+
+BlockResult<SizeMeasurement> ImageFormat::measure(
+    const CreateRequest& request, const std::optional<MeasureSource>& /*source*/) const {
+  return measure_granularity(request).error();
+}
+
 coro::Task<BlockError> ImageFormat::amend(BlockNode& /*node*/,
                                           std::map<std::string, std::string> /*options*/) const {
   co_return BlockError{ENOTSUP,
                        fmt::format("Format driver '{}' does not support option amendment", name())};
+}
+
+coro::Task<BlockError> ImageFormat::change_backing(BlockNode& /*node*/, std::string /*name*/,
+                                                   std::string /*format*/) const {
+  co_return BlockError{ENOTSUP, "Operation not supported"};
+}
+
+coro::Task<BlockError> ImageFormat::make_empty(BlockNode& /*node*/) const {
+  co_return BlockError{ENOTSUP, fmt::format("{} does not support emptying nodes", name())};
 }
 
 namespace {
@@ -57,6 +77,16 @@ coro::Task<BlockError> ImageFormat::apply_snapshot(BlockNode& /*node*/,
 coro::Task<BlockError> ImageFormat::remove_snapshot(BlockNode& /*node*/,
                                                     std::string /*name*/) const {
   co_return no_snapshots(name());
+}
+
+coro::Task<BlockResult<std::vector<PersistentBitmap>>> ImageFormat::load_bitmaps(
+    BlockNode& /*node*/, bool /*with_bits*/) const {
+  co_return std::vector<PersistentBitmap>{};
+}
+
+coro::Task<BlockError> ImageFormat::store_bitmaps(BlockNode& /*node*/,
+                                                  std::vector<PersistentBitmap> /*bitmaps*/) const {
+  co_return BlockError{ENOTSUP, "Operation not supported"};
 }
 
 }  // namespace spindle::block

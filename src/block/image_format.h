@@ -13,7 +13,10 @@
 //   create()         formats `file` (already truncated to 0 by the caller) as a new image.
 //   describe()       what `qemu-img info` shows of an open node of this format.
 //   check()          qemu-img check's counts (and repair) for an open node of this format.
+//   change_backing() the backing name and format an image records (qemu-img rebase).
+//   make_empty()     drops everything an image allocates (qemu-img commit).
 //   *_snapshot(s)()  internal snapshots: list, create, apply, remove (qcow2; others: ENOTSUP).
+//   *_bitmaps()      persistent dirty bitmaps: load, store (qcow2; others: none, ENOTSUP).
 //
 // A node opened by a format answers `backing_node()` (block_node.h); `describe()` gives its
 // recorded backing name and format, so no caller needs to know the node's type.
@@ -62,7 +65,8 @@ struct FormatOpenOptions {
   bool probed = false;           // the format was probed, not given (raw then guards sector 0)
   BackingOpener open_backing;    // required unless ignore_backing
   // Opens an image's external data file (qcow2 data_file) by the name the image records,
-  // resolved against the image's location; unset: such images are refused.
+  // resolved against the image's location (failures say "Could not open 'PATH': why"); unset:
+  // such images are refused.
   std::function<BlockResult<BlockNodeRef>(const std::string& name, bool read_only)> open_data_file;
   // Format-specific runtime options with QEMU's names (e.g. qcow2 "l2-cache-size",
   // "cache-clean-interval"); a format refuses keys it does not know.
@@ -74,6 +78,10 @@ struct FormatOpenOptions {
 struct CreateRequest {
   std::uint64_t size = 0;
   std::map<std::string, std::string> options;
+  // Creates (or truncates to empty) another file that the new image will refer to by `name`
+  // (qcow2's data_file), resolved as opening the image will resolve it; unset: formats
+  // refuse options that need one.
+  std::function<BlockResult<BlockNodeRef>(const std::string& name)> create_file;
 };
 
 // What `qemu-img info` shows beyond the generic fields.
@@ -122,6 +130,35 @@ struct SnapshotDescription {
   std::optional<std::uint64_t> icount;  // none recorded
 };
 
+// qemu-img measure's answer: the bytes a new image of the format would take.
+struct SizeMeasurement {
+  std::uint64_t required = 0;         // for the source's data (none with a size alone)
+  std::uint64_t fully_allocated = 0;  // with every cluster allocated
+  // The source's persistent bitmaps in the target's layout, where both can keep them.
+  std::optional<std::uint64_t> bitmaps;
+};
+
+// One persistent dirty bitmap. Bits are in qcow2's serialization: bit i (byte i / 8, from
+// its least significant bit) is set when guest bytes [i * granularity, (i + 1) * granularity)
+// were written while the bitmap was enabled.
+struct PersistentBitmap {
+  std::string name;
+  std::uint64_t granularity = 65536;
+  bool enabled = true;   // "auto": tracks writes
+  bool in_use = false;   // not saved correctly: its bits are unusable ("in-use")
+  std::optional<std::vector<std::uint8_t>> bits;
+};
+
+// What measure() is told of the source image (qemu-img measure --size has none).
+struct MeasureSource {
+  std::uint64_t size = 0;  // virtual size
+  // The source's data, counted in whole units of the target's measure_granularity() (ranges
+  // that read as zeros are not data).
+  std::uint64_t data_bytes = 0;
+  bool keeps_bitmaps = false;  // the source's image can hold persistent bitmaps
+  std::vector<PersistentBitmap> bitmaps;  // the source's persistent bitmaps (bits not needed)
+};
+
 class ImageFormat {
  public:
   virtual ~ImageFormat() = default;
@@ -152,6 +189,29 @@ class ImageFormat {
   // error qemu-img gives for a format without amendment.
   virtual coro::Task<BlockError> amend(BlockNode& node,
                                        std::map<std::string, std::string> options) const;
+  // qemu-img rebase: records `name` ("" = none) and `format` ("" = none recorded) as the
+  // open (writable) node's backing file, with no other request in flight. Only the image's
+  // header changes: the node keeps reading through the backing node it was opened with, so
+  // close it next. Default: ENOTSUP (qemu's answer for formats without backing files).
+  virtual coro::Task<BlockError> change_backing(BlockNode& node, std::string name,
+                                                std::string format) const;
+  // qemu-img commit's emptying of the top image (open, writable, no other request in
+  // flight): afterwards the node allocates nothing and reads through to its backing node.
+  // Default: ENOTSUP (qemu-img commit then leaves the image as it is).
+  virtual coro::Task<BlockError> make_empty(BlockNode& node) const;
+
+  // qemu-img measure, for a target made with `request`'s options (request.size: the virtual
+  // size when there is no source). measure_granularity(): the unit the source's data is to be
+  // counted in (the options checked as qemu-img measure checks them; the message may hold
+  // several lines). supports_persistent_bitmaps(): whether `node`, an image of this format,
+  // can hold persistent dirty bitmaps. Defaults: qemu-img's error for a format without
+  // measurement; false.
+  virtual BlockResult<std::uint64_t> measure_granularity(const CreateRequest& request) const;
+  virtual BlockResult<SizeMeasurement> measure(const CreateRequest& request,
+                                               const std::optional<MeasureSource>& source) const;
+  virtual bool supports_persistent_bitmaps(const BlockNode& /*node*/) const noexcept {
+    return false;
+  }
 
   // Internal snapshots (qemu-img snapshot), on a node of this format opened for them alone.
   // The defaults fail with ENOTSUP. list: the snapshots in table order. create: adds one of
@@ -165,6 +225,17 @@ class ImageFormat {
                                                  SnapshotDescription snapshot) const;
   virtual coro::Task<BlockError> apply_snapshot(BlockNode& node, std::string id_or_name) const;
   virtual coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const;
+
+  // Persistent dirty bitmaps (qemu-img bitmap, info, convert --bitmaps), on a node of this
+  // format opened for them alone. load_bitmaps(): the image's bitmaps in directory order,
+  // their bits too with `with_bits` (bitmaps in use get none). store_bitmaps(): the image's
+  // bitmaps become `bitmaps`, in that order; one without bits keeps the data of the bitmap of
+  // that name it has now. Defaults: no bitmaps; storing fails with ENOTSUP ("Operation not
+  // supported", as qemu for formats without persistent bitmaps).
+  virtual coro::Task<BlockResult<std::vector<PersistentBitmap>>> load_bitmaps(
+      BlockNode& node, bool with_bits) const;
+  virtual coro::Task<BlockError> store_bitmaps(BlockNode& node,
+                                               std::vector<PersistentBitmap> bitmaps) const;
 };
 
 }  // namespace spindle::block

@@ -503,9 +503,13 @@ TEST_F(Qcow2CreateCheckTest, CreateRefusesWhatQemuRefuses) {
       request(1 << 20, {{"foo", "bar"}}),
       request(1 << 20, {{"backing_fmt", "qcow2"}}),
       request(1 << 20, {{"data_file_raw", "on"}}),
+      request(1 << 20, {{"data_file", path("d.data")}, {"compat", "0.10"}}),
+      request(1 << 20, {{"data_file", path("d.data")}, {"data_file_raw", "on"},
+                        {"backing_file", path("b.qcow2")}, {"backing_fmt", "qcow2"}}),
       request(1ull << 60),
       request(200ull << 30, {{"cluster_size", "512"}}),
   };
+  must_run("qemu-img create -q -f qcow2 " + path("b.qcow2") + " 1M");
   for (const CreateRequest& r : cases) {
     const std::string opts = qemu_options(r);
     SCOPED_TRACE(opts);
@@ -602,6 +606,35 @@ TEST_F(Qcow2CreateCheckTest, CheckCountsMatchQemuOnWrittenImages) {
   // A persistent bitmap.
   must_run("qemu-img bitmap --add " + path("a.qcow2") + " b0");
   expect_same(check("a.qcow2", RepairMode::kNone), qemu_check("a.qcow2"));
+}
+
+// A whole-header rewrite (amend's compat change) moves the backing name; header updates after
+// it in the same open (a resize here) must point at where the name now is.
+TEST_F(Qcow2CreateCheckTest, HeaderUpdatesAfterAmendKeepTheBackingName) {
+  ASSERT_TRUE(create("a.qcow2", request(1 << 20, {{"backing_file", "base.raw"},
+                                                  {"backing_fmt", "raw"}}))
+                  .ok());
+  auto file = open_file(path("a.qcow2"), false);
+  ASSERT_TRUE(file.ok());
+  FormatOpenOptions options;
+  options.ignore_backing = true;
+  BlockResult<BlockNodeRef> opened = run(qcow2_format().open(std::move(file).value(), options));
+  ASSERT_TRUE(opened.ok()) << opened.error().message;
+  BlockNodeRef node = std::move(opened).value();
+  const BlockError amended = run(qcow2_format().amend(*node, {{"compat", "0.10"}}));
+  ASSERT_TRUE(amended.ok()) << amended.message;
+  ASSERT_EQ(run(node->truncate(2 << 20)), 0);
+  ASSERT_EQ(run(node->close()), 0);
+  node.reset();
+
+  const Bytes header = header_cluster("a.qcow2");
+  ASSERT_EQ(base::load_be32(header.data() + 4), 2u);
+  const std::uint64_t name_offset = base::load_be64(header.data() + 8);
+  const std::uint32_t name_size = base::load_be32(header.data() + 16);
+  ASSERT_LE(name_offset + name_size, header.size());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(header.data() + name_offset), name_size),
+            "base.raw");
+  EXPECT_EQ(base::load_be64(header.data() + 24), 2u << 20);
 }
 
 class Qcow2DamageTest : public Qcow2CreateCheckTest {

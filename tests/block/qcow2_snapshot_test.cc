@@ -29,7 +29,7 @@
 #include "coro/task.h"
 #include "support/recording_node.h"
 #include "support/shell_command.h"
-#include "support/temp_dir.h"
+#include "support/qcow2_node_fixture.h"
 
 namespace spindle::block::qcow2 {
 namespace {
@@ -203,24 +203,9 @@ std::string harmful_findings(const std::string& output) {
   return found;
 }
 
-class Qcow2SnapshotNodeTest : public testing::TestWithParam<std::string> {
+class Qcow2SnapshotNodeTest : public test::Qcow2NodeFixture<testing::TestWithParam<std::string>> {
  protected:
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
-  template <typename T>
-  T run(coro::Task<T> task) {
-    return coro::block_on(*context_, std::move(task));
-  }
-  std::shared_ptr<Qcow2Node> open(const std::string& name, bool read_only = false) {
-    base::Result<BlockNodeRef> file = open_file(path(name), read_only);
-    EXPECT_TRUE(file.ok());
-    if (!file.ok()) return nullptr;
-    FormatOpenOptions options;
-    options.read_only = read_only;
-    BlockResult<BlockNodeRef> node = run(open_qcow2(file.value(), std::move(options)));
-    EXPECT_TRUE(node.ok()) << node.error().message;
-    if (!node.ok()) return nullptr;
-    return std::dynamic_pointer_cast<Qcow2Node>(node.value());
-  }
+  Qcow2SnapshotNodeTest() : Qcow2NodeFixture("spindle-qcow2snap") {}
   static coro::Task<int> write_pattern(BlockNodeRef node, std::uint64_t offset, std::size_t n,
                                        std::uint8_t byte) {
     Bytes data(n, std::byte{byte});
@@ -240,9 +225,6 @@ class Qcow2SnapshotNodeTest : public testing::TestWithParam<std::string> {
     EXPECT_EQ(out, Bytes(n, std::byte{byte})) << "at " << offset;
   }
 
-  test::TempDir temp_{"spindle-qcow2snap"};
-  const std::string& dir_ = temp_.dir();
-  aio::ContextRef context_ = aio::Context::create("qcow2-snapshot-test");
 };
 
 TEST_P(Qcow2SnapshotNodeTest, CreateApplyDeleteKeepTheImageConsistent) {

@@ -252,7 +252,7 @@ class SpindleImgTest(unittest.TestCase):
         top = self.make_qemu_chain()
         ours, theirs = self.path("ours.raw"), self.path("theirs.raw")
         result = img("convert", "-p", "-f", "qed", "-O", "raw", top, ours)
-        self.assertIn("100.00/100%", result.stderr)
+        self.assertIn("100.00/100%", result.stdout)
         qemu_img("convert", "-f", "qed", "-O", "raw", top, theirs)
         run("cmp", ours, theirs)
         # Zero ranges are not written: the output is as sparse as qemu-img's.

@@ -118,6 +118,23 @@ def _maybe_reexec_for_nbd_module():
     return False
 
 
+def spindle_img_argument():
+    """Takes --spindle-img PATH out of sys.argv and returns the absolute path; exits (a
+    failure, not a skip: it is our own binary) when it is missing. The path also goes into the
+    environment: main() may re-run the script under the system python (for the nbd module)
+    with the remaining arguments."""
+    argv = sys.argv[1:]
+    if "--spindle-img" in argv:
+        at = argv.index("--spindle-img")
+        os.environ["SPINDLE_IMG"] = os.path.abspath(argv[at + 1])
+        del sys.argv[at + 1:at + 3]
+    path = os.environ.get("SPINDLE_IMG")
+    if not path or not os.access(path, os.X_OK):
+        log("FAILED: --spindle-img PATH is required")
+        sys.exit(1)
+    return path
+
+
 def main(required_binaries=(), needs_nbd_module=False):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--spindle-nbd", required=True)
@@ -209,6 +226,14 @@ def run(cmd, timeout=60, check=True, input=None, env=None, cwd=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n"
                              f"stdout: {_text(proc.stdout)}\nstderr: {_text(proc.stderr)}")
+    return proc
+
+
+def run_text(cmd, **kwargs):
+    """run() with stdout and stderr decoded as text (bytes that are not UTF-8 replaced)."""
+    proc = run(cmd, **kwargs)
+    proc.stdout, proc.stderr = (data.decode("utf-8", "replace") for data in (proc.stdout,
+                                                                              proc.stderr))
     return proc
 
 

@@ -54,21 +54,13 @@ STANDARD_WRITES = ["write -P 0xab 0 200k", "write -P 0x17 1000k 12k", "write -z 
                    "write -z 8M 4k"]
 
 
-def text(data):
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-
-
 def img(*args, check=True, timeout=60, cwd=None):
     """Runs spindle-img; stdout and stderr come back as text."""
-    proc = run([SPINDLE_IMG] + [str(a) for a in args], timeout=timeout, check=check, cwd=cwd)
-    proc.stdout, proc.stderr = text(proc.stdout), text(proc.stderr)
-    return proc
+    return si.run_text([SPINDLE_IMG, *args], timeout=timeout, check=check, cwd=cwd)
 
 
 def qemu_img(*args, check=True, timeout=60, cwd=None):
-    proc = run(["qemu-img"] + [str(a) for a in args], timeout=timeout, check=check, cwd=cwd)
-    proc.stdout, proc.stderr = text(proc.stdout), text(proc.stderr)
-    return proc
+    return si.run_text(["qemu-img", *args], timeout=timeout, check=check, cwd=cwd)
 
 
 _SIZE_SUM = re.compile(r"^\d+[kKMG]?(?:[+-]\d+[kKMG]?)+$")
@@ -96,8 +88,8 @@ def qemu_io(fmt, target, commands, extra=(), timeout=60):
     cmd = ["qemu-io", "-f", fmt] + list(extra)
     for c in commands:
         cmd += ["-c", expand(c)]
-    proc = run(cmd + [target], timeout=timeout)
-    out = text(proc.stdout) + text(proc.stderr)
+    proc = si.run_text(cmd + [target], timeout=timeout)
+    out = proc.stdout + proc.stderr
     if "failed" in out or "error" in out.lower():
         raise AssertionError(f"qemu-io {target} {commands}:\n{out}")
     return out
@@ -155,11 +147,12 @@ class Qcow2Test(si.InteropTest):
 
     # ---- oracles ----
     def assert_same_file(self, a, b):
-        proc = run(["cmp", a, b], timeout=60, check=False)
-        self.assertEqual(proc.returncode, 0, f"cmp {a} {b}: {text(proc.stdout)}")
+        proc = si.run_text(["cmp", a, b], timeout=60, check=False)
+        self.assertEqual(proc.returncode, 0, f"cmp {a} {b}: {proc.stdout}")
 
-    def qemu_check_clean(self, path, fmt="qcow2"):
-        proc = qemu_img("check", "-f", fmt, "--output=json", path, check=False)
+    def qemu_check_clean(self, path, fmt="qcow2", cwd=None):
+        """qemu-img check exits 0 and counts nothing (cwd: where relative data files are)."""
+        proc = qemu_img("check", "-f", fmt, "--output=json", path, check=False, cwd=cwd)
         self.assertEqual(proc.returncode, 0, f"qemu-img check {path} -> {proc.returncode}:\n"
                                              f"{proc.stdout}{proc.stderr}")
         doc = json.loads(proc.stdout)
@@ -374,10 +367,10 @@ class Qcow2Test(si.InteropTest):
         # qemu-io killed after allocating writes with lazy refcounts: the dirty bit stays set
         # and the refcounts are stale. Reading needs no repair; opening it writable repairs it.
         image = self.create_qcow2("dirty.qcow2", 8 * MiB, ["lazy_refcounts=on"])
-        proc = run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 200k",
-                    "-c", "write -P 0xcd 4M 64k", "-c", "sigraise 9", image],
-                   timeout=30, check=False)
-        self.assertEqual(proc.returncode, -signal.SIGKILL, text(proc.stderr))
+        proc = si.run_text(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 200k",
+                            "-c", "write -P 0xcd 4M 64k", "-c", "sigraise 9", image],
+                           timeout=30, check=False)
+        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
         self.assertTrue(qcow2_header(image)["incompatible_features"] & 1, "not dirty")
         ours = img("check", "-f", "qcow2", "--output=json", image, check=False)
         theirs = qemu_img("check", "-f", "qcow2", "--output=json", image, check=False)
@@ -473,6 +466,12 @@ class Qcow2Test(si.InteropTest):
             (["preallocation=full", "cluster_size=4096"], "4M"),
             (["backing_file=base.raw", "backing_fmt=raw"], None),
             (["backing_file=base.qcow2", "backing_fmt=qcow2"], "32M"),
+            (["data_file=disk.data"], "64M"),
+            (["data_file=disk.data", "data_file_raw=on"], "16M"),
+            (["data_file=disk.data", "preallocation=metadata", "cluster_size=512"], "3M"),
+            (["data_file=disk.data", "preallocation=falloc", "extended_l2=on"], "8M"),
+            (["data_file=disk.data", "preallocation=full", "cluster_size=4096"], "4M"),
+            (["data_file=disk.data", "backing_file=base.qcow2", "backing_fmt=qcow2"], None),
         ]
         for index, (options, size) in enumerate(cases):
             with self.subTest(options=options, size=size):
@@ -492,7 +491,15 @@ class Qcow2Test(si.InteropTest):
                 self.assertEqual(our_out, qemu_out)
                 self.assertTrue(qemu_out.startswith("Formatting 'disk.qcow2', fmt=qcow2 "))
                 self.assert_same_file(qemu_file, our_file)
-                self.qemu_check_clean(our_file)
+                self.qemu_check_clean(our_file, cwd=os.path.dirname(our_file))
+                if any(o.startswith("data_file=") for o in options):
+                    # The data file: the virtual size, allocated with falloc and full.
+                    theirs, ours = (os.path.join(os.path.dirname(f), "disk.data")
+                                    for f in (qemu_file, our_file))
+                    self.assert_same_file(theirs, ours)
+                    if any(o in options for o in ("preallocation=falloc", "preallocation=full")):
+                        self.assertGreaterEqual(os.stat(ours).st_blocks * 512,
+                                                os.stat(ours).st_size)
 
     def test_create_with_backing_flag_defaults_size(self):
         base = self.make_image("base.raw", 3 * MiB)
@@ -652,6 +659,157 @@ class Qcow2Test(si.InteropTest):
         self.assertNotIn("backing-filename",
                          json.loads(qemu_img("info", "--output=json", out).stdout))
         self.assertTrue(os.path.exists(base))
+
+    def test_convert_with_backing_file_as_qemu_img(self):
+        # -B: the target has the given backing file and holds only what differs from it
+        # (zeros over backing data written as zeros); the same guest view as the source.
+        base = self.make_image("b.raw", 4 * MiB, [(0, os.urandom(2 * MiB))])
+        top = self.create_qcow2("top.qcow2", None, backing="b.raw", backing_fmt="raw",
+                                cwd=self.tmp)
+        qemu_io("qcow2", top, ["write -P 0x11 1M 64k", "write -z 256k 64k",
+                               "write -P 0x22 3M 8k"])
+        flat = self.path("flat.raw")
+        qemu_img("convert", "-O", "raw", top, flat)
+        ours, theirs = self.path("ours.qcow2"), self.path("theirs.qcow2")
+        img("convert", "-O", "qcow2", "-B", base, "-F", "raw", flat, ours)
+        qemu_img("convert", "-O", "qcow2", "-B", base, "-F", "raw", flat, theirs)
+        self.qemu_check_clean(ours)
+        self.qemu_compare(ours, "qcow2", flat, "raw")
+        info = json.loads(qemu_img("info", "--output=json", ours).stdout)
+        self.assertEqual(info["backing-filename"], base)
+        self.assertEqual(info["backing-filename-format"], "raw")
+        self.assertEqual(self.data_clusters(ours), self.data_clusters(theirs))
+        proc = img("convert", "-O", "qcow2", "-B", base, flat, self.path("nofmt.qcow2"),
+                   check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("Use of backing file requires explicit backing format", proc.stderr)
+
+    def test_convert_into_an_external_data_file(self):
+        # -o data_file: the data lands in the data file at its guest offsets; qemu-img reads
+        # the result as the source (from the image's directory, where qemu-img 7.2 looks).
+        source = self.pattern_source(6 * MiB)
+        for options in ("data_file=out.data", "data_file=out.data,data_file_raw=on"):
+            with self.subTest(options=options):
+                img("convert", "-f", "raw", "-O", "qcow2", "-o", options, source, "out.qcow2",
+                    cwd=self.tmp)
+                self.qemu_check_clean("out.qcow2", cwd=self.tmp)
+                proc = qemu_img("compare", "-f", "raw", source, "out.qcow2", cwd=self.tmp,
+                                check=False)
+                self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+                if "data_file_raw=on" in options:
+                    self.qemu_compare(self.path("out.data"), "raw", source, "raw")
+
+    def data_clusters(self, image):
+        """The guest ranges the image itself allocates (qemu-img map, depth 0)."""
+        entries = json.loads(qemu_img("map", "--output=json", image).stdout)
+        return [(e["start"], e["length"], e["zero"]) for e in entries
+                if e["depth"] == 0 and (e["data"] or e["zero"])]
+
+    PROGRESS = re.compile(r"^(    \(\d{1,3}\.\d\d/100%\)\r)+")
+
+    def assert_progress(self, stdout, result=""):
+        """-p as qemu-img prints it on stdout: lines rewritten with \\r, from 0% to 100%."""
+        self.assertTrue(stdout.startswith("    (0.00/100%)\r"), repr(stdout))
+        match = self.PROGRESS.match(stdout)
+        self.assertIsNotNone(match, repr(stdout))
+        self.assertTrue(match.group(0).endswith("    (100.00/100%)\r"), repr(stdout))
+        self.assertEqual(stdout[match.end():], result + "\n", repr(stdout))
+
+    def test_progress_on_stdout_as_qemu_img(self):
+        source = self.pattern_source(4 * MiB)
+        out = self.path("p.qcow2")
+        for tool in (img, qemu_img):
+            with self.subTest(tool=tool.__name__):
+                self.assert_progress(tool("convert", "-p", "-f", "raw", "-O", "qcow2", source,
+                                          out).stdout)
+                self.assert_progress(tool("compare", "-p", "-f", "raw", source, out).stdout,
+                                     "Images are identical.\n")
+                self.assert_progress(tool("amend", "-p", "-o", "lazy_refcounts=on", out).stdout)
+                self.assertEqual(tool("convert", "-p", "-q", "-f", "raw", "-O", "qcow2", source,
+                                      out).stdout, "")
+        qemu_io("qcow2", out, ["write -P 0x77 3M 4k"])
+        for tool in (img, qemu_img):
+            with self.subTest(tool=tool.__name__, what="mismatch"):
+                proc = tool("compare", "-p", "-f", "raw", source, out, check=False)
+                self.assertEqual(proc.returncode, 1)
+                self.assertTrue(proc.stdout.endswith("Content mismatch at offset 3145728!\n\n"),
+                                repr(proc.stdout))
+
+    # ---- measure ---------------------------------------------------------------------------
+
+    def assert_measures_like_qemu(self, *args):
+        for output in ("human", "json"):
+            mine = img("measure", f"--output={output}", *args, check=False)
+            qemus = qemu_img("measure", f"--output={output}", *args, check=False)
+            self.assertEqual((mine.returncode, mine.stdout), (qemus.returncode, qemus.stdout),
+                             (args, mine.stderr))
+            self.assertEqual(mine.stderr.replace("spindle-img: ", ""),
+                             qemus.stderr.replace("qemu-img: ", ""), args)
+
+    def test_measure_sizes_as_qemu_img(self):
+        for options in ([], ["-o", "cluster_size=512"], ["-o", "cluster_size=2M,refcount_bits=1"],
+                        ["-o", "extended_l2=on"], ["-o", "preallocation=metadata"],
+                        ["-o", "preallocation=falloc"], ["-o", "preallocation=full"],
+                        ["-o", "compat=0.10", "-o", "cluster_size=4k"],
+                        ["-o", "refcount_bits=64,lazy_refcounts=on"],
+                        ["-o", "backing_file=x,backing_fmt=raw"],
+                        ["-o", "compat=0.10,extended_l2=on"]):
+            for size in ("0", "1000", "1G", "3T"):
+                with self.subTest(options=options, size=size):
+                    self.assert_measures_like_qemu("-O", "qcow2", *options, "--size", size)
+        for size in ("1000", "1G"):
+            self.assert_measures_like_qemu("--size", size)
+            self.assert_measures_like_qemu("-O", "raw", "-o", "preallocation=full",
+                                           "--size", size)
+
+    def test_measure_images_as_qemu_img(self):
+        image = self.create_qcow2("m.qcow2", 10 * MiB)
+        qemu_io("qcow2", image, ["write 0 1k", "write -z 1M 64k", "write 3M 70k",
+                                 "write 9M 4k"])
+        old = self.create_qcow2("m2.qcow2", 10 * MiB, ["compat=0.10"])
+        qemu_io("qcow2", old, ["write 5M 4k"])
+        top = self.create_qcow2("top.qcow2", None, backing="m.qcow2", backing_fmt="qcow2",
+                                cwd=self.tmp)
+        qemu_io("qcow2", top, ["write 5M 4k", "write -z 3M 64k"])
+        flat = self.path("m.raw")
+        qemu_img("convert", "-O", "raw", image, flat)
+        odd = self.make_image("odd.raw", 0, [(0, os.urandom(1000))])
+        bitmaps = self.create_qcow2("bm.qcow2", 100 * MiB)
+        qemu_img("bitmap", "--add", "-g", "64k", bitmaps, "b0")
+        qemu_img("bitmap", "--add", "-g", "512", bitmaps, "a-longer-name-123")
+        for source in (image, old, top, flat, odd, bitmaps):
+            for options in ([], ["-O", "qcow2"], ["-O", "qcow2", "-o", "cluster_size=4k"],
+                            ["-O", "qcow2", "-o", "compat=0.10"],
+                            ["-O", "qcow2", "-o", "extended_l2=on,cluster_size=2M"],
+                            ["-O", "qcow2", "-o", "backing_file=x,backing_fmt=raw"]):
+                with self.subTest(source=os.path.basename(source), options=options):
+                    self.assert_measures_like_qemu(*options, source)
+
+    def test_measure_refuses_what_qemu_img_refuses(self):
+        image = self.create_qcow2("r.qcow2", 1 * MiB)
+        for args in (["-O", "qcow2"], ["--size", "1G", image], ["-O", "qcow2", "-f", "qcow2",
+                                                                "--size", "1G"],
+                     ["-O", "qed", "--size", "1G"], ["-O", "vmdk", "--size", "1G"],
+                     ["-O", "bogus", "--size", "1G"],
+                     ["--size", "abc"], ["--size", "100E"], ["--size", "9223372036854775808"],
+                     ["-O", "qcow2", "--size", "4P", "-o", "cluster_size=512"],
+                     ["-O", "raw", "-o", "backing_file=x", "--size", "1M"]):
+            with self.subTest(args=args):
+                self.assert_measures_like_qemu(*args)
+        for option in ("foo=bar", "cluster_size=abc", "cluster_size=1000",
+                       "extended_l2=maybe", "extended_l2=on,cluster_size=4k", "compat=0.9",
+                       "compat=v3",
+                       "refcount_bits=3", "refcount_bits=abc", "refcount_bits=8,compat=0.10",
+                       "preallocation=bogus", "lazy_refcounts=x"):
+            with self.subTest(option=option):
+                mine = img("measure", "-O", "qcow2", "-o", option, "--size", "1G", check=False)
+                qemus = qemu_img("measure", "-O", "qcow2", "-o", option, "--size", "1G",
+                                 check=False)
+                self.assertEqual((mine.returncode, qemus.returncode), (1, 1))
+                # qemu adds a hint after a bad number (the suffixes it takes): not repeated.
+                theirs = [line for line in qemus.stderr.replace("qemu-img: ", "").splitlines()
+                          if not line.startswith(("Optional suffix", "and exabytes"))]
+                self.assertEqual(mine.stderr.replace("spindle-img: ", "").splitlines(), theirs)
 
     # ---- amend -----------------------------------------------------------------------------
 
@@ -815,12 +973,13 @@ class Qcow2Test(si.InteropTest):
         # Concurrent allocating writes from 4 connections (iodepth 16 each) on a fresh image.
         image = self.create_qcow2("disk.qcow2", 64 * MiB)
         server = self.server(image, ["-f", "qcow2"])
-        proc = run(["fio", "--name=qcow2", "--ioengine=nbd", f"--uri={server.uri()}",
-                    "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=6m", "--numjobs=4",
-                    "--offset_increment=16m", "--verify=crc32c", "--verify_fatal=1",
-                    "--randseed=99", "--output-format=json"], timeout=120, check=False)
-        out = text(proc.stdout)
-        self.assertEqual(proc.returncode, 0, out[-3000:] + text(proc.stderr)[-2000:])
+        proc = si.run_text(["fio", "--name=qcow2", "--ioengine=nbd", f"--uri={server.uri()}",
+                            "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=6m",
+                            "--numjobs=4", "--offset_increment=16m", "--verify=crc32c",
+                            "--verify_fatal=1", "--randseed=99", "--output-format=json"],
+                           timeout=120, check=False)
+        out = proc.stdout
+        self.assertEqual(proc.returncode, 0, out[-3000:] + proc.stderr[-2000:])
         doc = json.loads(out[out.find("{"):])
         self.assertEqual(len(doc["jobs"]), 4)
         for job in doc["jobs"]:
@@ -1127,7 +1286,7 @@ class Qcow2Test(si.InteropTest):
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait(10)
-        log = text(read_file(log_path))
+        log = read_file(log_path).decode("utf-8", "replace")
         self.assertNotIn("listening on", log, f"spindle-nbd {args} served {image}")
         self.assertGreater(proc.returncode, 0, f"spindle-nbd {args} {image}: {log}")
         self.assertNotEqual(proc.returncode, si.SANITIZER_EXIT_CODE, log)
@@ -1205,16 +1364,6 @@ class Qcow2Test(si.InteropTest):
 
 if __name__ == "__main__":
     # --spindle-img is ours; the harness parses --spindle-nbd and hands the rest to unittest.
-    # The path also goes into the environment: the harness may re-run this script under the
-    # system python (for the nbd module) with the remaining arguments.
-    argv = sys.argv[1:]
-    if "--spindle-img" in argv:
-        at = argv.index("--spindle-img")
-        os.environ["SPINDLE_IMG"] = os.path.abspath(argv[at + 1])
-        del sys.argv[at + 1:at + 3]
-    SPINDLE_IMG = os.environ.get("SPINDLE_IMG")
-    if not SPINDLE_IMG or not os.access(SPINDLE_IMG, os.X_OK):
-        print("FAILED: --spindle-img PATH is required", flush=True)
-        sys.exit(1)
+    SPINDLE_IMG = si.spindle_img_argument()
     si.main(required_binaries=("qemu-img", "qemu-io", "nbdcopy", "nbdinfo", "fio", "cmp"),
             needs_nbd_module=True)

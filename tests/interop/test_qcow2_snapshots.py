@@ -23,7 +23,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import spindle_interop as si  # noqa: E402
-from spindle_interop import MiB, KiB, run  # noqa: E402
+from spindle_interop import MiB, KiB  # noqa: E402
 
 SPINDLE_IMG = None  # set below from --spindle-img
 UTC = dict(os.environ, TZ="UTC")
@@ -37,30 +37,20 @@ GEOMETRIES = {
 }
 
 
-def text(data):
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-
-
-def tool(binary, *args, check=True, env=None):
-    proc = run([binary] + [str(a) for a in args], check=check, env=env)
-    proc.stdout, proc.stderr = text(proc.stdout), text(proc.stderr)
-    return proc
-
-
 def qemu_img(*args, check=True, env=None):
-    return tool("qemu-img", *args, check=check, env=env)
+    return si.run_text(["qemu-img", *args], check=check, env=env)
 
 
 def spindle_img(*args, check=True, env=None):
-    return tool(SPINDLE_IMG, *args, check=check, env=env)
+    return si.run_text([SPINDLE_IMG, *args], check=check, env=env)
 
 
 def qemu_io(image, *commands):
     cmd = ["qemu-io", "-f", "qcow2"]
     for c in commands:
         cmd += ["-c", c]
-    proc = run(cmd + [image])
-    out = text(proc.stdout) + text(proc.stderr)
+    proc = si.run_text(cmd + [image])
+    out = proc.stdout + proc.stderr
     if "failed" in out or "error" in out.lower() or "Pattern verification" in out:
         raise AssertionError(f"qemu-io {image} {commands}:\n{out}")
     return out
@@ -269,13 +259,5 @@ class SnapshotTest(si.InteropTest):
 
 if __name__ == "__main__":
     # --spindle-img is ours; the harness parses --spindle-nbd and hands the rest to unittest.
-    argv = sys.argv[1:]
-    if "--spindle-img" in argv:
-        at = argv.index("--spindle-img")
-        os.environ["SPINDLE_IMG"] = os.path.abspath(argv[at + 1])
-        del sys.argv[at + 1:at + 3]
-    SPINDLE_IMG = os.environ.get("SPINDLE_IMG")
-    if not SPINDLE_IMG or not os.access(SPINDLE_IMG, os.X_OK):
-        print("FAILED: --spindle-img PATH is required", flush=True)
-        sys.exit(1)
+    SPINDLE_IMG = si.spindle_img_argument()
     si.main(required_binaries=("qemu-img", "qemu-io", "cmp"))

@@ -1,13 +1,13 @@
 // `spindle-img amend`: changes an existing image's options in place (qemu-img amend): for
 // qcow2 compat (0.10 <-> 1.1), lazy_refcounts and size; the format decides what it accepts and
 // answers with qemu-img's messages.
-#include <cstdio>
 #include <cstring>
 
 #include "commands.h"
 #include "coro/block_on.h"
 #include "image_creator.h"
 #include "image_opener.h"
+#include "progress_printer.h"
 #include "tool_failure.h"
 
 namespace spindle::img {
@@ -36,13 +36,11 @@ int run_amend(const AmendOptions& options) {
   OpenedImage image = open_image(options.filename, options.format,
                                  ImageOpenOptions{.read_only = false, .with_backing = true,
                                                   .repair_if_dirty = true});
-  if (options.progress) {
-    std::fprintf(stderr, "    (0.00/100%%)\r");
-    std::fflush(stderr);
-  }
+  ProgressPrinter progress(options.progress && !options.quiet);
+  progress.update(0, 1);
   const block::BlockError error =
       coro::block_on(amend_and_close(image, std::move(request.options)));
-  if (options.progress) std::fprintf(stderr, "    (100.00/100%%)\n");
+  progress.finish();
   if (!error.ok()) fail(error.message);
   return 0;
 }

@@ -25,6 +25,7 @@
 
 #include "aio/context.h"
 #include "aio/file_io.h"
+#include "cache_mode.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
@@ -39,21 +40,6 @@ namespace {
 
 // O_DIRECT needs memory aligned to the logical block size; a page covers every device.
 constexpr std::size_t kBufferAlignment = 4096;
-
-struct CacheMode {
-  bool direct = false;        // O_DIRECT
-  bool write_through = false;  // every write is durable on completion (FUA)
-  bool ignore_flush = false;   // "unsafe": flushes do nothing
-};
-
-std::optional<CacheMode> parse_cache_mode(const std::string& mode) {
-  if (mode == "none" || mode == "off") return CacheMode{.direct = true};
-  if (mode == "writeback") return CacheMode{};
-  if (mode == "writethrough") return CacheMode{.write_through = true};
-  if (mode == "directsync") return CacheMode{.direct = true, .write_through = true};
-  if (mode == "unsafe") return CacheMode{.ignore_flush = true};
-  return std::nullopt;
-}
 
 // qemu_strtoul with base 0 ("0x1f", "017", "31"), limited to [min, max].
 std::optional<std::uint64_t> parse_number(const std::string& text, std::uint64_t min,

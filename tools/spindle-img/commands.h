@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace spindle::img {
 
@@ -54,6 +55,8 @@ struct ConvertOptions {
   std::string source;
   std::string target;
   bool quiet = false;
+  bool bitmaps = false;              // --bitmaps: copy the source's persistent bitmaps
+  bool skip_broken_bitmaps = false;  // --skip-broken-bitmaps: ...except those in use
 };
 int run_convert(const ConvertOptions& options);
 
@@ -61,6 +64,7 @@ struct CompareOptions {
   std::string format_a;
   std::string format_b;
   bool strict = false;
+  bool progress = false;  // -p
   std::string image_a;
   std::string image_b;
   bool quiet = false;
@@ -92,6 +96,51 @@ struct AmendOptions {
   std::string filename;
 };
 int run_amend(const AmendOptions& options);
+
+// qemu-img rebase: safe mode copies into the image what the old and new backing chains hold
+// differently where the image allocates nothing, then records the new backing file; -u only
+// records it. -b "" (or -u without -b): no backing file.
+struct RebaseOptions {
+  std::string format;          // -f
+  std::string cache = "writeback";         // -t: the image's cache mode
+  std::string source_cache = "writeback";  // -T: the backing files' cache mode
+  bool progress = false;
+  bool quiet = false;
+  bool unsafe = false;         // -u
+  bool backing_given = false;  // -b was given (its value may be "")
+  std::string backing;         // -b, as the image will record it
+  std::string backing_format;  // -F
+  std::string filename;
+};
+int run_rebase(const RebaseOptions& options);
+
+// qemu-img commit: copies what the image (and, with -b, every image above the base) allocates
+// into the base (default: the image's backing file); then, unless -d or -b, empties the image
+// where its format can (qcow2).
+struct CommitOptions {
+  std::string format;              // -f
+  std::string cache = "writeback";  // -t
+  std::string base;                // -b: an image of the backing chain, by name
+  std::string rate;                // -r: bytes per second (validated; not enforced)
+  bool drop = false;               // -d: leave the image as it is
+  bool progress = false;
+  bool quiet = false;
+  std::string filename;
+};
+int run_commit(const CommitOptions& options);
+
+// qemu-img measure: exactly one of `size` (--size) and `filename`.
+struct MeasureOptions {
+  std::string output = "human";
+  std::string target_format = "raw";  // -O
+  std::vector<std::string> options;   // each -o key=value,... (later keys win)
+  std::string size;                   // --size N
+  std::string source_format;          // -f
+  std::string snapshot;               // -l
+  bool force_share = false;           // -U: accepted; spindle-img takes no image locks
+  std::string filename;
+};
+int run_measure(const MeasureOptions& options);
 
 // Numbers stay text here: run_bench() parses them to print qemu-img's messages.
 struct BenchOptions {
@@ -126,5 +175,9 @@ struct SnapshotOptions {
   std::string filename;
 };
 int run_snapshot(const SnapshotOptions& options);
+
+// qemu-img bitmap: argv[0] is "bitmap"; the options are parsed in bitmap_command.cc, where
+// their order matters (the actions run in command-line order).
+int run_bitmap(int argc, char** argv);
 
 }  // namespace spindle::img

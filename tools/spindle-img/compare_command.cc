@@ -13,6 +13,7 @@
 #include "commands.h"
 #include "coro/block_on.h"
 #include "image_opener.h"
+#include "progress_printer.h"
 #include "tool_failure.h"
 
 namespace spindle::img {
@@ -40,7 +41,8 @@ std::optional<std::uint64_t> first_difference(std::span<const std::byte> a,
 
 // Both images over [0, common).
 coro::Task<Outcome> compare_common(const OpenedImage& a, const OpenedImage& b,
-                                   std::uint64_t common, bool strict) {
+                                   std::uint64_t common, bool strict, ProgressPrinter& progress,
+                                   std::uint64_t total) {
   std::vector<std::byte> buffer_a(kBufferBytes), buffer_b(kBufferBytes);
   std::uint64_t pos = 0;
   while (pos < common) {
@@ -65,12 +67,14 @@ coro::Task<Outcome> compare_common(const OpenedImage& a, const OpenedImage& b,
       }
     }
     pos += length;
+    progress.update(pos, total);
   }
   co_return Outcome{};
 }
 
 // [from, size) of the longer image must read as zeros.
-coro::Task<Outcome> check_tail_is_zero(const OpenedImage& image, std::uint64_t from) {
+coro::Task<Outcome> check_tail_is_zero(const OpenedImage& image, std::uint64_t from,
+                                       ProgressPrinter& progress) {
   std::vector<std::byte> buffer(kBufferBytes);
   const std::uint64_t size = image.backend->size();
   std::uint64_t pos = from;
@@ -93,6 +97,7 @@ coro::Task<Outcome> check_tail_is_zero(const OpenedImage& image, std::uint64_t f
       }
     }
     pos += extent.bytes;
+    progress.update(pos, size);
   }
   co_return Outcome{};
 }
@@ -108,10 +113,14 @@ int compare_opened(const CompareOptions& options) {
     }
   }
   const std::uint64_t common = std::min(size_a, size_b);
-  Outcome outcome = coro::block_on(compare_common(a, b, common, options.strict));
+  // qemu-img prints the result behind the progress line, then ends the line.
+  ProgressPrinter progress(options.progress && !options.quiet);
+  progress.update(0, 1);
+  Outcome outcome = coro::block_on(
+      compare_common(a, b, common, options.strict, progress, std::max(size_a, size_b)));
   if (outcome.error == 0 && !outcome.mismatch && size_a != size_b) {
     if (!options.quiet) std::printf("Warning: Image size mismatch!\n");
-    outcome = coro::block_on(check_tail_is_zero(size_a > size_b ? a : b, common));
+    outcome = coro::block_on(check_tail_is_zero(size_a > size_b ? a : b, common, progress));
   }
   if (outcome.error < 0) {
     fail(std::string("Error while reading the images: ") + std::strerror(-outcome.error),
@@ -125,9 +134,12 @@ int compare_opened(const CompareOptions& options) {
       std::printf("Content mismatch at offset %llu!\n",
                   static_cast<unsigned long long>(*outcome.mismatch));
     }
+    progress.end();
     return 1;
   }
+  progress.update(1, 1);
   if (!options.quiet) std::printf("Images are identical.\n");
+  progress.end();
   return 0;
 }
 

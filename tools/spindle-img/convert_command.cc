@@ -1,8 +1,13 @@
 // `spindle-img convert`: copies an image (its whole backing chain, flattened) into a new image
 // of any format the registry can create, through BlockBackends, keeping the target sparse
 // (qemu-img convert).
+// --bitmaps copies the top source image's persistent dirty bitmaps (names, granularities,
+// enabled flags, bits) after the data, once the target is closed (so that the data writes
+// are not tracked in them), appended to any the target (-n) already has.
 #include <cstdio>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "block/drivers/nbd/uri.h"
 #include "commands.h"
@@ -10,6 +15,7 @@
 #include "image_creator.h"
 #include "image_opener.h"
 #include "parallel_copier.h"
+#include "progress_printer.h"
 #include "size_parser.h"
 #include "tool_failure.h"
 
@@ -17,7 +23,72 @@ namespace spindle::img {
 
 namespace {
 
+using block::BlockResult;
+
 constexpr std::uint64_t kMaxSparseSize = 16u << 20;
+
+coro::Task<BlockResult<std::vector<block::PersistentBitmap>>> load_bitmaps(
+    const OpenedImage& image, bool with_bits) {
+  co_return co_await image.format->load_bitmaps(*image.root, with_bits);
+}
+coro::Task<block::BlockError> store_bitmaps(const OpenedImage& image,
+                                            std::vector<block::PersistentBitmap> bitmaps) {
+  block::BlockError error = co_await image.format->store_bitmaps(*image.root, std::move(bitmaps));
+  if (error.ok()) {
+    if (const int r = co_await image.root->flush(); r < 0) error = {-r, std::strerror(-r)};
+  }
+  co_return error;
+}
+
+// The source's bitmaps to copy: qemu-img's checks and messages, in its order (the last
+// bitmap first).
+std::vector<block::PersistentBitmap> source_bitmaps(const OpenedImage& source,
+                                                    bool skip_broken) {
+  if (!source.format->supports_persistent_bitmaps(*source.root)) {
+    fail("Source lacks bitmap support");
+  }
+  BlockResult<std::vector<block::PersistentBitmap>> loaded =
+      coro::block_on(load_bitmaps(source, true));
+  if (!loaded) fail("Could not read the bitmaps of '" + source.filename + "': " +
+                    loaded.error().message);
+  std::vector<block::PersistentBitmap> list = std::move(loaded).value();
+  for (auto it = list.rbegin(); it != list.rend() && !skip_broken; ++it) {
+    if (it->in_use) {
+      fail("Cannot copy inconsistent bitmap '" + it->name +
+           "'\nTry --skip-broken-bitmaps, or use 'spindle-img bitmap --remove' to delete it");
+    }
+  }
+  return list;
+}
+
+// Appends `copied` to the target's own bitmaps and stores them.
+void copy_bitmaps(const OpenedImage& target, const std::vector<block::PersistentBitmap>& copied) {
+  BlockResult<std::vector<block::PersistentBitmap>> loaded =
+      coro::block_on(load_bitmaps(target, false));
+  if (!loaded) fail("Could not read the bitmaps of '" + target.filename + "': " +
+                    loaded.error().message);
+  std::vector<block::PersistentBitmap> list = std::move(loaded).value();
+  const std::size_t own = list.size();
+  for (auto it = copied.rbegin(); it != copied.rend(); ++it) {
+    if (it->in_use) {
+      std::fprintf(stderr, "spindle-img: warning: Skipping inconsistent bitmap '%s'\n",
+                   it->name.c_str());
+      continue;
+    }
+    for (std::size_t i = 0; i < own; ++i) {
+      if (list[i].name == it->name) {
+        fail("Failed to create bitmap " + it->name + ": Bitmap already exists: " + it->name);
+      }
+    }
+  }
+  for (const block::PersistentBitmap& b : copied) {
+    if (!b.in_use) list.push_back(b);
+  }
+  if (list.size() == own) return;
+  const block::BlockError error = coro::block_on(store_bitmaps(target, std::move(list)));
+  if (!error.ok()) fail("Failed to populate the bitmaps of '" + target.filename + "': " +
+                        error.message);
+}
 
 coro::Task<int> copy_and_close(ParallelCopier& copier, OpenedImage& target) {
   int result = co_await copier.run();
@@ -26,26 +97,6 @@ coro::Task<int> copy_and_close(ParallelCopier& copier, OpenedImage& target) {
   const int closed = co_await target.root->close();
   co_return result < 0 ? result : closed;
 }
-
-// Prints "    (xx.xx/100%)" on stderr when the percentage moves by a hundredth or more.
-class ProgressPrinter {
- public:
-  void update(std::uint64_t done, std::uint64_t total) {
-    const double percent = total ? static_cast<double>(done) * 100.0 / static_cast<double>(total)
-                                 : 100.0;
-    if (percent - last_ < 0.01 && !(percent >= 100.0 && last_ < 100.0)) return;
-    last_ = percent;
-    std::fprintf(stderr, "    (%0.2f/100%%)\r", percent);
-    std::fflush(stderr);
-  }
-  void finish() {
-    update(1, 1);
-    std::fprintf(stderr, "\n");
-  }
-
- private:
-  double last_ = -1.0;
-};
 
 }  // namespace
 
@@ -80,11 +131,16 @@ int run_convert(const ConvertOptions& options) {
     creation.options["backing_file"] = options.backing;
     creation.options["backing_fmt"] = options.backing_format;
   }
+  if (options.skip_broken_bitmaps && !options.bitmaps) {
+    fail("Use of --skip-broken-bitmaps requires --bitmaps");
+  }
   validate_creation(target_format, creation);
   OpenedImage source = open_image(options.source, options.source_format, ImageOpenOptions{});
+  std::vector<block::PersistentBitmap> bitmaps;
+  if (options.bitmaps) bitmaps = source_bitmaps(source, options.skip_broken_bitmaps);
 
-  ProgressPrinter progress;
-  if (options.progress) progress.update(0, source.backend->size());
+  ProgressPrinter progress(options.progress && !options.quiet);
+  progress.update(0, source.backend->size());
   if (!existing_target) {
     creation.size = source.backend->size();
     create_image(options.target, target_format, creation);
@@ -93,6 +149,9 @@ int run_convert(const ConvertOptions& options) {
   OpenedImage target = open_image(
       options.target, options.target_format,
       ImageOpenOptions{.read_only = false, .with_backing = !options.backing.empty()});
+  if (options.bitmaps && !target.format->supports_persistent_bitmaps(*target.root)) {
+    fail("Format driver '" + std::string(target.format->name()) + "' does not support bitmaps");
+  }
   if (existing_target) {
     if (target.backend->size() < source.backend->size()) {
       fail("output file is smaller than input file");
@@ -117,11 +176,12 @@ int run_convert(const ConvertOptions& options) {
   }
   ParallelCopier copier(source.backend, target.backend, std::move(copy));
   const int result = coro::block_on(copy_and_close(copier, target));
-  if (options.progress) progress.finish();
+  progress.finish();
   if (result < 0) {
     fail("error while converting '" + options.source + "' to '" + options.target +
          "': " + std::strerror(-result));
   }
+  if (options.bitmaps) copy_bitmaps(target, bitmaps);
   return 0;
 }
 

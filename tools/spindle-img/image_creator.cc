@@ -8,6 +8,7 @@
 
 #include "block/drivers/file.h"
 #include "block/format_registry.h"
+#include "block/image_chain.h"
 #include "coro/block_on.h"
 #include "tool_failure.h"
 
@@ -68,7 +69,21 @@ void create_image(const std::string& filename, const block::ImageFormat& format,
   if (!file.ok()) {
     fail("Could not create '" + filename + "': " + std::strerror(file.error()));
   }
-  const block::BlockError result = coro::block_on(format_file(format, file.value(), request));
+  // Files the image refers to (a qcow2 data file) lie where opening the image will look.
+  block::CreateRequest with_files = request;
+  with_files.create_file = [&filename](const std::string& name)
+      -> block::BlockResult<block::BlockNodeRef> {
+    const std::string path = block::combine_backing_path(filename, name);
+    base::Result<block::BlockNodeRef> created = block::open_file(
+        path, block::FileOptions{.read_only = false, .direct = false, .create = true});
+    if (!created.ok()) {
+      return block::BlockError{created.error(), "Could not create '" + path + "': " +
+                                                    std::strerror(created.error())};
+    }
+    return std::move(created.value());
+  };
+  const block::BlockError result =
+      coro::block_on(format_file(format, file.value(), std::move(with_files)));
   file.value().reset();  // close the file before cleaning up
   if (!result.ok()) {
     if (!existed) ::unlink(filename.c_str());

@@ -81,6 +81,38 @@ void print_specific(int indent, const std::string& key, const nlohmann::ordered_
   std::printf("%*s%s: %s\n", indent, "", key.c_str(), text.c_str());
 }
 
+// json.dump(4), but with empty arrays as qemu prints them: "[", then "]" on its own line at
+// the indentation of the line that opened it.
+std::string qemu_json_text(const nlohmann::ordered_json& json) {
+  const std::string text = json.dump(4);
+  std::string out;
+  bool in_string = false;
+  std::size_t line_start = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        out += c;
+        if (i + 1 < text.size()) out += text[++i];
+        continue;
+      }
+      if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '\n') {
+      line_start = out.size() + 1;
+    } else if (c == '[' && i + 1 < text.size() && text[i + 1] == ']') {
+      std::size_t indent = 0;
+      while (line_start + indent < out.size() && out[line_start + indent] == ' ') ++indent;
+      out += "[\n" + std::string(indent, ' ') + "]";
+      ++i;
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
 nlohmann::ordered_json to_json(const ImageDescription& image) {
   nlohmann::ordered_json json;
   if (!image.backing_format.empty()) json["backing-filename-format"] = image.backing_format;
@@ -154,7 +186,7 @@ int run_info(const InfoOptions& options) {
     } else {
       json = to_json(chain.front());
     }
-    std::printf("%s\n", json.dump(4).c_str());
+    std::printf("%s\n", qemu_json_text(json).c_str());
   } else {
     for (std::size_t i = 0; i < chain.size(); ++i) {
       if (i) std::printf("\n");

@@ -1,5 +1,6 @@
 // spindle-img: a qemu-img-compatible image tool for the formats of the block layer's registry
-// (create, info, check, convert, compare, map, resize, amend, bench, snapshot). Options, output formats and exit codes follow qemu-img
+// (create, info, check, convert, compare, map, resize, amend, rebase, commit,
+// measure, bench, snapshot, bitmap). Options, output formats and exit codes follow qemu-img
 // (reference/qed.md §4); errors print "spindle-img: <message>" on stderr and exit 1 unless the
 // subcommand's qemu-img counterpart uses another code. The tool is single-threaded: every
 // subcommand drives its coroutines with coro::block_on on the main context.
@@ -51,6 +52,23 @@ std::string format_names(bool creatable) {
   return text;
 }
 
+// Runs a subcommand; a failure it throws is printed as "spindle-img: MESSAGE" (after what it
+// printed on stdout) and becomes the exit status.
+template <typename Subcommand>
+int run_reporting_failures(Subcommand&& subcommand) {
+  try {
+    return subcommand();
+  } catch (const ToolFailure& failure) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "spindle-img: %s\n", failure.what());
+    return failure.exit_code();
+  } catch (const std::exception& error) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "spindle-img: %s\n", error.what());
+    return 1;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -100,7 +118,7 @@ int main(int argc, char** argv) {
   convert_command->add_option("-O", convert.target_format,
                               "Target format: " + creatable + " (default raw)");
   convert_command->add_option("-o", convert.options, "Target creation options (see create)");
-  convert_command->add_flag("-p", convert.progress, "Show progress on stderr");
+  convert_command->add_flag("-p", convert.progress, "Show progress on stdout");
   convert_command->add_option("-B", convert.backing,
                               "Backing file of the target (as the source's backing file): only "
                               "what the source's top image allocates is copied");
@@ -117,6 +135,10 @@ int main(int argc, char** argv) {
   convert_command->add_option("-m", convert.coroutines,
                               "Parallel copying coroutines, 1..16 (default 8)");
   convert_command->add_flag("-q", convert.quiet, "Quiet");
+  convert_command->add_flag("--bitmaps", convert.bitmaps,
+                            "Copy the source's persistent dirty bitmaps (qcow2 to qcow2)");
+  convert_command->add_flag("--skip-broken-bitmaps", convert.skip_broken_bitmaps,
+                            "With --bitmaps: skip the source's bitmaps that are in use");
   convert_command->add_option("source", convert.source, "Source image")->required();
   convert_command->add_option("target", convert.target, "Target image (created)")->required();
 
@@ -127,6 +149,7 @@ int main(int argc, char** argv) {
   compare_command->add_option("-F", compare.format_b, "Second image's format (default: probe)");
   compare_command->add_flag("-s", compare.strict,
                             "Strict: sizes and allocation must match as well");
+  compare_command->add_flag("-p", compare.progress, "Show progress on stdout");
   compare_command->add_flag("-q", compare.quiet, "Quiet");
   compare_command->add_option("image1", compare.image_a, "First image")->required();
   compare_command->add_option("image2", compare.image_b, "Second image")->required();
@@ -144,9 +167,53 @@ int main(int argc, char** argv) {
   amend_command->add_option("-f", amend.format, "Image format (default: probe)");
   CLI::Option* amend_options =
       amend_command->add_option("-o", amend.options, "Options to change: key=value,...");
-  amend_command->add_flag("-p", amend.progress, "Show progress on stderr");
+  amend_command->add_flag("-p", amend.progress, "Show progress on stdout");
   amend_command->add_flag("-q", amend.quiet, "Quiet");
   amend_command->add_option("filename", amend.filename, "Image")->required();
+
+  RebaseOptions rebase;
+  CLI::App* rebase_command = app.add_subcommand(
+      "rebase", "Change an image's backing file (safe: the guest view is kept; -u: the header "
+                "only)");
+  rebase_command->add_option("-f", rebase.format, "Image format (default: probe)");
+  rebase_command->add_option("-t", rebase.cache, "The image's cache mode (default writeback)");
+  rebase_command->add_option("-T", rebase.source_cache,
+                             "The backing files' cache mode (default writeback)");
+  rebase_command->add_flag("-p", rebase.progress, "Show progress on stdout");
+  rebase_command->add_flag("-q", rebase.quiet, "Quiet");
+  rebase_command->add_flag("-u", rebase.unsafe,
+                           "Unsafe: only record the new backing file (it need not exist)");
+  CLI::Option* rebase_backing = rebase_command->add_option(
+      "-b", rebase.backing, "New backing file, relative to the image's directory (\"\": none)");
+  rebase_command->add_option("-F", rebase.backing_format, "New backing file's format");
+  rebase_command->add_option("filename", rebase.filename, "Image")->required();
+
+  CommitOptions commit;
+  CLI::App* commit_command = app.add_subcommand(
+      "commit", "Copy an image's data into its backing file (or -b base) and empty it");
+  commit_command->add_option("-f", commit.format, "Image format (default: probe)");
+  commit_command->add_option("-t", commit.cache, "Cache mode (default writeback)");
+  commit_command->add_option("-b", commit.base,
+                             "Base image of the backing chain to commit into (implies -d)");
+  commit_command->add_option("-r", commit.rate,
+                             "Rate limit in bytes per second (accepted; not enforced)");
+  commit_command->add_flag("-d", commit.drop, "Do not empty the image afterwards");
+  commit_command->add_flag("-p", commit.progress, "Show progress on stdout");
+  commit_command->add_flag("-q", commit.quiet, "Quiet");
+  commit_command->add_option("filename", commit.filename, "Image")->required();
+
+  MeasureOptions measure;
+  CLI::App* measure_command = app.add_subcommand(
+      "measure", "Show how large a new image of a format would be, for a size or an image");
+  add_output_option(measure_command, measure.output);
+  measure_command->add_option("-O", measure.target_format, "Target format (default raw)");
+  measure_command->add_option("-o", measure.options, "Target options key=value,...")
+      ->allow_extra_args(false);
+  measure_command->add_option("--size", measure.size, "Virtual size (k/M/G/T/P/E suffixes)");
+  measure_command->add_option("-f", measure.source_format, "Source format (default: probe)");
+  measure_command->add_option("-l", measure.snapshot, "Internal snapshot of the source");
+  measure_command->add_flag("-U,--force-share", measure.force_share, "Open without locks");
+  measure_command->add_option("filename", measure.filename, "Image to measure");
 
   ResizeOptions resize;
   CLI::App* resize_command = app.add_subcommand("resize", "Change an image's virtual size");
@@ -205,6 +272,15 @@ int main(int argc, char** argv) {
                              "Open shared (-l only; spindle-img takes no image locks)");
   snapshot_command->add_option("filename", snapshot.filename, "Image")->required();
 
+  // `bitmap` reads its own options: the order of its actions matters (bitmap_command.cc).
+  app.add_subcommand("bitmap",
+                     "Add, remove, clear, enable, disable or merge persistent dirty bitmaps "
+                     "(qcow2)")
+      ->allow_extras();
+  if (argc > 1 && std::strcmp(argv[1], "bitmap") == 0) {
+    return run_reporting_failures([&] { return run_bitmap(argc - 1, argv + 1); });
+  }
+
   if (argc > 1 && argv[1][0] != '-') {
     bool known = false;
     for (const CLI::App* command : app.get_subcommands({})) known |= command->get_name() == argv[1];
@@ -230,9 +306,10 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  try {
+  return run_reporting_failures([&]() -> int {
     if (create_command->parsed()) return run_create(create);
     if (info_command->parsed()) return run_info(info);
+    if (measure_command->parsed()) return run_measure(measure);
     if (check_command->parsed()) return run_check(check);
     if (convert_command->parsed()) return run_convert(convert);
     if (compare_command->parsed()) return run_compare(compare);
@@ -242,6 +319,11 @@ int main(int argc, char** argv) {
       amend.options_given = amend_options->count() > 0;
       return run_amend(amend);
     }
+    if (rebase_command->parsed()) {
+      rebase.backing_given = rebase_backing->count() > 0;
+      return run_rebase(rebase);
+    }
+    if (commit_command->parsed()) return run_commit(commit);
     if (bench_command->parsed()) return run_bench(bench);
     if (snapshot_command->parsed()) {
       const std::pair<CLI::Option*, char> actions[] = {{snapshot_list_option, 'l'},
@@ -258,14 +340,6 @@ int main(int argc, char** argv) {
                                                : snapshot_delete;
       return run_snapshot(snapshot);
     }
-  } catch (const ToolFailure& failure) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "spindle-img: %s\n", failure.what());
-    return failure.exit_code();
-  } catch (const std::exception& error) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "spindle-img: %s\n", error.what());
     return 1;
-  }
-  return 1;
+  });
 }

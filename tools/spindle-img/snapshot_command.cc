@@ -83,6 +83,8 @@ int run_snapshot(const SnapshotOptions& options) {
       if (!format.can_snapshot()) {
         fail("Could not apply snapshot '" + name + "': Block driver does not support snapshots");
       }
+      // Refused before anything was read (bitmaps present): qemu-img says why, once.
+      if (error.error == EBUSY) fail("Could not apply snapshot '" + name + "': " + error.message);
       if (error.error != ENOENT) detail(error);
       fail("Could not apply snapshot '" + name +
            "': Failed to load snapshot: " + std::strerror(error.error));

@@ -10,6 +10,7 @@
 #include <iterator>
 #include <vector>
 
+#include "base/byte_order.h"
 #include "block/formats/qcow2/check.h"
 #include "block/formats/qcow2/create.h"
 #include "block/formats/qcow2/qcow2_node.h"
@@ -48,11 +49,8 @@ BlockResult<Qcow2Node::AmendRequest> parse_amend_options(
     return it == options.end() ? nullptr : &it->second;
   };
   if (const std::string* v = find("compat")) {
-    if (*v == "0.10" || *v == "v2") {
-      request.version = 2;
-    } else if (*v == "1.1" || *v == "v3") {
-      request.version = 3;
-    } else {
+    request.version = parse_compat(*v);
+    if (!request.version) {
       return BlockError{EINVAL, fmt::format("Unknown compatibility level {}", *v)};
     }
   }
@@ -100,6 +98,10 @@ coro::Task<int> Qcow2Node::write_header_cluster() {
     BlockResult<std::vector<std::byte>> encoded = encode_header(header_);
     if (!encoded) co_return -encoded.error().error;
     bytes = std::move(encoded.value());
+    // The backing name may have moved (other extensions, another header length): later
+    // write_header_fields() calls write its location from header_.
+    header_.backing_file_offset = base::load_be64(bytes.data() + 8);
+    header_.backing_file_size = base::load_be32(bytes.data() + 16);
   }
   bytes.resize(cluster_size(), std::byte{0});  // the header cluster holds nothing else
   co_return co_await file_->write(0, std::span<const std::byte>(bytes), 0);

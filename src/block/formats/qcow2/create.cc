@@ -285,6 +285,31 @@ struct DataRun {  // guest clusters [guest, guest + count) at host clusters from
   std::uint64_t count = 0;
 };
 
+// The new data file holds the guest's bytes: `size` of them, allocated for falloc (where the
+// file system can) and written with zeros for full.
+coro::Task<BlockError> size_data_file(BlockNode& data, std::uint64_t size,
+                                      Preallocation preallocation) {
+  auto failed = [](int r) {
+    return BlockError{-r, fmt::format("Could not write the data file: {}", std::strerror(-r))};
+  };
+  if (int r = co_await data.truncate(0); r < 0) co_return failed(r);
+  if (int r = co_await data.truncate(size); r < 0) co_return failed(r);
+  if (preallocation == Preallocation::kFull) {
+    std::vector<std::byte> zeros(std::min<std::uint64_t>(size, 1 << 20));
+    for (std::uint64_t at = 0; at < size;) {
+      const std::uint64_t n = std::min<std::uint64_t>(zeros.size(), size - at);
+      if (int r = co_await data.write(at, std::span(zeros).first(n), 0); r < 0) {
+        co_return failed(r);
+      }
+      at += n;
+    }
+  } else if (preallocation == Preallocation::kFalloc && size) {
+    (void)co_await data.write_zeroes(0, size, 0);
+  }
+  if (int r = co_await data.flush(); r < 0) co_return failed(r);
+  co_return BlockError{};
+}
+
 BlockError too_big() {
   return BlockError{EFBIG, "The image size is too large for file format 'qcow2' (try using a "
                            "larger cluster size)"};
@@ -295,6 +320,11 @@ BlockError too_big() {
 
 std::optional<std::uint64_t> parse_option_size(const std::string& text) { return parse_size(text); }
 std::optional<bool> parse_option_bool(const std::string& text) { return parse_bool(text); }
+std::optional<std::uint32_t> parse_compat(const std::string& text) {
+  if (text == "0.10" || text == "v2") return 2;
+  if (text == "1.1" || text == "v3") return 3;
+  return std::nullopt;
+}
 
 BlockResult<CreateOptions> parse_create_options(const CreateRequest& request) {
   static const char* const kKnown[] = {
@@ -326,13 +356,9 @@ BlockResult<CreateOptions> parse_create_options(const CreateRequest& request) {
     o.cluster_bits = static_cast<std::uint32_t>(__builtin_ctzll(*size));
   }
   if (const std::string* v = find(request, "compat")) {
-    if (*v == "0.10" || *v == "v2") {
-      o.version = 2;
-    } else if (*v == "1.1" || *v == "v3") {
-      o.version = 3;
-    } else {
-      return invalid(fmt::format("Parameter 'version' does not accept value '{}'", *v));
-    }
+    const std::optional<std::uint32_t> version = parse_compat(*v);
+    if (!version) return invalid(fmt::format("Parameter 'version' does not accept value '{}'", *v));
+    o.version = *version;
   }
   auto boolean = [&](const char* key, bool& out) -> BlockError {
     if (const std::string* v = find(request, key)) {
@@ -344,8 +370,7 @@ BlockResult<CreateOptions> parse_create_options(const CreateRequest& request) {
   };
   if (BlockError e = boolean("lazy_refcounts", o.lazy_refcounts); !e.ok()) return e;
   if (BlockError e = boolean("extended_l2", o.extended_l2); !e.ok()) return e;
-  bool data_file_raw = false;
-  if (BlockError e = boolean("data_file_raw", data_file_raw); !e.ok()) return e;
+  if (BlockError e = boolean("data_file_raw", o.data_file_raw); !e.ok()) return e;
   bool encryption = false;
   if (BlockError e = boolean("encryption", encryption); !e.ok()) return e;
 
@@ -400,10 +425,21 @@ BlockResult<CreateOptions> parse_create_options(const CreateRequest& request) {
     return invalid("Backing file and preallocation can only be used at the same time if "
                    "extended_l2 is on");
   }
-  if (find(request, "data_file")) {
-    return BlockError{ENOTSUP, "qcow2 create: external data files are not supported yet"};
+  if (const std::string* v = find(request, "data_file"); v && !v->empty()) {
+    if (o.version < 3) {
+      return invalid(fmt::format("External data files are only supported with compatibility "
+                                 "level 1.1 and above {}", kNeedV3));
+    }
+    o.data_file = *v;
   }
-  if (data_file_raw) return invalid("data-file-raw requires data-file");
+  if (o.data_file_raw && o.data_file.empty()) return invalid("data-file-raw requires data-file");
+  if (o.data_file_raw && !o.backing_file.empty()) {
+    return invalid("Backing file and data-file-raw cannot be used at the same time");
+  }
+  // Every cluster of a raw data file must be mapped: the L2 tables exist from the start.
+  if (o.data_file_raw && o.preallocation == Preallocation::kOff) {
+    o.preallocation = Preallocation::kMetadata;
+  }
   if (o.extended_l2) {
     if (o.version < 3) {
       return invalid(fmt::format("Extended L2 entries are only supported with compatibility "
@@ -463,7 +499,7 @@ std::string create_summary_text(const CreateRequest& request) {
   return out;
 }
 
-coro::Task<BlockError> create_image(BlockNode& file, CreateOptions o) {
+coro::Task<BlockError> create_image(BlockNode& file, BlockNode* data, CreateOptions o) {
   const std::uint32_t cb = o.cluster_bits;
   const std::uint64_t cs = std::uint64_t{1} << cb;
   Allocator alloc(cb, o.refcount_order);
@@ -487,6 +523,13 @@ coro::Task<BlockError> create_image(BlockNode& file, CreateOptions o) {
   }
   h.backing_file = o.backing_file;
   h.backing_format = o.backing_format;
+  const bool external = !o.data_file.empty();
+  if (external) {
+    if (!data) co_return BlockError{EINVAL, "qcow2 create: no data file was created"};
+    h.data_file = o.data_file;
+    h.incompatible_features |= kIncompatDataFile;
+    if (o.data_file_raw) h.autoclear_features |= kAutoclearDataFileRaw;
+  }
 
   // The L1 table (qcow2_grow_l1_table), then preallocated L2 tables and data clusters.
   const std::uint64_t l1_entries = o.size ? l1_entries_needed(o.size, cb, o.extended_l2) : 0;
@@ -501,7 +544,18 @@ coro::Task<BlockError> create_image(BlockNode& file, CreateOptions o) {
     h.l1_size = static_cast<std::uint32_t>(l1_entries);
     file_end = std::max(file_end, h.l1_table_offset + l1_bytes);
   }
-  if (o.preallocation == Preallocation::kMetadata && o.size) {
+  if (external && o.preallocation != Preallocation::kOff && o.size) {
+    // Each L2 table at the first free cluster; the data clusters are the data file's.
+    const std::uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
+    const std::uint64_t total = (o.size + cs - 1) >> cb;
+    for (std::uint64_t pos = 0; pos < total; pos += l2_entries) {
+      const std::int64_t l2 = alloc.allocate(1);
+      if (l2 < 0) co_return too_big();
+      l1[pos / l2_entries] = static_cast<std::uint64_t>(l2);
+      file_end = std::max(file_end, (static_cast<std::uint64_t>(l2) + 1) << cb);
+      runs.push_back({pos, pos, std::min(l2_entries, total - pos)});
+    }
+  } else if (o.preallocation == Preallocation::kMetadata && o.size) {
     const std::uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
     const std::uint64_t total = (o.size + cs - 1) >> cb;
     const std::uint64_t cap = kMaxRequestBytes >> cb;
@@ -551,7 +605,8 @@ coro::Task<BlockError> create_image(BlockNode& file, CreateOptions o) {
   // what is in use; then the data clusters in one run after them; then an L2 table per L2
   // range, each at the first free cluster. The data run is fallocated or written with zeros.
   std::uint64_t data_start = 0, data_clusters = 0;
-  if (o.preallocation == Preallocation::kFalloc || o.preallocation == Preallocation::kFull) {
+  if (!external &&
+      (o.preallocation == Preallocation::kFalloc || o.preallocation == Preallocation::kFull)) {
     const std::uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
     data_clusters = (o.size + cs - 1) >> cb;
     const std::uint64_t l2_tables = (data_clusters + l2_entries - 1) / l2_entries + 1;
@@ -669,6 +724,10 @@ coro::Task<BlockError> create_image(BlockNode& file, CreateOptions o) {
     if (int r = co_await file.truncate(file_end); r < 0) {
       co_return BlockError{-r, fmt::format("Could not resize qcow2 image: {}", std::strerror(-r))};
     }
+  }
+  if (external) {
+    BlockError error = co_await size_data_file(*data, o.size, o.preallocation);
+    if (!error.ok()) co_return error;
   }
   if (int r = co_await file.flush(); r < 0) co_return failed(r);
   co_return BlockError{};

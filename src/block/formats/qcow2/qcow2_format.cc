@@ -8,6 +8,7 @@
 #include "block/formats/qcow2/check.h"
 #include "block/formats/qcow2/create.h"
 #include "block/formats/qcow2/format.h"
+#include "block/formats/qcow2/measure.h"
 #include "block/formats/qcow2/qcow2_node.h"
 
 namespace spindle::block::qcow2 {
@@ -37,7 +38,9 @@ coro::Task<BlockResult<Header>> read_header(BlockNode& file) {
 
 // Recognises qcow2 by its magic (every version, as QEMU does; versions other than 2 and 3 are
 // refused on open with their number), opens, creates, describes and checks qcow2 images, and
-// lists, creates, applies and removes their internal snapshots.
+// lists, creates, applies and removes their internal snapshots; changes the backing file an
+// image records (rebase) and empties an image (commit); lists and stores their persistent
+// dirty bitmaps (bitmap_directory.h, Qcow2Node::store_bitmaps).
 class Qcow2Format final : public ImageFormat {
  public:
   std::string_view name() const noexcept override { return "qcow2"; }
@@ -58,10 +61,31 @@ class Qcow2Format final : public ImageFormat {
   coro::Task<BlockError> create(BlockNode& file, CreateRequest request) const override {
     BlockResult<CreateOptions> options = parse_create_options(request);
     if (!options) co_return options.error();
-    co_return co_await create_image(file, std::move(options).value());
+    BlockNodeRef data;
+    if (!options.value().data_file.empty()) {
+      if (!request.create_file) {
+        co_return BlockError{ENOTSUP, "qcow2 create: cannot create an external data file here"};
+      }
+      BlockResult<BlockNodeRef> created = request.create_file(options.value().data_file);
+      if (!created) co_return created.error();
+      data = std::move(created).value();
+    }
+    co_return co_await create_image(file, data.get(), std::move(options).value());
   }
   std::string create_summary(const CreateRequest& request) const override {
     return create_summary_text(request);
+  }
+
+  BlockResult<std::uint64_t> measure_granularity(const CreateRequest& request) const override {
+    return measure_cluster_size(request);
+  }
+  BlockResult<SizeMeasurement> measure(const CreateRequest& request,
+                                       const std::optional<MeasureSource>& source) const override {
+    return measure_size(request, source);
+  }
+  bool supports_persistent_bitmaps(const BlockNode& node) const noexcept override {
+    const auto* image = dynamic_cast<const Qcow2Node*>(&node);
+    return image && image->header().version >= 3;
   }
 
   coro::Task<ImageDescription> describe(BlockNode& node) const override {
@@ -86,6 +110,21 @@ class Qcow2Format final : public ImageFormat {
     data["compression-type"] = header.compression_type == CompressionType::kZstd ? "zstd" : "zlib";
     if (header.version >= 3) {
       data["lazy-refcounts"] = (header.compatible_features & kCompatLazyRefcounts) != 0;
+    }
+    if (auto* q = dynamic_cast<Qcow2Node*>(&node); q && header.bitmaps) {
+      // As qemu-img info: the directory's bitmaps, each with its flags, name, granularity.
+      BlockResult<std::vector<BitmapEntry>> dir = co_await q->bitmap_directory();
+      if (dir && !dir.value().empty()) {
+        nlohmann::ordered_json list = nlohmann::ordered_json::array();
+        for (const BitmapEntry& e : dir.value()) {
+          nlohmann::ordered_json flags = nlohmann::ordered_json::array();
+          if (e.in_use()) flags.push_back("in-use");
+          if (e.enabled()) flags.push_back("auto");
+          list.push_back({{"flags", std::move(flags)}, {"name", e.name},
+                          {"granularity", e.granularity()}});
+        }
+        data["bitmaps"] = std::move(list);
+      }
     }
     data["refcount-bits"] = header.refcount_bits();
     if (header.version >= 3) {
@@ -131,12 +170,60 @@ class Qcow2Format final : public ImageFormat {
   coro::Task<BlockError> apply_snapshot(BlockNode& node, std::string id_or_name) const override {
     auto* q = dynamic_cast<Qcow2Node*>(&node);
     if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    // As qemu: no snapshot is applied under persistent bitmaps (they would not tell what the
+    // switch changed).
+    BlockResult<std::vector<BitmapEntry>> dir = co_await q->bitmap_directory();
+    if (!dir) co_return dir.error();
+    if (!dir.value().empty()) co_return BlockError{EBUSY, "Device has active dirty bitmaps"};
     co_return co_await q->apply_snapshot(std::move(id_or_name));
   }
   coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const override {
     auto* q = dynamic_cast<Qcow2Node*>(&node);
     if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
     co_return co_await q->delete_snapshot(std::move(name));
+  }
+
+  coro::Task<BlockResult<std::vector<PersistentBitmap>>> load_bitmaps(
+      BlockNode& node, bool with_bits) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    BlockResult<std::vector<BitmapEntry>> dir = co_await q->bitmap_directory();
+    if (!dir) co_return dir.error();
+    std::uint64_t memory = 0;
+    for (const BitmapEntry& e : dir.value()) {
+      if (with_bits && !e.in_use()) memory += bitmap_data_bytes(q->size(), e.granularity_bits);
+    }
+    if (memory > kMaxBitmapMemoryBytes) {
+      co_return BlockError{ENOMEM, "the image's bitmaps take more than 1 GiB of memory"};
+    }
+    std::vector<PersistentBitmap> list;
+    for (const BitmapEntry& e : dir.value()) {
+      PersistentBitmap b{e.name, e.granularity(), e.enabled(), e.in_use(), std::nullopt};
+      if (with_bits && !e.in_use()) {
+        BlockResult<std::vector<std::uint8_t>> bits = co_await q->read_bitmap_bits(e);
+        if (!bits) co_return bits.error();
+        b.bits = std::move(bits).value();
+      }
+      list.push_back(std::move(b));
+    }
+    co_return list;
+  }
+  coro::Task<BlockError> store_bitmaps(BlockNode& node,
+                                       std::vector<PersistentBitmap> bitmaps) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    std::vector<Qcow2Node::StoredBitmap> list;
+    for (PersistentBitmap& b : bitmaps) {
+      Qcow2Node::StoredBitmap s;
+      s.entry.name = std::move(b.name);
+      std::uint32_t bits = 0;
+      while (bits < 63 && (std::uint64_t{1} << bits) < b.granularity) ++bits;
+      s.entry.granularity_bits = static_cast<std::uint8_t>(bits);
+      s.entry.flags = (b.enabled ? kBitmapFlagAuto : 0) | (b.in_use ? kBitmapFlagInUse : 0);
+      s.bits = std::move(b.bits);
+      list.push_back(std::move(s));
+    }
+    co_return co_await q->store_bitmaps(std::move(list));
   }
 
   bool can_check() const noexcept override { return true; }
@@ -148,6 +235,17 @@ class Qcow2Format final : public ImageFormat {
     BlockResult<Qcow2Node::AmendRequest> request = parse_amend_options(options);
     if (!request) co_return request.error();
     co_return co_await q->amend(request.value());
+  }
+  coro::Task<BlockError> change_backing(BlockNode& node, std::string name,
+                                        std::string format) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    co_return co_await q->change_backing(std::move(name), std::move(format));
+  }
+  coro::Task<BlockError> make_empty(BlockNode& node) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    co_return co_await q->make_empty();
   }
   // For an open node: its metadata is flushed, then the file is checked with the header as
   // the file holds it (a repair may have moved the refcount table since the node opened).

@@ -234,11 +234,7 @@ coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOp
                                           refcount_tables);
   if (external_data) {
     BlockResult<BlockNodeRef> data = options.open_data_file(header.data_file, read_only);
-    if (!data.ok()) {
-      BlockError error = data.error();
-      error.message = fmt::format("Could not open '{}': {}", header.data_file, error.message);
-      co_return error;
-    }
+    if (!data.ok()) co_return data.error();  // "Could not open 'NAME': why"
     node->data_ = std::move(data).value();
   }
 
@@ -252,17 +248,19 @@ coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOp
         co_await options.open_backing(header.backing_file, header.backing_format);
     if (!backing.ok()) {
       BlockError error = backing.error();
-      error.message =
-          fmt::format("cannot open backing file '{}': {}", header.backing_file, error.message);
+      error.message = "Could not open backing file: " + error.message;
       co_return error;
     }
     node->backing_ = std::move(backing).value();
   }
 
-  if (!read_only && header.version >= 3 && (header.autoclear_features & ~kAutoclearDataFileRaw)) {
-    // Autoclear bits we do not keep up to date (bitmaps included: writes here do not mark
-    // them) are cleared before the image is modified, as the format requires.
-    node->header_.autoclear_features &= kAutoclearDataFileRaw;
+  if (BlockError error = co_await node->validate_bitmaps(); !error.ok()) co_return error;
+  constexpr std::uint64_t kKeptAutoclear = kAutoclearDataFileRaw | kAutoclearBitmaps;
+  if (!read_only && header.version >= 3 && (header.autoclear_features & ~kKeptAutoclear)) {
+    // Autoclear bits we do not keep up to date are cleared before the image is modified, as
+    // the format requires; the bitmaps bit stays (the write hooks keep the bitmaps, see
+    // Qcow2Node::close()).
+    node->header_.autoclear_features &= kKeptAutoclear;
     result = co_await node->write_header_fields();
     if (result >= 0) result = co_await file->flush();
     if (result < 0) co_return io_error(result, "cannot clear qcow2 autoclear features");
@@ -1334,6 +1332,10 @@ coro::Task<int> Qcow2Node::write(std::uint64_t offset, std::span<const std::byte
   if (refuses_writes()) {
     co_return -EIO;
   }
+  if (bitmaps_pending()) {
+    if (const int r = co_await start_bitmap_tracking(); r < 0) co_return r;
+  }
+  mark_dirty(offset, buffer.size());
   if (flags & kWriteCompressed) {
     const int result = co_await write_compressed(offset, buffer);
     if (result < 0) {
@@ -1432,6 +1434,10 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
   if (refuses_writes()) {
     co_return -EIO;
   }
+  if (bitmaps_pending()) {
+    if (const int r = co_await start_bitmap_tracking(); r < 0) co_return r;
+  }
+  mark_dirty(offset, bytes);
   const std::uint64_t cs = cluster_size();
   const std::uint64_t end = offset + bytes;
   std::uint64_t head_end = std::min(end, (offset + cs - 1) / cs * cs);
@@ -1468,6 +1474,10 @@ coro::Task<int> Qcow2Node::discard(std::uint64_t offset, std::uint64_t bytes) {
   if (refuses_writes()) {
     co_return -EIO;
   }
+  if (bitmaps_pending()) {
+    if (const int r = co_await start_bitmap_tracking(); r < 0) co_return r;
+  }
+  mark_dirty(offset, bytes);
   const std::uint64_t cs = cluster_size();
   const std::uint64_t end = offset + bytes;
   const std::uint64_t begin = (offset + cs - 1) / cs * cs;
@@ -1616,7 +1626,7 @@ coro::Task<int> Qcow2Node::flush() {
 
 // ---- truncate -------------------------------------------------------------------------------
 
-coro::Task<int> Qcow2Node::truncate(std::uint64_t new_size) {
+coro::Task<int> Qcow2Node::resize_image(std::uint64_t new_size) {
   if (read_only_) co_return -EROFS;
   if (new_size % 512 != 0) co_return -EINVAL;
   if (refuses_writes()) {

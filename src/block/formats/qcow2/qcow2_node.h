@@ -76,6 +76,10 @@
 //                        order. Allocating requests take it only to grow the
 //                        refcount table or to write back when the caches fill with dirty
 //                        tables; nothing holding it waits for a guest cluster's record.
+//   bitmap_mutex_        coro::Mutex serialising the persistent bitmaps' changes (starting
+//                        to track them, storing them, close, truncate); taken before
+//                        flush_mutex_, never while a guest cluster's record is held. Writes
+//                        mark tracker_'s bits without it (atomics; see close()).
 //   corrupt_, broken_,   atomics; set once (a corrupt entry found; a metadata move that
 //   retired_             failed half way; amend rebuilt the refcounts with another width),
 //                        after which writes fail with -EIO.
@@ -97,6 +101,8 @@
 #include "block/block_error.h"
 #include "block/block_node.h"
 #include "block/formats/qcow2/format.h"
+#include "block/formats/qcow2/bitmap_directory.h"
+#include "block/formats/qcow2/bitmap_tracker.h"
 #include "block/formats/qcow2/snapshot_table.h"
 #include "block/formats/qcow2/table_cache.h"
 #include "block/image_format.h"
@@ -159,6 +165,9 @@ class Qcow2Node final : public BlockNode {
   coro::Task<BlockStatus> block_status(std::uint64_t offset, std::uint64_t bytes) override;
   // Grows (the L1 table too when needed) or shrinks where nothing is allocated past the new
   // end (else -ENOTSUP). The size must be a multiple of 512 (-EINVAL).
+  // Persistent bitmaps are resized with the image (bits past the old end clear), as qemu
+  // does: they are marked in use on disk first, then stored at the new size; call it with no
+  // write in flight when the image has bitmaps.
   coro::Task<int> truncate(std::uint64_t new_size) override;
 
   // For check and info (qcow2 check/create, tools). The header as of the last metadata change:
@@ -177,6 +186,16 @@ class Qcow2Node final : public BlockNode {
     std::optional<std::uint64_t> size;
   };
   coro::Task<BlockError> amend(AmendRequest request);
+  // qemu-img rebase (backing_change.cc), with no other request in flight: the metadata is
+  // flushed, then the header cluster is rewritten naming `name` ("": none) with `format` as
+  // its backing-format extension ("": none). The node keeps reading through the backing node
+  // it opened with. Errors: EINVAL for a name over 1023 bytes or an image with a raw external
+  // data file, ENOSPC when the header no longer fits in its cluster, EROFS, EIO (corrupt).
+  coro::Task<BlockError> change_backing(std::string name, std::string format);
+  // qemu-img commit's emptying (backing_change.cc), with no other request in flight: every
+  // active L2 entry becomes unallocated (the clusters it held are released), then the
+  // metadata is flushed. ENOTSUP for a raw external data file (it must keep the guest view).
+  coro::Task<BlockError> make_empty();
   const BlockNodeRef& file() const noexcept { return file_; }
   const BlockNodeRef& backing() const noexcept { return backing_; }
   bool corrupt() const noexcept { return corrupt_.load(std::memory_order_acquire); }
@@ -203,6 +222,39 @@ class Qcow2Node final : public BlockNode {
   // L1 table is copied to new clusters and committed with its virtual size in one header
   // write; the old active tree loses its references afterwards.
   coro::Task<BlockError> apply_snapshot(std::string id_or_name);
+
+  // ---- persistent dirty bitmaps (bitmap_store.cc) -------------------------------------------
+  // The bitmap directory as the file holds it (empty without a consistent bitmaps extension).
+  // Errors: EINVAL for a bad directory (QEMU's messages), I/O failures as their errno.
+  coro::Task<BlockResult<std::vector<BitmapEntry>>> bitmap_directory();
+  // A bitmap's bits (bitmap_data_bytes() of them for the current size): its table read and
+  // checked (EINVAL: bad entries, a table not sized for the image), all-zeros and all-ones
+  // entries expanded, tail bits past the image cleared. EINVAL for a bitmap in use.
+  coro::Task<BlockResult<std::vector<std::uint8_t>>> read_bitmap_bits(const BitmapEntry& entry);
+  // Replaces the directory with `list`, in its order. An entry with `bits` gets new data
+  // clusters (only those holding a set bit) and a new table; one without keeps the table of
+  // the entry of that name in the current directory (EINVAL when there is none). Then the
+  // new directory is written, all metadata written back, the header switched (the autoclear
+  // bit set, or the extension dropped with an empty list) and flushed, and only then the old
+  // directory and the tables (and their data) nothing names any more released. A crash
+  // leaves at worst leaked clusters. Call with no other request in flight (the write hooks
+  // excepted); flush_mutex_ is taken inside. EROFS read-only, EIO corrupt, ENOTSUP for v2
+  // images ("Cannot store dirty bitmaps in qcow2 v2 files"), EINVAL bad entries.
+  struct StoredBitmap {
+    BitmapEntry entry;  // name, flags, granularity_bits (table location: filled in here)
+    std::optional<std::vector<std::uint8_t>> bits;
+  };
+  coro::Task<BlockError> store_bitmaps(std::vector<StoredBitmap> list);
+  // Persistent bitmaps on a writable node: the first write, write_zeroes or discard loads the
+  // enabled ("auto") bitmaps that are not in use into a BitmapTracker and sets their IN_USE
+  // flag on disk (flushed) before anything else is written; every later one marks its range
+  // in them (atomic bit operations, from any thread) before writing. close() stores their
+  // bits and clears IN_USE. A node dropped without close() (a process killed) leaves IN_USE
+  // set, so qemu reports those bitmaps inconsistent. store_bitmaps() while tracking: EBUSY.
+  // When the bitmaps cannot be read or marked (a bad directory or table: -EIO; more than
+  // kMaxBitmapMemoryBytes of enabled bitmaps: -ENOMEM), writes fail rather than leave a
+  // bitmap that no longer tells what changed.
+  coro::Task<int> close() override;
 
  private:
   friend coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file,
@@ -273,7 +325,8 @@ class Qcow2Node final : public BlockNode {
   // v3 opens; writes fail with -EIO from then on.
   coro::Task<void> mark_corrupt();
   coro::Task<int> write_header_fields();
-  // Rewrites the whole header cluster (fields, extensions, backing name) from header_.
+  // Rewrites the whole header cluster (fields, extensions, backing name) from header_, and
+  // records in header_ where the backing name now lies.
   coro::Task<int> write_header_cluster();
   // The guest clusters whose active L2 entry is compressed (flag kEntryCompressed) or, not
   // compressed, has `flag` set (amend.cc).
@@ -310,11 +363,11 @@ class Qcow2Node final : public BlockNode {
   // Moves the refcount table to a larger place (flush_mutex_ taken inside; _locked: held).
   coro::Task<int> grow_refcount_table(std::uint64_t min_entries);
   coro::Task<int> grow_refcount_table_locked(std::uint64_t min_entries);
-  // Decrements a cluster's refcount in its (loaded) block.
-  coro::Task<int> release_cluster(std::uint64_t host_offset);
   // Adds `delta` (-1, 0 or +1) to the refcount of the cluster holding `host_offset`; `now`
   // is the new count. -EIO below 0 or without a refcount block, -EINVAL above the maximum.
   coro::Task<int> adjust_refcount(std::uint64_t host_offset, int delta, std::uint64_t& now);
+  // Decrements a cluster's refcount in its (loaded) block.
+  coro::Task<int> release_cluster(std::uint64_t host_offset);
   // The largest refcount the image's refcount width holds.
   std::uint64_t largest_refcount() const noexcept {
     return header_.refcount_order == 6 ? ~std::uint64_t{0}
@@ -389,6 +442,31 @@ class Qcow2Node final : public BlockNode {
   coro::Task<BlockError> walk_tree(std::vector<std::uint64_t> l1, bool active, int delta);
   // Writes `table` to new clusters, then (all metadata written back) points the header at it,
   // then frees the old table (`old_extent` bytes at the old snapshots_offset).
+  // bitmap_store.cc, flush_mutex_ held: the directory, and the host clusters of a bitmap
+  // table and of the data it names (appended to `clusters`).
+  coro::Task<BlockResult<std::vector<BitmapEntry>>> read_bitmap_directory_locked();
+  coro::Task<BlockResult<std::vector<std::uint64_t>>> read_bitmap_table(const BitmapEntry& entry);
+  coro::Task<BlockError> write_bitmap_data(StoredBitmap& bitmap);
+  coro::Task<BlockError> commit_bitmaps(std::vector<StoredBitmap> list);
+  // At open, as QEMU opens: the directory and the table of each bitmap not in use are well
+  // formed and sized for the image (EINVAL with QEMU's message otherwise).
+  coro::Task<BlockError> validate_bitmaps();
+  // The write hooks (see close()): whether tracking still has to start (or failed), and the
+  // marking itself.
+  enum BitmapState : int { kBitmapsUnloaded, kBitmapsTracking, kBitmapsNone, kBitmapsFailed };
+  bool bitmaps_pending() const noexcept {
+    const int state = bitmap_state_.load(std::memory_order_acquire);
+    return state == kBitmapsUnloaded || state == kBitmapsFailed;
+  }
+  void mark_dirty(std::uint64_t offset, std::uint64_t bytes) noexcept {
+    if (bitmap_state_.load(std::memory_order_acquire) == kBitmapsTracking) {
+      tracker_.mark(offset, bytes);
+    }
+  }
+  coro::Task<int> start_bitmap_tracking();
+  // truncate() without the persistent bitmaps (qcow2_node.cc); truncate() (bitmap_store.cc)
+  // resizes the bitmaps around it.
+  coro::Task<int> resize_image(std::uint64_t new_size);
   coro::Task<BlockError> commit_snapshot_table(const std::vector<SnapshotEntry>& table,
                                                std::uint64_t old_extent);
   // Flushes for FUA, or to write back when the caches hold too many dirty tables.
@@ -447,6 +525,13 @@ class Qcow2Node final : public BlockNode {
   std::vector<std::uint64_t> pending_frees_;             // meta_mutex_: host clusters
 
   coro::Mutex flush_mutex_;
+
+  // Persistent bitmaps: bitmap_mutex_ serialises starting and ending the tracking (taken
+  // before flush_mutex_); tracker_ is built under it before bitmap_state_ turns to
+  // kBitmapsTracking (release), and is then only read and marked (its bits are atomics).
+  coro::Mutex bitmap_mutex_;
+  std::atomic<int> bitmap_state_{kBitmapsUnloaded};
+  BitmapTracker tracker_;
 
   // Compressed writes: the host clusters being filled with compressed clusters.
   // compressed_mutex_ is taken after a guest cluster's claim and before flush_mutex_

@@ -11,4 +11,10 @@ set(SPINDLE_QCOW2_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/snapshots.cc
   ${CMAKE_CURRENT_LIST_DIR}/compressed_write.cc
   ${CMAKE_CURRENT_LIST_DIR}/amend.cc
+  ${CMAKE_CURRENT_LIST_DIR}/backing_change.cc
+  ${CMAKE_CURRENT_LIST_DIR}/make_empty.cc
+  ${CMAKE_CURRENT_LIST_DIR}/measure.cc
+  ${CMAKE_CURRENT_LIST_DIR}/bitmap_directory.cc
+  ${CMAKE_CURRENT_LIST_DIR}/bitmap_store.cc
+  ${CMAKE_CURRENT_LIST_DIR}/bitmap_tracker.cc
 )

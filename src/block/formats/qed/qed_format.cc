@@ -133,6 +133,13 @@ class QedFormat final : public ImageFormat {
     co_return description;
   }
 
+  coro::Task<BlockError> change_backing(BlockNode& node, std::string name,
+                                        std::string format) const override {
+    auto* qed = dynamic_cast<QedNode*>(&node);
+    if (!qed) co_return BlockError{EINVAL, "not a qed node"};
+    co_return co_await qed->change_backing(std::move(name), std::move(format));
+  }
+
   bool can_check() const noexcept override { return true; }
 
   coro::Task<CheckReport> check(BlockNodeRef node, RepairMode mode) const override {

@@ -92,7 +92,7 @@ coro::Task<BlockResult<QedNodeRef>> open_qed(BlockNodeRef file, OpenOptions opti
     BlockResult<BlockNodeRef> backing = co_await options.open_backing(backing_name, format);
     if (!backing.ok()) {
       BlockError error = backing.error();
-      error.message = fmt::format("cannot open backing file '{}': {}", backing_name, error.message);
+      error.message = "Could not open backing file: " + error.message;
       co_return error;
     }
     node->backing_ = std::move(backing).value();

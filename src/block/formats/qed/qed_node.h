@@ -31,7 +31,8 @@
 // each lookup (one binary search per run over the tables' offsets).
 //
 // Thread-safety: the node may be used by coroutines on several contexts at once.
-//   geometry_, backing_, file_, read_only_, backing_name_   immutable after open
+//   geometry_, backing_, file_, read_only_   immutable after open
+//   backing_name_      changed only by change_backing() (no other request in flight)
 //   image_size_                                             atomic (read by size())
 //   allocation_lock_   FIFO; held by the one allocating request for its whole duration (QEMU's
 //                      allocating-write queue), and by flush's header clean-up, truncate, check.
@@ -144,6 +145,13 @@ class QedNode final : public BlockNode {
   // dirty); then the file and backing nodes. Both contexts must be running until it returns.
   coro::Task<void> attach_context(aio::Context& context) override;
 
+  // qemu-img rebase (backing_change.cc), with no other request in flight: rewrites the header
+  // and the name after it (at offset 64) to name `name` ("": none), marked raw (no probing)
+  // when `format` is "raw". The node keeps reading through the backing node it opened with.
+  // Errors: ENOTSUP for unknown compat features, ENOSPC when the name does not fit in the
+  // header clusters, EINVAL for a name longer than kMaxBackingNameBytes, EROFS.
+  coro::Task<BlockError> change_backing(std::string name, std::string format);
+
   // Consistency check (reference/qed.md §1.11); `repair` drops invalid offsets and, if nothing
   // uncorrectable remains, marks the image clean. Runs exclusive of all allocating work.
   coro::Task<CheckResult> check(bool repair);
@@ -221,7 +229,7 @@ class QedNode final : public BlockNode {
   BlockNodeRef backing_;  // set once during open
   const bool read_only_;
   const Geometry geometry_;
-  const std::string backing_name_;
+  std::string backing_name_;
   std::atomic<std::uint64_t> image_size_;
 
   coro::Mutex allocation_lock_;

@@ -7,4 +7,5 @@ set(SPINDLE_QED_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/check.cc
   ${CMAKE_CURRENT_LIST_DIR}/create.cc
   ${CMAKE_CURRENT_LIST_DIR}/qed_format.cc
+  ${CMAKE_CURRENT_LIST_DIR}/backing_change.cc
 )

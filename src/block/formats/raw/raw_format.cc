@@ -53,6 +53,29 @@ class RawFormat final : public ImageFormat {
   std::string create_summary(const CreateRequest& request) const override {
     return fmt::format("size={}", request.size);
   }
+
+  // The image is the bytes: every one of them is required, sectors whole.
+  BlockResult<std::uint64_t> measure_granularity(const CreateRequest& request) const override {
+    for (const auto& option : request.options) {
+      if (option.first != "size" && option.first != "preallocation") {
+        return BlockError{EINVAL, fmt::format("Invalid parameter '{}'\nInvalid options for file "
+                                              "format 'raw'", option.first)};
+      }
+    }
+    return 512;
+  }
+  BlockResult<SizeMeasurement> measure(const CreateRequest& request,
+                                       const std::optional<MeasureSource>& source) const override {
+    BlockResult<std::uint64_t> checked = measure_granularity(request);
+    if (!checked) return checked.error();
+    const std::uint64_t size = source ? source->size : request.size;
+    if (size > static_cast<std::uint64_t>(INT64_MAX) - 511) {
+      return BlockError{EINVAL, "Invalid image size specified. Must be between 0 and "
+                                "9223372036854775807."};
+    }
+    const std::uint64_t sectors = (size + 511) / 512 * 512;
+    return SizeMeasurement{.required = sectors, .fully_allocated = sectors, .bitmaps = {}};
+  }
 };
 
 }  // namespace
