@@ -1042,6 +1042,12 @@ class Qcow2Test(si.InteropTest):
                          "write -P 0x26 192k+2k-100 4k",  # from one into the next two
                          "write -P 0x27 1M-1k 130k",     # across clusters: tail, whole, head
                          "flush"]
+    # Zeroes inside clusters: whole subclusters get zero bits, the rest is written as zeros.
+    SUBCLUSTER_ZEROES = ["write -z 8k 6k",               # allocated subclusters, aligned
+                         "write -z 64k+2k+1 6k",         # unaligned at both ends
+                         "write -z 2M+4k 8k",            # a cluster with nothing allocated
+                         "write -z 1M-1k 4k+512",        # across a cluster boundary
+                         "flush"]
 
     def test_extended_l2_writes_as_sparse_as_qemu(self):
         # Allocating writes through spindle-nbd allocate only the subclusters written: the same
@@ -1062,6 +1068,7 @@ class Qcow2Test(si.InteropTest):
                 model = self.path(f"{index}/model.qcow2")
                 shutil.copy(image, model)
                 self.write_through_nbd_like_qemu_io(image, model, self.SUBCLUSTER_WRITES)
+                self.write_through_nbd_like_qemu_io(image, model, self.SUBCLUSTER_ZEROES)
                 ours = json.loads(qemu_img("map", "--output=json", image).stdout)
                 theirs = json.loads(qemu_img("map", "--output=json", model).stdout)
                 self.assert_map_matches(ours, theirs, f"map {options}")

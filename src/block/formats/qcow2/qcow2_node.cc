@@ -1428,6 +1428,79 @@ coro::Task<int> Qcow2Node::zero_or_discard(std::uint64_t first_cluster, std::uin
   co_return 0;
 }
 
+coro::Task<int> Qcow2Node::zero_subclusters(std::uint64_t cluster, unsigned first,
+                                            unsigned count) {
+  const std::uint64_t cs = cluster_size();
+  for (;;) {
+    InFlightRef wait_for;
+    if (claim(cluster, 1, wait_for) == 1) break;
+    co_await wait_for->done.wait();
+  }
+  TableRef l2;
+  int result = co_await writable_l2(cluster * cs, backing_ != nullptr, l2);
+  int outcome = 1;  // no table and no backing file: the cluster reads as zeros already
+  if (result >= 0 && l2) {
+    std::lock_guard lock(meta_mutex_);
+    CachedTable& table = *l2;
+    const std::uint64_t slot = (cluster % l2_entries_) * 2;
+    const std::uint64_t entry = get64(table, slot);
+    const std::uint64_t bitmap = get64(table, slot + 1);
+    if (!unit_at(table, cluster * cs).ok) {
+      corrupt_.store(true, std::memory_order_release);
+      result = -EIO;
+    } else if ((entry & kEntryCompressed) || (has_host(entry) && !(entry & kEntryCopied))) {
+      outcome = 0;  // its subclusters cannot be told apart / it is not ours alone to change
+    } else {
+      const std::uint64_t mask = (count >= 32 ? kAllSubclustersAllocated
+                                              : (std::uint64_t{1} << count) - 1) << first;
+      put64(table, slot + 1, (bitmap & ~mask) | (mask << 32));
+      ++table.generation;
+    }
+  }
+  release_claims(cluster, 1);
+  co_return result < 0 ? result : outcome;
+}
+
+coro::Task<int> Qcow2Node::zero_in_cluster(std::uint64_t offset, std::uint64_t bytes,
+                                           std::uint32_t flags) {
+  if (!extended_) co_return co_await BlockNode::write_zeroes(offset, bytes, flags & ~kFua);
+  const std::uint64_t cs = cluster_size(), sc = subcluster_size();
+  const std::uint64_t end = offset + bytes;
+  std::uint64_t first = (offset + sc - 1) / sc * sc;
+  std::uint64_t last = std::max(first, end / sc * sc);
+  // A subcluster the range only partly covers that reads as zeros already may be zeroed
+  // whole, as qemu does (then nothing is written there).
+  auto reads_as_zeros = [this, sc](std::uint64_t start) -> coro::Task<bool> {
+    const BlockStatus status = co_await block_status(start, sc);
+    co_return status.error == 0 && (status.flags & kStatusZero) && status.bytes >= sc;
+  };
+  if (offset < first) {
+    const bool zeros = co_await reads_as_zeros(first - sc);
+    if (zeros) first -= sc;
+  }
+  if (last < end && last / cs == offset / cs) {
+    const bool zeros = co_await reads_as_zeros(last);
+    if (zeros) last += sc;
+  }
+  if (first < last) {
+    const int done = co_await zero_subclusters(
+        offset / cs, static_cast<unsigned>(first % cs / sc),
+        static_cast<unsigned>((last - first) / sc));
+    if (done < 0) co_return done;
+    if (done == 1) {
+      int result = 0;
+      if (offset < first) {
+        result = co_await BlockNode::write_zeroes(offset, first - offset, flags & ~kFua);
+      }
+      if (result >= 0 && last < end) {
+        result = co_await BlockNode::write_zeroes(last, end - last, flags & ~kFua);
+      }
+      co_return result;
+    }
+  }
+  co_return co_await BlockNode::write_zeroes(offset, bytes, flags & ~kFua);
+}
+
 coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                         std::uint32_t flags) {
   if (read_only_) co_return -EROFS;
@@ -1450,9 +1523,7 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
   }
   if ((flags & kNoFallback) && (head_end != offset || tail_begin != end)) co_return -ENOTSUP;
   int result = 0;
-  if (head_end > offset) {
-    result = co_await BlockNode::write_zeroes(offset, head_end - offset, flags & ~kFua);
-  }
+  if (head_end > offset) result = co_await zero_in_cluster(offset, head_end - offset, flags);
   for (std::uint64_t pos = head_end; result >= 0 && pos < tail_begin;) {
     const std::uint64_t span_end = std::min(tail_begin, (pos / l2_span() + 1) * l2_span());
     const std::uint64_t clusters = (span_end - pos + cs - 1) / cs;
@@ -1460,7 +1531,7 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
     pos = span_end;
   }
   if (result >= 0 && end > tail_begin) {
-    result = co_await BlockNode::write_zeroes(tail_begin, end - tail_begin, flags & ~kFua);
+    result = co_await zero_in_cluster(tail_begin, end - tail_begin, flags);
   }
   if (result < 0) {
     co_await mark_corrupt();

@@ -153,7 +153,9 @@ class Qcow2Node final : public BlockNode {
                         std::uint32_t flags) override;
   coro::Task<int> flush() override;
   // v3: whole clusters get the zero flag (their host cluster is kept unless kMayUnmap);
-  // partial clusters and v2 images are written as zero buffers (kNoFallback: -ENOTSUP).
+  // with extended L2 the whole subclusters of a partial cluster get their zero bits (not in a
+  // compressed cluster or one shared with a snapshot); the rest of partial clusters and v2
+  // images are written as zero buffers (kNoFallback: -ENOTSUP).
   coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                std::uint32_t flags) override;
   // Whole clusters only (the rest is ignored): the cluster is released; the entry becomes
@@ -475,6 +477,13 @@ class Qcow2Node final : public BlockNode {
   // Whole clusters of one L2 span: zero flag / unallocated (claims them first).
   coro::Task<int> zero_or_discard(std::uint64_t first_cluster, std::uint64_t clusters, Mode mode,
                                   std::uint32_t flags);
+  // Extended L2: subclusters [first, first + count) of guest cluster `cluster` read as zeros
+  // by their zero bits (claims the cluster first). 1: done; 0: not possible this way (a
+  // compressed cluster, or one shared with a snapshot: the caller writes zeros instead).
+  coro::Task<int> zero_subclusters(std::uint64_t cluster, unsigned first, unsigned count);
+  // write_zeroes' part inside one cluster: its whole subclusters by zero_subclusters(), the
+  // rest (and everything where that is not possible) written as zeros.
+  coro::Task<int> zero_in_cluster(std::uint64_t offset, std::uint64_t bytes, std::uint32_t flags);
   // Writes back all dirty metadata in crash-safe order; flush_mutex_ held by the caller.
   coro::Task<int> write_back_locked();
   // Writes the dirty refcount blocks (and the refcount table where the header points at a
