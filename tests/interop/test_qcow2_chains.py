@@ -144,6 +144,17 @@ class ChainTest(si.InteropTest):
         shutil.copytree(theirs, ours)
         return theirs, ours, fmt
 
+    def twin_of(self, name, build):
+        """Images made by build(at) in the 'theirs' folder (at(NAME): a path there), copied to
+        the 'ours' folder: (theirs, ours, at)."""
+        theirs, ours = self.path(f"{name}-qemu"), self.path(f"{name}-spindle")
+        os.makedirs(theirs)
+        def at(image):
+            return os.path.join(theirs, image)
+        build(at)
+        shutil.copytree(theirs, ours)
+        return theirs, ours, at
+
     def assert_same_image(self, a, b, what):
         proc = qemu_img("compare", a, b, check=False)
         self.assertEqual(proc.returncode, 0, f"{what}: {proc.stdout}{proc.stderr}")
@@ -341,21 +352,18 @@ class ChainTest(si.InteropTest):
     def test_commit_into_smaller_and_raw_bases(self):
         """rb.raw (1 MiB of data) <- t.qcow2 <- q.qed, and small.qcow2 (1 MiB) <- big.qcow2
         (4 MiB): commits grow a smaller base, write zeros into raw, and walk a mixed chain."""
-        theirs, ours = self.path("mixed-qemu"), self.path("mixed-spindle")
-        os.makedirs(theirs)
-        def at(name):
-            return os.path.join(theirs, name)
-        qemu_img("create", "-q", "-f", "raw", at("rb.raw"), "4M")
-        qemu_io("raw", at("rb.raw"), ["write -P 0x51 0 1M"])
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "rb.raw", "-F", "raw", at("t.qcow2"))
-        qemu_io("qcow2", at("t.qcow2"), ["write -P 0x52 64k 64k", "write -z 512k 128k"])
-        qemu_img("create", "-q", "-f", "qed", "-b", "t.qcow2", "-F", "qcow2", at("q.qed"))
-        qemu_io("qed", at("q.qed"), ["write -P 0x53 3M 4k", "write -z 8k 4k"])
-        qemu_img("create", "-q", "-f", "qcow2", at("small.qcow2"), "1M")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2",
-                 at("big.qcow2"), "4M")
-        qemu_io("qcow2", at("big.qcow2"), ["write -P 0x54 2M 64k", "write -P 0x55 0 4k"])
-        shutil.copytree(theirs, ours)
+        def build(at):
+            qemu_img("create", "-q", "-f", "raw", at("rb.raw"), "4M")
+            qemu_io("raw", at("rb.raw"), ["write -P 0x51 0 1M"])
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "rb.raw", "-F", "raw", at("t.qcow2"))
+            qemu_io("qcow2", at("t.qcow2"), ["write -P 0x52 64k 64k", "write -z 512k 128k"])
+            qemu_img("create", "-q", "-f", "qed", "-b", "t.qcow2", "-F", "qcow2", at("q.qed"))
+            qemu_io("qed", at("q.qed"), ["write -P 0x53 3M 4k", "write -z 8k 4k"])
+            qemu_img("create", "-q", "-f", "qcow2", at("small.qcow2"), "1M")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2",
+                     at("big.qcow2"), "4M")
+            qemu_io("qcow2", at("big.qcow2"), ["write -P 0x54 2M 64k", "write -P 0x55 0 4k"])
+        theirs, ours, at = self.twin_of("mixed", build)
         for args, image in ((["commit"], "big.qcow2"), (["commit", "-b", "rb.raw"], "q.qed"),
                             (["commit"], "t.qcow2")):
             with self.subTest(args=args, image=image):
@@ -371,18 +379,15 @@ class ChainTest(si.InteropTest):
     def test_commit_grows_a_base_over_a_longer_backing_file(self):
         """a.qcow2 (4 MiB of data) <- b.qcow2 (1 MiB) <- c.qcow2 (4 MiB): beyond 1 MiB c reads
         zeros; committing c grows b, and b's grown range must not show a's data."""
-        theirs, ours = self.path("grow-qemu"), self.path("grow-spindle")
-        os.makedirs(theirs)
-        def at(name):
-            return os.path.join(theirs, name)
-        qemu_img("create", "-q", "-f", "qcow2", at("a.qcow2"), "4M")
-        qemu_io("qcow2", at("a.qcow2"), ["write -P 0x61 0 4M"])
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", at("b.qcow2"),
-                 "1M")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", at("c.qcow2"),
-                 "4M")
-        qemu_io("qcow2", at("c.qcow2"), ["write -P 0x62 2M 64k"])
-        shutil.copytree(theirs, ours)
+        def build(at):
+            qemu_img("create", "-q", "-f", "qcow2", at("a.qcow2"), "4M")
+            qemu_io("qcow2", at("a.qcow2"), ["write -P 0x61 0 4M"])
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+                     at("b.qcow2"), "1M")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2",
+                     at("c.qcow2"), "4M")
+            qemu_io("qcow2", at("c.qcow2"), ["write -P 0x62 2M 64k"])
+        theirs, ours, at = self.twin_of("grow", build)
         view = os.path.join(self.tmp, "grow-view.raw")
         qemu_img("convert", "-O", "raw", at("c.qcow2"), view)
         self.run_both(["commit"], theirs, ours, "c.qcow2")

@@ -17,11 +17,7 @@ namespace {
 coro::Task<block::BlockError> amend_and_close(OpenedImage& image,
                                               std::map<std::string, std::string> options) {
   block::BlockError error = co_await image.format->amend(*image.root, std::move(options));
-  const int closed = co_await image.root->close();
-  if (error.ok() && closed < 0) {
-    error = {-closed, std::string("Error while closing the image: ") + std::strerror(-closed)};
-  }
-  co_return error;
+  co_return co_await close_after(image, std::move(error));
 }
 
 }  // namespace

@@ -132,11 +132,7 @@ coro::Task<block::BlockError> empty_and_close(OpenedImage& top, bool empty) {
     error = co_await top.format->make_empty(*top.root);
     if (error.error == ENOTSUP) error = {};  // the format cannot: qemu-img leaves it too
   }
-  const int closed = co_await top.root->close();
-  if (error.ok() && closed < 0) {
-    error = {-closed, std::string("Error while closing the image: ") + std::strerror(-closed)};
-  }
-  co_return error;
+  co_return co_await close_after(top, std::move(error));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "image_opener.h"
 
 #include <cstdio>
+#include <cstring>
 
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
@@ -18,6 +19,14 @@ const block::ImageFormat& require_format(const std::string& name) {
          " images but cannot open them)");
   }
   return *format;
+}
+
+coro::Task<block::BlockError> close_after(OpenedImage& image, block::BlockError error) {
+  const int closed = co_await image.root->close();
+  if (error.ok() && closed < 0) {
+    error = {-closed, std::string("Error while closing the image: ") + std::strerror(-closed)};
+  }
+  co_return error;
 }
 
 void warn_probed_raw(const std::string& path) {

@@ -8,9 +8,11 @@
 //                        chain, wrapped in a BlockBackend. A writable open whose format was
 //                        probed as raw prints qemu's warning on stderr (writes that would
 //                        change what sector 0 probes as are then refused).
+//   close_after()        a coroutine: closes an image after an operation, keeping the first
+//                        error.
 //
-// Thread-safety: call from the main thread outside coroutines (it uses coro::block_on on the
-// main context). The returned nodes and backend follow their own contracts.
+// Thread-safety: call from the main thread; open_image() and require_format() outside
+// coroutines (they use coro::block_on on the main context). The returned nodes and backend follow their own contracts.
 #pragma once
 
 #include <memory>
@@ -21,6 +23,7 @@
 #include "block/block_node.h"
 #include "block/image_chain.h"
 #include "block/image_format.h"
+#include "coro/task.h"
 
 namespace spindle::img {
 
@@ -47,6 +50,10 @@ const block::ImageFormat& require_format(const std::string& name);
 // `format`: a registry name, or "" to probe.
 OpenedImage open_image(const std::string& path, const std::string& format,
                        ImageOpenOptions options);
+
+// Closes `image` (writing back its metadata) after an operation that ended with `error`: that
+// error, or if it is none, a failure to close ("Error while closing the image: ...").
+coro::Task<block::BlockError> close_after(OpenedImage& image, block::BlockError error);
 
 // The warning qemu prints when it probed raw for a writable image (on stderr, once per image).
 void warn_probed_raw(const std::string& path);

@@ -165,11 +165,7 @@ coro::Task<block::BlockError> change_and_close(OpenedImage& image, std::string n
                                                std::string format) {
   block::BlockError error =
       co_await image.format->change_backing(*image.root, std::move(name), std::move(format));
-  const int closed = co_await image.root->close();
-  if (error.ok() && closed < 0) {
-    error = {-closed, std::string("Error while closing the image: ") + std::strerror(-closed)};
-  }
-  co_return error;
+  co_return co_await close_after(image, std::move(error));
 }
 
 }  // namespace
