@@ -7,7 +7,7 @@ packages=(
   cmake ninja-build g++ clang libclang-rt-14-dev   # toolchains (clang for the sanitizer builds)
   pkg-config liburing-dev                          # io_uring
   libfmt-dev                                       # formatting
-  zlib1g-dev libzstd-dev                           # qcow2 compressed clusters (deflate, zstd)
+  zlib1g-dev libzstd-dev libdeflate-dev            # qcow2 compressed clusters (deflate, zstd)
   libgnutls28-dev gnutls-bin                       # TLS; certtool/psktool for the TLS tests
   libgtest-dev libbenchmark-dev                    # tests and micro-benchmarks
   libcli11-dev nlohmann-json3-dev                  # command-line parsing, JSON output (tools)

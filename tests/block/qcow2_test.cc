@@ -1183,8 +1183,6 @@ TEST_F(Qcow2Test, SmallL2CacheStillReadsAndWritesEverything) {
   qemu_compare("s.qcow2", model);
 }
 
-// compress_cluster(): what it writes decompress_cluster() reads back, for both types; data that
-// does not shrink below the output buffer is refused with -ENOSPC.
 // Compressed writes (convert -c) from four IoThreads at once: compressible clusters are packed
 // byte-wise, several to a host cluster (each host cluster's refcount counting them: qemu-img
 // check clean), incompressible ones are stored as plain clusters, and a compressed write to a
@@ -1240,6 +1238,8 @@ TEST_F(Qcow2Test, CompressedWritesPackShareFallBackAndRefuseAllocatedClusters) {
   qemu_compare("c.qcow2", model);
 }
 
+// compress_cluster(): what it writes decompress_cluster() reads back, for both types; data that
+// does not shrink below the output buffer is refused with -ENOSPC.
 TEST(Qcow2Compression, CompressRoundTripsAndRefusesWhatDoesNotFit) {
   std::vector<std::byte> cluster(65536);
   for (std::size_t i = 0; i < cluster.size(); ++i) cluster[i] = std::byte(i / 300 % 7);
@@ -1258,6 +1258,46 @@ TEST(Qcow2Compression, CompressRoundTripsAndRefusesWhatDoesNotFit) {
     ASSERT_EQ(decompress_cluster(type, stored, back), 0);
     EXPECT_EQ(back, cluster);
     EXPECT_EQ(compress_cluster(type, noise, out), -ENOSPC);
+  }
+}
+
+// decompress_cluster() on streams that are not exactly one cluster: one that goes on past the
+// cluster gives the cluster's worth (as qemu reads it: libdeflate refuses it, zlib takes over);
+// a short, truncated or garbage stream is -EIO; a failure leaves the thread's reused
+// decompression state fit for the next cluster.
+TEST(Qcow2Compression, StreamsLongerShorterOrBrokenAreHandledAsQemuDoes) {
+  std::vector<std::byte> twice(2 * 65536);
+  for (std::size_t i = 0; i < twice.size(); ++i) twice[i] = std::byte(i / 100 % 11);
+  const std::span<const std::byte> first_cluster = std::span(twice).first(65536);
+  for (const CompressionType type : {CompressionType::kDeflate, CompressionType::kZstd}) {
+    std::vector<std::byte> long_stream(twice.size());
+    const int long_length = compress_cluster(type, twice, long_stream);
+    ASSERT_GT(long_length, 0);
+    long_stream.resize(static_cast<std::size_t>(long_length));
+    std::vector<std::byte> back(65536);
+    if (type == CompressionType::kDeflate) {
+      ASSERT_EQ(decompress_cluster(type, long_stream, back), 0);
+      EXPECT_TRUE(std::equal(back.begin(), back.end(), first_cluster.begin()));
+    }
+
+    std::vector<std::byte> half_stream(65536);
+    const int half_length =
+        compress_cluster(type, std::span<const std::byte>(twice).first(32768), half_stream);
+    ASSERT_GT(half_length, 0);
+    half_stream.resize(static_cast<std::size_t>(half_length));
+    EXPECT_EQ(decompress_cluster(type, half_stream, back), -EIO);  // short of the cluster
+
+    std::vector<std::byte> stream(65536);
+    const int length = compress_cluster(type, first_cluster, stream);
+    ASSERT_GT(length, 8);
+    stream.resize(static_cast<std::size_t>(length));
+    const std::vector<std::byte> truncated(stream.begin(), stream.begin() + length / 2);
+    EXPECT_EQ(decompress_cluster(type, truncated, back), -EIO);
+    const std::vector<std::byte> garbage(512, std::byte{0xff});
+    EXPECT_EQ(decompress_cluster(type, garbage, back), -EIO);
+    std::fill(back.begin(), back.end(), std::byte{0});
+    ASSERT_EQ(decompress_cluster(type, stream, back), 0);  // after failures: still works
+    EXPECT_TRUE(std::equal(back.begin(), back.end(), first_cluster.begin()));
   }
 }
 

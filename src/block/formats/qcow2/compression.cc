@@ -1,15 +1,19 @@
 #include "block/formats/qcow2/compression.h"
 
+#include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
 
 #include <cerrno>
+#include <memory>
 
 namespace spindle::block::qcow2 {
 
 namespace {
 
+// zlib's inflate, for the streams libdeflate does not take: one that goes on past the cluster
+// (qemu accepts it and keeps the cluster's worth) and every invalid one (for the verdict).
 int inflate_raw(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
   z_stream stream{};
   if (inflateInit2(&stream, -12) != Z_OK) return -EIO;
@@ -25,9 +29,35 @@ int inflate_raw(std::span<const std::byte> in, std::span<std::byte> out) noexcep
   return -EIO;
 }
 
+// libdeflate inflates a cluster 2-3x faster than zlib (docs/benchmarks.md, "Compressed
+// reads"); it takes only a stream that fills the cluster exactly, which is what qemu-img and
+// spindle-img write. One decompressor per thread (they are not thread-safe, and making one
+// costs tens of kilobytes), freed when the thread ends.
+struct DecompressorDeleter {
+  void operator()(libdeflate_decompressor* d) const noexcept { libdeflate_free_decompressor(d); }
+};
+
+int inflate_cluster(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
+  thread_local std::unique_ptr<libdeflate_decompressor, DecompressorDeleter> decompressor(
+      libdeflate_alloc_decompressor());
+  if (decompressor &&
+      libdeflate_deflate_decompress(decompressor.get(), in.data(), in.size(), out.data(),
+                                    out.size(), nullptr) == LIBDEFLATE_SUCCESS) {
+    return 0;
+  }
+  return inflate_raw(in, out);
+}
+
+struct DecompressionContextDeleter {
+  void operator()(ZSTD_DCtx* context) const noexcept { ZSTD_freeDCtx(context); }
+};
+
 int zstd_stream(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
-  ZSTD_DCtx* context = ZSTD_createDCtx();
+  // One context per thread, as for deflate; reset before each cluster.
+  thread_local std::unique_ptr<ZSTD_DCtx, DecompressionContextDeleter> kept(ZSTD_createDCtx());
+  ZSTD_DCtx* context = kept.get();
   if (context == nullptr) return -ENOMEM;
+  ZSTD_DCtx_reset(context, ZSTD_reset_session_only);
   ZSTD_inBuffer input{in.data(), in.size(), 0};
   ZSTD_outBuffer output{out.data(), out.size(), 0};
   int result = 0;
@@ -44,7 +74,6 @@ int zstd_stream(std::span<const std::byte> in, std::span<std::byte> out) noexcep
       break;
     }
   }
-  ZSTD_freeDCtx(context);
   return result;
 }
 
@@ -93,7 +122,7 @@ int decompress_cluster(CompressionType type, std::span<const std::byte> in,
                        std::span<std::byte> out) noexcept {
   switch (type) {
     case CompressionType::kDeflate:
-      return inflate_raw(in, out);
+      return inflate_cluster(in, out);
     case CompressionType::kZstd:
       return zstd_stream(in, out);
   }
