@@ -40,6 +40,7 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/block/block_backend.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/block_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/image_format.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/cache_mode.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/format_registry.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/image_chain.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/raw_format.cc

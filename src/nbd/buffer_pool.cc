@@ -42,7 +42,7 @@ ByteBuffer BufferPool::acquire(std::size_t size) {
   const std::size_t capacity = std::bit_ceil(size);
   const int shift = std::countr_zero(capacity);
   if (size < kMinPooledSize || shift > kMaxShift) {
-    buffer.data_ = allocate_aligned(size, alignof(std::max_align_t));
+    buffer.data_ = allocate_aligned(size, kSmallAlignment);
     buffer.capacity_ = size;
     return buffer;
   }

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "aio/timer.h"
+#include "base/io_buffer.h"
 #include "coro/event.h"
 #include "coro/mutex.h"
 #include "coro/task.h"
@@ -113,7 +114,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const bool sendfile_reads_;     // ... and leave by sendfile, not a mapping (ServerOptions)
   TransmissionPolicy policy_;
 
-  std::vector<std::byte> receive_buffer_;
+  base::IoBytes receive_buffer_;
   std::size_t receive_begin_ = 0;  // unread bytes are [receive_begin_, receive_end_)
   std::size_t receive_end_ = 0;
 

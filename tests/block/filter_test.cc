@@ -2,11 +2,13 @@
 // errno: range, nth, once/always, flush, removal, rules changed while two IoThreads send
 // requests) and throttle (IOPS and bytes/s limits measured over about a second, a request
 // larger than the bucket, a group shared by two nodes on two IoThreads, arrival order, and an
-// event loop that keeps running while a request waits).
+// event loop that keeps running while a request waits), and the flush modes of cache=unsafe
+// and cache=writethrough (what reaches the file node).
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -21,6 +23,7 @@
 #include "block/block_backend.h"
 #include "block/drivers/blkdebug.h"
 #include "block/drivers/file.h"
+#include "block/drivers/flush_mode.h"
 #include "block/drivers/null.h"
 #include "block/drivers/throttle.h"
 #include "coro/block_on.h"
@@ -192,6 +195,76 @@ TEST(FilterTest, FiltersAreTransparentForBlockStatusAndTheBackingChain) {
   const auto below = coro::block_on(chained.block_status(0, 65536));
   EXPECT_TRUE(below.flags & kStatusZero);
   EXPECT_TRUE(below.flags & kStatusAllocated);
+}
+
+// ---- flush mode (cache=unsafe / writethrough) ----------------------------------------------
+
+// Counts what reaches it: flushes, closes, and the flags of the last write and write-zeroes.
+class FlagCountingNode final : public BlockNode {
+ public:
+  const char* driver_name() const noexcept override { return "file"; }
+  std::uint64_t size() const noexcept override { return 1 << 20; }
+  coro::Task<int> read(std::uint64_t, std::span<std::byte> buffer, std::uint32_t) override {
+    std::fill(buffer.begin(), buffer.end(), std::byte{0});
+    co_return 0;
+  }
+  coro::Task<int> write(std::uint64_t, std::span<const std::byte> buffer,
+                        std::uint32_t flags) override {
+    write_flags = flags;
+    written += buffer.size();
+    co_return 0;
+  }
+  coro::Task<int> write_zeroes(std::uint64_t, std::uint64_t, std::uint32_t flags) override {
+    zero_flags = flags;
+    co_return 0;
+  }
+  coro::Task<int> flush() override {
+    ++flushes;
+    co_return 0;
+  }
+  coro::Task<int> close() override {
+    ++closes;
+    co_return 0;
+  }
+  std::uint32_t write_flags = ~0u, zero_flags = ~0u;
+  std::uint64_t written = 0;
+  int flushes = 0, closes = 0;
+};
+
+TEST(FlushModeTest, IgnoredModeDropsFlushesCloseFlushesAndFua) {
+  auto child = std::make_shared<FlagCountingNode>();
+  BlockNodeRef node = wrap_flush_mode(child, FlushMode::ignored);
+  ASSERT_NE(node.get(), child.get());
+  EXPECT_STREQ(node->driver_name(), "file");  // shown as the file it stands for
+  std::vector<std::byte> data(4096, std::byte{3});
+  EXPECT_EQ(coro::block_on(node->write(0, data, kFua)), 0);
+  EXPECT_EQ(child->write_flags, 0u);
+  EXPECT_EQ(child->written, 4096u);  // the data itself still goes through
+  EXPECT_EQ(coro::block_on(node->write_zeroes(0, 4096, kFua | kMayUnmap)), 0);
+  EXPECT_EQ(child->zero_flags, std::uint32_t{kMayUnmap});
+  EXPECT_EQ(coro::block_on(node->flush()), 0);
+  EXPECT_EQ(coro::block_on(node->close()), 0);
+  EXPECT_EQ(child->flushes, 0);
+  EXPECT_EQ(child->closes, 0);
+}
+
+TEST(FlushModeTest, EveryWriteModeMakesEachWriteFuaAndPassesFlushes) {
+  auto child = std::make_shared<FlagCountingNode>();
+  BlockNodeRef node = wrap_flush_mode(child, FlushMode::every_write);
+  std::vector<std::byte> data(512, std::byte{3});
+  EXPECT_EQ(coro::block_on(node->write(0, data, 0)), 0);
+  EXPECT_EQ(child->write_flags, std::uint32_t{kFua});
+  EXPECT_EQ(coro::block_on(node->write_zeroes(0, 512, kMayUnmap)), 0);
+  EXPECT_EQ(child->zero_flags, std::uint32_t{kFua | kMayUnmap});
+  EXPECT_EQ(coro::block_on(node->flush()), 0);
+  EXPECT_EQ(coro::block_on(node->close()), 0);
+  EXPECT_EQ(child->flushes, 1);
+  EXPECT_EQ(child->closes, 1);
+}
+
+TEST(FlushModeTest, NormalModeAddsNoNode) {
+  auto child = std::make_shared<FlagCountingNode>();
+  EXPECT_EQ(wrap_flush_mode(child, FlushMode::normal).get(), child.get());
 }
 
 coro::Task<void> write_once(BlockBackend& backend, std::uint64_t offset, std::atomic<int>& failed,

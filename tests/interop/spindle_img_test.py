@@ -291,6 +291,45 @@ class SpindleImgTest(unittest.TestCase):
                          [(4 * MiB, 4096)])
         qemu_img("compare", "-f", "raw", "-F", "qed", src, out)
 
+    def convert_flushes(self, *args):
+        """Runs spindle-img convert under strace; the number of fdatasync/fsync calls after the
+        target was opened for the copy (creating it may flush, as qemu-img's qcow2 create
+        does). With the thread-pool engine: io_uring's flushes are no system calls."""
+        trace = self.path("convert.strace")
+        target = args[-1]
+        run("env", "SPINDLE_AIO=threads", "strace", "-f", "-qq", "-e",
+            "trace=fdatasync,fsync,openat", "-o", trace, SPINDLE_IMG, "convert", *args)
+        with open(trace) as f:
+            lines = f.read().splitlines()
+        opened = [i for i, line in enumerate(lines) if "openat(" in line and f'"{target}"' in line]
+        self.assertTrue(opened, "the target was never opened")
+        return sum(1 for line in lines[opened[-1]:] if "fdatasync(" in line or "fsync(" in line)
+
+    def test_convert_target_cache_mode_defaults_to_unsafe_as_in_qemu_img(self):
+        # qemu-img convert's target is cache=unsafe unless -t says otherwise: no flush at all.
+        src = self.path("cache.raw")
+        with open(src, "wb") as f:
+            f.write(os.urandom(3 * MiB))
+        for fmt in ("raw", "qcow2"):
+            out = self.path("cache-out." + fmt)
+            self.assertEqual(self.convert_flushes("-f", "raw", "-O", fmt, src, out), 0, fmt)
+            qemu_img("compare", "-f", "raw", "-F", fmt, src, out)
+            os.unlink(out)
+            self.assertGreater(
+                self.convert_flushes("-t", "writeback", "-f", "raw", "-O", fmt, src, out), 0, fmt)
+            qemu_img("compare", "-f", "raw", "-F", fmt, src, out)
+            os.unlink(out)
+            img("convert", "-t", "none", "-T", "none", "-f", "raw", "-O", fmt, src, out)
+            qemu_img("compare", "-f", "raw", "-F", fmt, src, out)
+            os.unlink(out)
+        for flag, message in (("-t", "Invalid cache option: bogus"),
+                              ("-T", "Invalid source cache option: bogus")):
+            result = img("convert", flag, "bogus", "-O", "raw", src, self.path("never.raw"),
+                         check=False)
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(message, result.stderr)
+            self.assertFalse(os.path.exists(self.path("never.raw")))
+
     # ---- compare ------------------------------------------------------------------------
 
     def test_compare_exit_codes_and_offset(self):

@@ -394,6 +394,32 @@ class LibnbdTest(si.InteropTest):
         ro.set_strict_mode(0)
         self.assert_nbd_error(errno.EPERM, ro.pwrite, b"no", 0, what="pwrite on ro export")
 
+    def test_every_qemu_nbd_cache_mode_serves_and_keeps_the_data(self):
+        # qemu-nbd's five --cache modes: each serves writes, FUA writes, zeroes and flushes, and
+        # the file holds the data once the server is gone (how each treats flushes and FUA is
+        # the flush filter's unit test, FlushModeTest).
+        for mode in ("none", "writeback", "writethrough", "directsync", "unsafe"):
+            image = self.make_image(f"disk-{mode}.img", 1 * MiB)
+            server = self.server(image, [f"--cache={mode}", "-f", "raw"])
+            h = self.connect(server.uri())
+            payload = os.urandom(8192)
+            h.pwrite(payload, 0)
+            h.pwrite(payload, 65536, nbd.CMD_FLAG_FUA)
+            h.zero(4096, 8192)
+            h.flush()
+            self.assertEqual(h.pread(8192, 65536), payload, mode)
+            h.shutdown()
+            self.handles.remove(h)
+            server.stop()
+            with open(image, "rb") as f:
+                data = f.read(1 * MiB)
+            self.assertEqual(data[:4096], payload[:4096], mode)
+            self.assertEqual(data[8192:12288], bytes(4096), mode)
+            self.assertEqual(data[65536:65536 + 8192], payload, mode)
+        bad = si.run([si.SPINDLE_NBD, "--cache=bogus", image], check=False)
+        self.assertNotEqual(bad.returncode, 0)
+        self.assertIn("bogus", bad.stderr.decode(errors="replace"))
+
     # ---- block status and sparse reads ------------------------------------------------------
 
     def collect_extents(self, h, size, flags=0, step=None):

@@ -25,7 +25,7 @@
 
 #include "aio/context.h"
 #include "aio/file_io.h"
-#include "cache_mode.h"
+#include "block/cache_mode.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
@@ -74,7 +74,7 @@ struct BenchPlan {
   std::uint64_t offset = 0;
   std::uint64_t flush_interval = 0;  // 0: never flush
   bool drain_on_flush = true;
-  CacheMode cache;
+  block::CacheMode cache;
 };
 
 class BenchRun {
@@ -227,7 +227,7 @@ int run_bench(const BenchOptions& options) {
   if (plan.flush_interval != 0 && plan.flush_interval < plan.depth) {
     fail("Flush interval can't be smaller than depth");
   }
-  const std::optional<CacheMode> cache = parse_cache_mode(options.cache);
+  const std::optional<block::CacheMode> cache = block::parse_cache_mode(options.cache);
   if (!cache) fail("Invalid cache mode");
   plan.cache = *cache;
   std::string aio_mode = options.aio;

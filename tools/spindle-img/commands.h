@@ -57,6 +57,8 @@ struct ConvertOptions {
   bool quiet = false;
   bool bitmaps = false;              // --bitmaps: copy the source's persistent bitmaps
   bool skip_broken_bitmaps = false;  // --skip-broken-bitmaps: ...except those in use
+  std::string cache = "unsafe";            // -t: the target's (qemu-img convert's default)
+  std::string source_cache = "writeback";  // -T
 };
 int run_convert(const ConvertOptions& options);
 

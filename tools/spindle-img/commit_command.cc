@@ -20,8 +20,9 @@
 #include <optional>
 #include <vector>
 
+#include "base/io_buffer.h"
+#include "block/cache_mode.h"
 #include "block/image_chain.h"
-#include "cache_mode.h"
 #include "chain_status.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -80,7 +81,7 @@ coro::Task<CommitResult> copy_down(OpenedImage& top, unsigned base_depth, Opened
       }
     }
   }
-  std::vector<std::byte> buffer(kChunk);
+  base::IoBytes buffer(kChunk);
   std::uint64_t pos = 0;
   while (pos < size) {
     progress.update(pos, size);
@@ -142,13 +143,14 @@ int run_commit(const CommitOptions& options) {
     fail("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
          "spindle-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
   }
-  if (!parse_cache_mode(options.cache)) fail("Invalid cache option: " + options.cache);
+  if (!block::parse_cache_mode(options.cache)) fail("Invalid cache option: " + options.cache);
   // qemu-img 7.2: naming the base implies -d.
   const bool drop = options.drop || !options.base.empty();
-  const bool direct = parse_cache_mode(options.cache)->direct;
+  const block::CacheMode cache = *block::parse_cache_mode(options.cache);
   OpenedImage top = open_image(options.filename, options.format,
                                ImageOpenOptions{.read_only = drop, .with_backing = true,
-                                                .repair_if_dirty = true, .direct = direct});
+                                                .repair_if_dirty = true, .direct = cache.direct,
+                                                .flush = block::flush_mode_of(cache)});
   if (top.levels.size() < 2) fail("Image does not have a backing file");
   std::size_t base_index = 1;
   if (!options.base.empty()) {
@@ -161,7 +163,8 @@ int run_commit(const CommitOptions& options) {
   const block::ChainLevel& level = top.levels[base_index];
   OpenedImage base = open_image(level.filename, std::string(level.format->name()),
                                 ImageOpenOptions{.read_only = false, .with_backing = true,
-                                                 .repair_if_dirty = true, .direct = direct});
+                                                 .repair_if_dirty = true, .direct = cache.direct,
+                                                 .flush = block::flush_mode_of(cache)});
 
   ProgressPrinter progress(options.progress && !options.quiet);
   const CommitResult copied =

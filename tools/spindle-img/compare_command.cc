@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "base/io_buffer.h"
 #include "chain_status.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -43,7 +44,7 @@ std::optional<std::uint64_t> first_difference(std::span<const std::byte> a,
 coro::Task<Outcome> compare_common(const OpenedImage& a, const OpenedImage& b,
                                    std::uint64_t common, bool strict, ProgressPrinter& progress,
                                    std::uint64_t total) {
-  std::vector<std::byte> buffer_a(kBufferBytes), buffer_b(kBufferBytes);
+  base::IoBytes buffer_a(kBufferBytes), buffer_b(kBufferBytes);
   std::uint64_t pos = 0;
   while (pos < common) {
     const ChainExtent extent_a = co_await chain_status(a.root, pos, common - pos);
@@ -75,7 +76,7 @@ coro::Task<Outcome> compare_common(const OpenedImage& a, const OpenedImage& b,
 // [from, size) of the longer image must read as zeros.
 coro::Task<Outcome> check_tail_is_zero(const OpenedImage& image, std::uint64_t from,
                                        ProgressPrinter& progress) {
-  std::vector<std::byte> buffer(kBufferBytes);
+  base::IoBytes buffer(kBufferBytes);
   const std::uint64_t size = image.backend->size();
   std::uint64_t pos = from;
   while (pos < size) {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "block/cache_mode.h"
 #include "block/drivers/nbd/uri.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -135,7 +136,13 @@ int run_convert(const ConvertOptions& options) {
     fail("Use of --skip-broken-bitmaps requires --bitmaps");
   }
   validate_creation(target_format, creation);
-  OpenedImage source = open_image(options.source, options.source_format, ImageOpenOptions{});
+  const std::optional<block::CacheMode> cache = block::parse_cache_mode(options.cache);
+  if (!cache) fail("Invalid cache option: " + options.cache);
+  const std::optional<block::CacheMode> source_cache =
+      block::parse_cache_mode(options.source_cache);
+  if (!source_cache) fail("Invalid source cache option: " + options.source_cache);
+  OpenedImage source = open_image(options.source, options.source_format,
+                                  ImageOpenOptions{.direct = source_cache->direct});
   std::vector<block::PersistentBitmap> bitmaps;
   if (options.bitmaps) bitmaps = source_bitmaps(source, options.skip_broken_bitmaps);
 
@@ -148,7 +155,10 @@ int run_convert(const ConvertOptions& options) {
   // (with -B the target knows its backing file: zeros must be written to hide it)
   OpenedImage target = open_image(
       options.target, options.target_format,
-      ImageOpenOptions{.read_only = false, .with_backing = !options.backing.empty()});
+      ImageOpenOptions{.read_only = false,
+                       .with_backing = !options.backing.empty(),
+                       .direct = cache->direct,
+                       .flush = block::flush_mode_of(*cache)});
   if (options.bitmaps && !target.format->supports_persistent_bitmaps(*target.root)) {
     fail("Format driver '" + std::string(target.format->name()) + "' does not support bitmaps");
   }

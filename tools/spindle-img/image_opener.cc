@@ -45,8 +45,12 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   chain.ignore_backing = !options.with_backing;
   chain.read_only = options.read_only;
   chain.repair_if_dirty = options.repair_if_dirty;
-  chain.open_file = [direct = options.direct](const std::string& file, bool read_only) {
-    return direct ? block::open_direct_file(file, read_only) : block::open_file(file, read_only);
+  chain.open_file = [direct = options.direct, flush = options.flush](const std::string& file,
+                                                                      bool read_only) {
+    base::Result<block::BlockNodeRef> node =
+        direct ? block::open_direct_file(file, read_only) : block::open_file(file, read_only);
+    if (node.ok()) node = block::wrap_flush_mode(std::move(node).value(), flush);
+    return node;
   };
   auto opened = coro::block_on(block::open_chain(path, format, std::move(chain)));
   if (!opened) {

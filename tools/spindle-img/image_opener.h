@@ -21,6 +21,7 @@
 
 #include "block/block_backend.h"
 #include "block/block_node.h"
+#include "block/drivers/flush_mode.h"
 #include "block/image_chain.h"
 #include "block/image_format.h"
 #include "coro/task.h"
@@ -32,6 +33,9 @@ struct ImageOpenOptions {
   bool with_backing = true;       // false: QEMU's BDRV_O_NO_BACKING (qemu-img info does this)
   bool repair_if_dirty = false;   // only writable opens repair; check and info never do
   bool direct = false;  // O_DIRECT on every file of the chain (cache=none; block/drivers/direct_file.h)
+  // Flushes and FUA on every file of the chain (cache=unsafe / writethrough;
+  // block/drivers/flush_mode.h).
+  block::FlushMode flush = block::FlushMode::normal;
 };
 
 struct OpenedImage {

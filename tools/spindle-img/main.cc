@@ -123,6 +123,11 @@ int main(int argc, char** argv) {
                               "Backing file of the target (as the source's backing file): only "
                               "what the source's top image allocates is copied");
   convert_command->add_option("-F", convert.backing_format, "Format of the -B backing file");
+  convert_command->add_option("-t", convert.cache,
+                              "The target's cache mode: none, writeback, writethrough, directsync "
+                              "or unsafe (the default: no flushes, as qemu-img)");
+  convert_command->add_option("-T", convert.source_cache,
+                              "The source's cache mode (default writeback)");
   convert_command->add_flag("-n", convert.no_create,
                             "Write into the existing TARGET instead of creating it");
   convert_command->add_flag("-c", convert.compress,

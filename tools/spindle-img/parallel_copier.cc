@@ -36,7 +36,7 @@ coro::Task<int> ParallelCopier::run() {
 }
 
 coro::Task<void> ParallelCopier::worker() {
-  std::vector<std::byte> buffer(options_.chunk_size);
+  base::IoBytes buffer(options_.chunk_size);
   while (first_error_ == 0 && next_offset_ < total_) {
     const std::uint64_t offset = next_offset_;
     const std::uint64_t length = std::min(options_.chunk_size, total_ - offset);
@@ -50,7 +50,7 @@ coro::Task<void> ParallelCopier::worker() {
 }
 
 coro::Task<int> ParallelCopier::copy_chunk(std::uint64_t offset, std::uint64_t length,
-                                           std::vector<std::byte>& buffer) {
+                                           base::IoBytes& buffer) {
   const std::uint64_t end = offset + length;
   const std::uint64_t cluster = options_.compress_cluster_size;
   // Compressing over a backing file: the clusters the source's top image allocates.

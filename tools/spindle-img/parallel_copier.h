@@ -23,6 +23,7 @@
 #include <span>
 #include <vector>
 
+#include "base/io_buffer.h"
 #include "block/block_backend.h"
 #include "coro/event.h"
 #include "coro/task.h"
@@ -53,7 +54,7 @@ class ParallelCopier {
  private:
   coro::Task<void> worker();
   coro::Task<int> copy_chunk(std::uint64_t offset, std::uint64_t length,
-                             std::vector<std::byte>& buffer);
+                             base::IoBytes& buffer);
   coro::Task<int> write_sparse(std::uint64_t offset, std::span<const std::byte> data);
   coro::Task<int> write_compressed(std::uint64_t offset, std::span<const std::byte> data,
                                    const std::vector<bool>& top_allocated);

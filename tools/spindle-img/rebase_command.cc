@@ -20,8 +20,9 @@
 #include <optional>
 #include <vector>
 
+#include "base/io_buffer.h"
+#include "block/cache_mode.h"
 #include "block/format_registry.h"
-#include "cache_mode.h"
 #include "chain_status.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -76,8 +77,8 @@ coro::Task<int> read_padded(const OpenedImage* image, std::uint64_t pos,
 // new backing chain's, sector by sector.
 coro::Task<CopyResult> copy_differences(OpenedImage& image, const OpenedImage* new_backing,
                                         std::uint64_t pos, std::uint64_t length,
-                                        std::vector<std::byte>& old_data,
-                                        std::vector<std::byte>& new_data) {
+                                        base::IoBytes& old_data,
+                                        base::IoBytes& new_data) {
   const std::span<std::byte> old_span = std::span(old_data).first(length);
   const std::span<std::byte> new_span = std::span(new_data).first(length);
   // Where the image allocates nothing, its own reads are the old backing chain's content.
@@ -115,7 +116,7 @@ coro::Task<CopyResult> copy_old_content(OpenedImage& image, const OpenedImage* n
                                         ProgressPrinter& progress) {
   const std::uint64_t size = image.backend->size();
   const block::BlockNodeRef new_root = new_backing ? new_backing->root : nullptr;
-  std::vector<std::byte> old_data(kChunk), new_data(kChunk);
+  base::IoBytes old_data(kChunk), new_data(kChunk);
   std::uint64_t pos = 0;
   while (pos < size) {
     progress.update(pos, size);
@@ -175,18 +176,19 @@ int run_rebase(const RebaseOptions& options) {
     fail("Must specify backing file (-b) or use unsafe mode (-u)\n"
          "Try 'spindle-img --help' for more information");
   }
-  if (!parse_cache_mode(options.cache)) fail("Invalid cache option: " + options.cache);
-  if (!parse_cache_mode(options.source_cache)) {
+  if (!block::parse_cache_mode(options.cache)) fail("Invalid cache option: " + options.cache);
+  if (!block::parse_cache_mode(options.source_cache)) {
     fail("Invalid source cache option: " + options.source_cache);
   }
   // -u: the old backing file is not opened (it may be gone: that is often why one rebases).
-  const bool direct = parse_cache_mode(options.cache)->direct;
-  const bool source_direct = parse_cache_mode(options.source_cache)->direct;
+  const block::CacheMode cache = *block::parse_cache_mode(options.cache);
+  const bool source_direct = block::parse_cache_mode(options.source_cache)->direct;
   OpenedImage image = open_image(options.filename, options.format,
                                  ImageOpenOptions{.read_only = false,
                                                   .with_backing = !options.unsafe,
                                                   .repair_if_dirty = true,
-                                                  .direct = direct});
+                                                  .direct = cache.direct,
+                                                  .flush = block::flush_mode_of(cache)});
   const std::string& name = options.backing;
   const std::string format = name.empty() ? std::string() : options.backing_format;
   if (!options.backing_format.empty() && !block::find_format(options.backing_format)) {

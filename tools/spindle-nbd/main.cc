@@ -22,6 +22,7 @@
 #include "aio/file_io.h"
 #include "aio/uring_probe.h"
 #include "block/block_backend.h"
+#include "block/cache_mode.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
 #include "block/format_registry.h"
@@ -96,7 +97,8 @@ std::string human_size(std::uint64_t bytes) {
   return text;
 }
 
-std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec, bool direct) {
+std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec,
+                                                 const block::CacheMode& cache) {
   if (!spec.format.empty()) {
     const block::ImageFormat* format = block::find_format(spec.format);
     if (!format) die("Unknown file format '" + spec.format + "'");
@@ -107,10 +109,16 @@ std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec, bool di
   }
   block::ChainOptions options;
   options.read_only = spec.read_only;
-  options.open_file = [direct](const std::string& path, bool read_only) {
+  options.open_file = [cache](const std::string& path, bool read_only) {
     // O_DIRECT files sit behind an aligning backend: image headers and format probes issue
     // requests smaller than a sector.
-    return direct ? block::open_direct_file(path, read_only) : block::open_file(path, read_only);
+    base::Result<block::BlockNodeRef> node = cache.direct
+                                                 ? block::open_direct_file(path, read_only)
+                                                 : block::open_file(path, read_only);
+    if (node.ok()) {
+      node = block::wrap_flush_mode(std::move(node).value(), block::flush_mode_of(cache));
+    }
+    return node;
   };
   auto chain = coro::block_on(block::open_chain(spec.file, spec.format, std::move(options)));
   if (!chain) {
@@ -178,8 +186,10 @@ int main(int argc, char** argv) {
                  "File I/O engine: auto (io_uring if it works here, else the thread pool; the "
                  "default), io_uring or threads")
       ->check(CLI::IsMember({"auto", "io_uring", "threads"}));
-  app.add_option("--cache", cache, "Cache mode: none (O_DIRECT) or writeback")
-      ->check(CLI::IsMember({"none", "writeback"}));
+  app.add_option("--cache", cache,
+                 "Cache mode: none (O_DIRECT), writeback (the default), writethrough (every "
+                 "write durable on completion), directsync (both) or unsafe (flushes ignored)")
+      ->check(CLI::IsMember({"none", "writeback", "writethrough", "directsync", "unsafe"}));
   app.add_option("--discard", discard, "TRIM handling: ignore or unmap")
       ->check(CLI::IsMember({"ignore", "unmap"}));
   app.add_option("--zero-copy", zero_copy,
@@ -282,7 +292,7 @@ int main(int argc, char** argv) {
 
   std::vector<nbd::ExportConfig> exports;
   for (const auto& spec : specs) {
-    auto backend = open_export(spec, cache == "none");
+    auto backend = open_export(spec, *block::parse_cache_mode(cache));
     exports.push_back({spec.name, spec.description, backend, spec.read_only || backend->read_only(),
                        discard == "unmap", true});
   }

@@ -11,6 +11,7 @@
 #include "aio/context.h"
 #include "aio/thread_pool.h"
 #include "base/byte_order.h"
+#include "base/io_buffer.h"
 #include "block/formats/qcow2/check.h"
 #include "block/formats/qcow2/compression.h"
 
@@ -321,7 +322,7 @@ coro::Task<int> Qcow2Node::get_table(TableCache& cache, std::uint64_t offset, Ta
     table = cache.find_or_insert(offset, created);
   }
   if (created) {
-    std::vector<std::byte> bytes(cluster_size());
+    base::IoBytes bytes(cluster_size());
     const int result = co_await read_aligned(*file_, offset, std::span(bytes));
     {
       std::lock_guard lock(meta_mutex_);
@@ -550,7 +551,7 @@ coro::Task<int> Qcow2Node::read_aligned(BlockNode& node, std::uint64_t offset,
   }
   const std::uint64_t start = offset / alignment * alignment;
   const std::uint64_t end = (offset + buffer.size() + alignment - 1) / alignment * alignment;
-  std::vector<std::byte> bounce(end - start);
+  base::IoBytes bounce(end - start);
   const int result = co_await node.read(start, std::span(bounce), 0);
   if (result < 0) co_return result;
   std::memcpy(buffer.data(), bounce.data() + (offset - start), buffer.size());
@@ -576,10 +577,10 @@ coro::Task<int> Qcow2Node::read_compressed(std::uint64_t entry, std::uint64_t in
   const CompressedExtent extent = decode_compressed_entry(entry, header_.cluster_bits);
   const std::uint64_t file_size = file_->size();
   if (extent.host_offset >= file_size) co_return -EIO;
-  std::vector<std::byte> input(std::min(extent.length, file_size - extent.host_offset));
+  base::IoBytes input(std::min(extent.length, file_size - extent.host_offset));
   int result = co_await read_aligned(*file_, extent.host_offset, std::span(input));
   if (result < 0) co_return result;
-  std::vector<std::byte> cluster(cluster_size());
+  base::IoBytes cluster(cluster_size());
   // On the context's thread pool: inflating a cluster takes tens of microseconds, which the
   // event loop would otherwise not spend on its other requests.
   const CompressionType type = header_.compression_type;
@@ -1275,7 +1276,7 @@ coro::Task<int> Qcow2Node::allocate_and_write(std::uint64_t pos, std::uint64_t l
   // (backing file, zeros, the old cluster), which cannot change: we hold the claims.
   const std::uint64_t lo = pieces.front().lo;
   const std::uint64_t hi = pieces.back().hi;
-  std::vector<std::byte> buffer;
+  base::IoBytes buffer;
   std::span<const std::byte> source = data;
   if (lo < pos || hi > end) {
     buffer.resize(hi - lo);
@@ -1581,7 +1582,7 @@ namespace {
 struct Snapshot {
   std::uint64_t offset = 0;
   TableRef table;
-  std::vector<std::byte> bytes;
+  base::IoBytes bytes;
   std::uint64_t generation = 0;
 };
 }  // namespace

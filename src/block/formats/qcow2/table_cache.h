@@ -25,12 +25,13 @@
 #include <vector>
 
 #include "base/byte_order.h"
+#include "base/io_buffer.h"
 #include "coro/event.h"
 
 namespace spindle::block::qcow2 {
 
 struct CachedTable {
-  std::vector<std::byte> bytes;
+  base::IoBytes bytes;
   coro::Event ready;
   int error = 0;                // negative errno of a failed load (set before `ready`)
   std::uint64_t generation = 0; // bumped by every change

@@ -10,6 +10,7 @@
 
 #include "aio/context.h"
 #include "base/fatal.h"
+#include "base/io_buffer.h"
 #include "coro/coroutine.h"
 
 namespace spindle::block::qed {
@@ -384,7 +385,7 @@ coro::Task<int> QedNode::set_need_check(bool dirty) {
 coro::Task<int> QedNode::write_cow(Kind kind, std::uint64_t pos, std::uint64_t length,
                                    std::uint64_t host_offset) {
   if (length == 0) co_return 0;
-  std::vector<std::byte> buffer(length);
+  base::IoBytes buffer(length);
   if (kind == Kind::kUnallocated) {
     const int result = co_await read_backing(pos, std::span(buffer));
     if (result < 0) co_return result;

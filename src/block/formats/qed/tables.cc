@@ -9,7 +9,7 @@ namespace spindle::block::qed {
 
 coro::Task<int> load_table(BlockNode& child, const Geometry& geometry, std::uint64_t offset,
                            Table& table) {
-  std::vector<std::byte> bytes(geometry.table_bytes);
+  base::IoBytes bytes(geometry.table_bytes);
   const int result = co_await child.read(offset, std::span(bytes), 0);
   if (result < 0) co_return result;
   table.resize(geometry.table_entries);

@@ -12,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "base/io_buffer.h"
 #include "block/block_node.h"
 #include "block/formats/qed/format.h"
 #include "coro/task.h"
@@ -30,7 +31,7 @@ coro::Task<int> load_table(BlockNode& child, const Geometry& geometry, std::uint
 // and the write outside it.
 struct TableSlice {
   std::uint64_t file_offset = 0;
-  std::vector<std::byte> bytes;
+  base::IoBytes bytes;
 };
 TableSlice encode_table_slice(const Geometry& geometry, std::uint64_t table_offset,
                               const Table& table, std::uint64_t first, std::uint64_t count);

@@ -1,6 +1,6 @@
-#include "cache_mode.h"
+#include "block/cache_mode.h"
 
-namespace spindle::img {
+namespace spindle::block {
 
 std::optional<CacheMode> parse_cache_mode(const std::string& mode) {
   if (mode == "none" || mode == "off") return CacheMode{.direct = true};
@@ -11,4 +11,10 @@ std::optional<CacheMode> parse_cache_mode(const std::string& mode) {
   return std::nullopt;
 }
 
-}  // namespace spindle::img
+FlushMode flush_mode_of(const CacheMode& mode) {
+  if (mode.ignore_flush) return FlushMode::ignored;
+  if (mode.write_through) return FlushMode::every_write;
+  return FlushMode::normal;
+}
+
+}  // namespace spindle::block

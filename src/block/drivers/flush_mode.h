@@ -1,0 +1,70 @@
+// FlushModeNode: the flush half of qemu's cache modes, as a filter over a file node.
+//   FlushMode::ignored      cache=unsafe: flush() succeeds without doing anything and FUA is
+//                           dropped (qemu-img convert's default for its target: a crash during
+//                           the copy loses the copy, not data that was there before).
+//   FlushMode::every_write  cache=writethrough/directsync: every write and write-zeroes is
+//                           durable when it completes (sent with kFua).
+// cache=writeback needs no filter. O_DIRECT is the file node's business (direct_file.h).
+// wrap_flush_mode() returns the node itself for FlushMode::normal. The child is a protocol
+// node (file, O_DIRECT file), whose close() is its flush: under FlushMode::ignored close does
+// nothing either.
+//
+// Thread-safety: stateless apart from the immutable child and mode; safe from any number of
+// coroutines on any contexts, as the child is.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+
+#include "block/drivers/filter_node.h"
+
+namespace spindle::block {
+
+enum class FlushMode { normal, ignored, every_write };
+
+class FlushModeNode final : public FilterNode {
+ public:
+  FlushModeNode(BlockNodeRef child, FlushMode mode) : FilterNode(std::move(child)), mode_(mode) {}
+
+  const char* driver_name() const noexcept override { return child_->driver_name(); }
+  std::optional<HostFileRange> host_file_range(std::uint64_t offset,
+                                               std::uint64_t bytes) const noexcept override {
+    return child_->host_file_range(offset, bytes);
+  }
+
+  coro::Task<int> write(std::uint64_t offset, std::span<const std::byte> buffer,
+                        std::uint32_t flags) override {
+    return child_->write(offset, buffer, adjust(flags));
+  }
+  coro::Task<int> write_zeroes(std::uint64_t offset, std::uint64_t bytes,
+                               std::uint32_t flags) override {
+    return child_->write_zeroes(offset, bytes, adjust(flags));
+  }
+  coro::Task<int> flush() override {
+    if (mode_ == FlushMode::ignored) return done();
+    return child_->flush();
+  }
+  // A file node's close is its flush.
+  coro::Task<int> close() override {
+    if (mode_ == FlushMode::ignored) return done();
+    return child_->close();
+  }
+
+ private:
+  std::uint32_t adjust(std::uint32_t flags) const noexcept {
+    if (mode_ == FlushMode::ignored) return flags & ~std::uint32_t{kFua};
+    if (mode_ == FlushMode::every_write) return flags | kFua;
+    return flags;
+  }
+  static coro::Task<int> done() { co_return 0; }
+
+  const FlushMode mode_;
+};
+
+inline BlockNodeRef wrap_flush_mode(BlockNodeRef node, FlushMode mode) {
+  if (mode == FlushMode::normal) return node;
+  return std::make_shared<FlushModeNode>(std::move(node), mode);
+}
+
+}  // namespace spindle::block
