@@ -11,7 +11,9 @@
 // only at end of file / a full disk / a pipe's available data, or -errno if nothing moved.
 //
 // The backend is a process-wide switch: set_file_backend(), or the environment variable
-// SPINDLE_AIO=io_uring|threads read at first use. "automatic" prefers io_uring.
+// SPINDLE_AIO=io_uring|threads read at first use. "automatic" prefers io_uring, except for
+// buffered (not O_DIRECT) writes of 1 MiB or more, which it runs on the thread pool: io_uring
+// would pass them to an io-wq worker that runs one file's buffered writes one at a time.
 //
 // Thread-safety: the operations are called from coroutines on any context (each uses its own
 // context's ring and pool); set_file_backend() from any thread (takes effect for later calls).

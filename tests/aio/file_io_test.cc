@@ -20,6 +20,7 @@
 
 #include "aio/context.h"
 #include "aio/io_thread.h"
+#include "aio/thread_pool.h"
 #include "aio/uring.h"
 #include "coro/block_on.h"
 #include "coro/event.h"
@@ -263,6 +264,42 @@ INSTANTIATE_TEST_SUITE_P(Backends, FileIoTest,
                          [](const testing::TestParamInfo<FileBackend>& info) {
                            return info.param == FileBackend::io_uring ? "IoUring" : "Threads";
                          });
+
+// The automatic backend sends buffered writes of 1 MiB and more to the thread pool (io_uring
+// would hand them to one io-wq worker per file, one at a time) and smaller ones to the ring.
+TEST(FileIoRoutingTest, LargeBufferedWritesGoToThePoolSmallOnesToTheRing) {
+  set_file_backend(FileBackend::automatic);
+  {
+    ContextRef probe = Context::create("probe");
+    if (probe->uring() == nullptr) GTEST_SKIP() << "io_uring is not available here";
+  }
+  IoThread io{"file-io-route"};
+  // (Asked on the IoThread: its ring and pool are its own.)
+  const auto workers = [&io] {
+    return coro::block_on(io.context(), []() -> coro::Task<std::size_t> {
+      co_return current_context()->thread_pool().worker_count();
+    }());
+  };
+  TempFile file;
+  std::vector<char> small(4096, 's');
+  EXPECT_EQ(coro::block_on(io.context(), pwrite(file.fd(), small.data(), small.size(), 0)), 4096);
+  EXPECT_EQ(workers(), 0u);  // the ring did it
+
+  std::vector<char> large(2u << 20);
+  for (std::size_t i = 0; i < large.size(); ++i) large[i] = static_cast<char>(i % 251);
+  EXPECT_EQ(coro::block_on(io.context(), pwrite(file.fd(), large.data(), large.size(), 4096)),
+            static_cast<ssize_t>(large.size()));
+  EXPECT_GE(workers(), 1u);
+  const iovec halves[] = {{large.data(), 1u << 20}, {large.data() + (1u << 20), 1u << 20}};
+  EXPECT_EQ(coro::block_on(io.context(), pwritev(file.fd(), halves, 8192 + (2u << 20))),
+            static_cast<ssize_t>(large.size()));
+  std::vector<char> back(large.size());
+  ASSERT_EQ(::pread(file.fd(), back.data(), back.size(), 4096), static_cast<ssize_t>(back.size()));
+  EXPECT_EQ(back, large);
+  ASSERT_EQ(::pread(file.fd(), back.data(), back.size(), 8192 + (2u << 20)),
+            static_cast<ssize_t>(back.size()));
+  EXPECT_EQ(back, large);
+}
 
 // IoThread::stop() with io_uring work outstanding. The ring of an IoThread's context is
 // SINGLE_ISSUER: only the IoThread may enter it, so work left when its loop ends must finish
