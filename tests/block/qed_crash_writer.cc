@@ -5,7 +5,8 @@
 //   * batches of 1..4 concurrent writes at random, non-overlapping places of the image (half of
 //     them in its first eighth), which allocate clusters (with copy-on-write from a backing
 //     file), rewrite allocated clusters in place, and are sometimes unaligned (read-modify-write)
-//     or write zeroes;
+//     or write zeroes (half of those with kMayUnmap, so that qcow2 frees clusters and reuses
+//     them for later writes);
 //   * a flush after every 1..3 batches.
 // Every write's content says what it is: 16-byte records (u64 seq, u64 image offset of the
 // record), little-endian; zero writes have no content. On stdout, line by line, flushed before
@@ -50,6 +51,7 @@ struct Write {
   std::uint64_t offset = 0;
   std::uint64_t length = 0;
   bool zeroes = false;
+  bool unmap = false;  // zeroes that may free the clusters (reused later by qcow2)
 };
 
 struct Batch {
@@ -80,7 +82,8 @@ std::vector<std::byte> content(const Write& write) {
 coro::Task<void> run_write(BlockBackend& backend, Write write, Batch& batch) {
   int result;
   if (write.zeroes) {
-    result = co_await backend.write_zeroes(write.offset, write.length);
+    result = co_await backend.write_zeroes(write.offset, write.length,
+                                           write.unmap ? std::uint32_t{kMayUnmap} : 0u);
   } else {
     const std::vector<std::byte> data = content(write);
     result = co_await backend.write(write.offset, std::span(data));
@@ -131,6 +134,7 @@ int run(const std::string& path, const std::string& format, std::uint64_t seed, 
       const std::uint64_t span = below(2) ? size : std::max(size / 8, write.length);
       write.offset = below((span - write.length) / unit + 1) * unit;
       write.zeroes = below(10) == 0;
+      write.unmap = write.zeroes && below(2) == 0;
       const bool clash = std::any_of(writes.begin(), writes.end(),
                                      [&](const Write& other) { return overlaps(write, other); });
       if (clash) continue;  // concurrent overlapping writes would have no defined result

@@ -593,6 +593,9 @@ coro::Task<int> Qcow2Node::read_compressed(std::uint64_t entry, std::uint64_t in
 
 coro::Task<int> Qcow2Node::read(std::uint64_t offset, std::span<std::byte> buffer,
                                 std::uint32_t /*flags*/) {
+  // The host offsets looked up below are used after meta_mutex_ is dropped: their clusters
+  // must not be reused meanwhile.
+  const FreeClusterPool::Guard in_epoch = free_clusters_.enter();
   std::uint64_t done = 0;
   while (done < buffer.size()) {
     const std::uint64_t pos = offset + done;
@@ -811,6 +814,69 @@ coro::Task<int> Qcow2Node::allocate_clusters(std::uint64_t count, std::uint64_t&
   }
 }
 
+Qcow2Node::AllocStep Qcow2Node::try_reuse(std::uint64_t count, std::uint64_t& offset,
+                                          std::uint64_t& load_offset,
+                                          std::vector<TableRef>& pins) {
+  const std::optional<std::uint64_t> found = free_clusters_.find(count);
+  if (!found) return AllocStep::kGrow;
+  const std::uint64_t first = *found;
+  const std::uint64_t per_block = refcount_entries_;
+  const std::uint32_t order = header_.refcount_order;
+  // The refcount blocks counting the run: cached, and every count still 0 (anything else,
+  // and the run is not reused).
+  std::vector<TableRef> blocks;
+  for (std::uint64_t range = first / per_block; range <= (first + count - 1) / per_block;
+       ++range) {
+    const std::uint64_t block_offset =
+        range < rctable_.size() ? rctable_[range] & kRefcountTableOffsetMask : 0;
+    if (block_offset == 0) {
+      free_clusters_.drop(first, count);
+      return AllocStep::kGrow;
+    }
+    TableRef block = refcount_cache_.find(block_offset);
+    if (!block || !block->ready.is_set() || block->error < 0) {
+      load_offset = block_offset;
+      return AllocStep::kLoad;
+    }
+    blocks.push_back(std::move(block));
+  }
+  const auto block_of = [&](std::uint64_t cluster) -> CachedTable& {
+    return *blocks[cluster / per_block - first / per_block];
+  };
+  for (std::uint64_t cluster = first; cluster < first + count; ++cluster) {
+    if (get_refcount(std::span<const std::byte>(block_of(cluster).bytes), cluster % per_block,
+                     order) != 0) {
+      free_clusters_.drop(first, count);
+      return AllocStep::kGrow;
+    }
+  }
+  free_clusters_.take(first, count);
+  for (std::uint64_t cluster = first; cluster < first + count; ++cluster) {
+    CachedTable& block = block_of(cluster);
+    set_refcount(std::span(block.bytes), cluster % per_block, order, 1);
+    ++block.generation;
+  }
+  for (TableRef& block : blocks) pins.push_back(std::move(block));
+  offset = first * cluster_size();
+  return AllocStep::kDone;
+}
+
+coro::Task<int> Qcow2Node::allocate_data_clusters(std::uint64_t count, std::uint64_t& offset) {
+  std::vector<TableRef> pins;
+  for (;;) {
+    std::uint64_t load_offset = 0;
+    AllocStep step;
+    {
+      std::lock_guard lock(meta_mutex_);
+      step = try_reuse(count, offset, load_offset, pins);
+    }
+    if (step == AllocStep::kDone) co_return 0;
+    if (step == AllocStep::kGrow) co_return co_await allocate_clusters(count, offset);
+    const int result = co_await load_refcount_block(load_offset, pins);
+    if (result < 0) co_return result;
+  }
+}
+
 coro::Task<int> Qcow2Node::grow_refcount_table(std::uint64_t min_entries) {
   auto guard = co_await flush_mutex_.scoped_lock();
   co_return co_await grow_refcount_table_locked(min_entries);
@@ -942,7 +1008,7 @@ void Qcow2Node::defer_release(std::uint64_t entry) noexcept {
     return;
   }
   const std::uint64_t host = entry & kL2OffsetMask;
-  if (host != 0 && !external_data_) pending_frees_.push_back(host);  // data file: not counted
+  if (host != 0 && !external_data_) pending_data_frees_.push_back(host);  // data file: not counted
 }
 
 // ---- writes ---------------------------------------------------------------------------------
@@ -1261,7 +1327,7 @@ coro::Task<int> Qcow2Node::allocate_and_write(std::uint64_t pos, std::uint64_t l
       if (!pieces[i].keep) pieces[i].host = (first_cluster + i) * cs;
     }
   } else if (fresh > 0) {
-    result = co_await allocate_clusters(fresh, host);
+    result = co_await allocate_data_clusters(fresh, host);
     if (result < 0) co_return result;
     std::uint64_t next = host;
     for (Piece& piece : pieces) {
@@ -1330,6 +1396,8 @@ coro::Task<int> Qcow2Node::write_aligned(std::uint64_t offset, std::span<const s
 coro::Task<int> Qcow2Node::write(std::uint64_t offset, std::span<const std::byte> buffer,
                                  std::uint32_t flags) {
   if (read_only_) co_return -EROFS;
+  // In-place writes use a host offset after meta_mutex_ is dropped (as read() does).
+  const FreeClusterPool::Guard in_epoch = free_clusters_.enter();
   if (refuses_writes()) {
     co_return -EIO;
   }
@@ -1505,6 +1573,7 @@ coro::Task<int> Qcow2Node::zero_in_cluster(std::uint64_t offset, std::uint64_t b
 coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
                                         std::uint32_t flags) {
   if (read_only_) co_return -EROFS;
+  const FreeClusterPool::Guard in_epoch = free_clusters_.enter();  // as write()
   if (refuses_writes()) {
     co_return -EIO;
   }
@@ -1542,6 +1611,7 @@ coro::Task<int> Qcow2Node::write_zeroes(std::uint64_t offset, std::uint64_t byte
 }
 
 coro::Task<int> Qcow2Node::discard(std::uint64_t offset, std::uint64_t bytes) {
+  const FreeClusterPool::Guard in_epoch = free_clusters_.enter();  // as write()
   if (read_only_) co_return -EROFS;
   if (refuses_writes()) {
     co_return -EIO;
@@ -1637,6 +1707,7 @@ coro::Task<int> Qcow2Node::write_back_locked() {
   std::uint64_t l1_generation = 0;
   std::uint64_t l1_offset = 0;
   std::vector<std::uint64_t> frees;
+  std::vector<std::uint64_t> data_frees;
   {
     // One instant for everything: every L2 entry in this snapshot was set after its clusters
     // were counted, so the refcount blocks written next count them.
@@ -1652,6 +1723,7 @@ coro::Task<int> Qcow2Node::write_back_locked() {
       l1_offset = header_.l1_table_offset;
     }
     frees.swap(pending_frees_);
+    data_frees.swap(pending_data_frees_);
   }
   int result = co_await write_refcount_blocks();
   if (result >= 0) result = co_await file_->flush();
@@ -1675,13 +1747,24 @@ coro::Task<int> Qcow2Node::write_back_locked() {
       l1_on_disk_ = decode_entries(l1);
     }
   }
-  if (!frees.empty()) {
+  if (!frees.empty() || !data_frees.empty()) {
     // The tables that named these clusters no longer do, on disk: now they may be released.
     result = co_await file_->flush();
     if (result < 0) co_return result;
     for (const std::uint64_t host : frees) {
       result = co_await release_cluster(host);
       if (result < 0) co_return result;
+    }
+    // A data cluster nothing counts any more may hold new data once the requests that could
+    // still use its old mapping are done (free_cluster_pool.h).
+    for (const std::uint64_t host : data_frees) {
+      std::uint64_t now = 0;
+      result = co_await adjust_refcount(host, -1, now);
+      if (result < 0) co_return result;
+      if (now == 0) {
+        std::lock_guard lock(meta_mutex_);
+        free_clusters_.quarantine(host / cluster_size());
+      }
     }
     result = co_await write_refcount_blocks();
     if (result < 0) co_return result;

@@ -25,10 +25,12 @@
 // new subclusters; a compressed or shared cluster is copied whole, every subcluster
 // allocated. As qemu does, only the subclusters written reach the file, so the file may end
 // inside its last host cluster. Clusters the old entries held are released only after the L2
-// tables that no longer name them are on disk; released clusters are not reused (allocation
-// only appends). An L2 table shared with an internal snapshot (L1
-// entry without COPIED) is first copied to a new cluster (the copy written before the L1 entry
-// names it, the old table's reference dropped after). With an external data file
+// tables that no longer name them are on disk. Data clusters left at refcount 0 that way are
+// reused for new guest data once every request that might still use their old mapping has
+// finished (free_cluster_pool.h: reads, writes, zeroes and discards each hold an epoch guard);
+// everything else is allocated at the end of the file. An L2 table shared with an internal
+// snapshot (L1 entry without COPIED) is first copied to a new cluster (the copy written before
+// the L1 entry names it, the old table's reference dropped after). With an external data file
 // (FormatOpenOptions::open_data_file opens it) data clusters live there at their guest offsets,
 // unrefcounted, and the data file is flushed before any table is written; a raw data file
 // (data_file_raw) gets zeros written and holes punched for zeroes and discards, so that it
@@ -55,7 +57,8 @@
 //                        l1_on_disk_, rctable_, their generations, the two TableCaches and
 //                        the contents of every ready cached table, next_free_,
 //                        refblock_clusters_, l2_clusters_, new_refblocks_, known_bad_l2_,
-//                        in_flight_, pending_frees_, and the header's mutable fields (L1 and
+//                        in_flight_, pending_frees_, pending_data_frees_, free_clusters_
+//                        (but for its lock-free enter()), and the header's mutable fields (L1 and
 //                        refcount table location and size, size, feature bits).
 //   in_flight_           one record per guest cluster being allocated, zeroed or discarded,
 //                        or (extended L2) having subclusters allocated. A second request for
@@ -103,6 +106,7 @@
 #include "block/formats/qcow2/format.h"
 #include "block/formats/qcow2/bitmap_directory.h"
 #include "block/formats/qcow2/bitmap_tracker.h"
+#include "block/formats/qcow2/free_cluster_pool.h"
 #include "block/formats/qcow2/snapshot_table.h"
 #include "block/formats/qcow2/table_cache.h"
 #include "block/image_format.h"
@@ -140,10 +144,13 @@ class Qcow2Node final : public BlockNode {
   BlockNode* backing_node() const noexcept override { return backing_.get(); }
   // A range inside one host-contiguous run of data clusters whose L2 table is cached, where the
   // file node stores it in a host file. Never waits: with meta_mutex_ busy or the table not
-  // cached it says "nowhere". Host clusters are never reused while the node is open, and data
-  // moves only when a write to the same guest cluster allocates (a cluster shared with a
-  // snapshot is copied), so the range holds the guest data until a write overlapping
-  // the guest cluster lands (ordering against it is the caller's job, as with any request).
+  // cached it says "nowhere". Data moves only when a write to the same guest cluster
+  // allocates (a cluster shared with a snapshot is copied) or a discard or zeroing drops it, so
+  // the range holds the guest data until such a request overlapping the guest cluster lands
+  // (ordering against it is the caller's job, as with any request). After that the host
+  // cluster may be reused for another guest cluster (this range is outside the epoch guards
+  // of free_cluster_pool.h): a read racing a discard of the same range may then return that
+  // data, which a client cannot tell from any other unspecified result of racing requests.
   std::optional<HostFileRange> host_file_range(std::uint64_t offset,
                                                std::uint64_t bytes) const noexcept override;
 
@@ -201,6 +208,15 @@ class Qcow2Node final : public BlockNode {
   const BlockNodeRef& file() const noexcept { return file_; }
   const BlockNodeRef& backing() const noexcept { return backing_; }
   bool corrupt() const noexcept { return corrupt_.load(std::memory_order_acquire); }
+  // Freed data clusters waiting to be reused, and those reusable now (tests; any thread).
+  std::uint64_t quarantined_clusters() const {
+    std::lock_guard lock(meta_mutex_);
+    return free_clusters_.quarantined_clusters();
+  }
+  std::uint64_t reusable_clusters() const {
+    std::lock_guard lock(meta_mutex_);
+    return free_clusters_.reusable_clusters();
+  }
 
   // ---- internal snapshots (snapshots.cc) ----------------------------------------------------
   // Call these with no other request in flight on the node (spindle-img opens the image for
@@ -352,6 +368,9 @@ class Qcow2Node final : public BlockNode {
   // table then runs under its lock instead of taking it again (coro::Mutex is not recursive).
   coro::Task<int> allocate_clusters(std::uint64_t count, std::uint64_t& offset,
                                     bool flush_mutex_held = false);
+  // For guest data: reuses freed data clusters (free_clusters_) when a run of `count` is
+  // ready, else allocates at the end as allocate_clusters() does.
+  coro::Task<int> allocate_data_clusters(std::uint64_t count, std::uint64_t& offset);
   // With meta_mutex_ held: allocates in memory, counted in `table` (null: rctable_), if every
   // refcount block needed is cached (new ones are made in memory); otherwise says which block
   // to load or how many refcount table entries are needed.
@@ -359,6 +378,11 @@ class Qcow2Node final : public BlockNode {
   AllocStep try_allocate(std::uint64_t count, std::uint64_t& offset, std::uint64_t& load_offset,
                          std::uint64_t& needed_entries, std::vector<TableRef>& pins,
                          std::vector<std::uint64_t>* table);
+  // With meta_mutex_ held: takes a run of `count` freed clusters from free_clusters_ (their
+  // refcounts set to 1 in cached blocks) and returns kDone; kLoad when a refcount block they
+  // need is not cached; kGrow (used here as "none") when no run is ready.
+  AllocStep try_reuse(std::uint64_t count, std::uint64_t& offset, std::uint64_t& load_offset,
+                      std::vector<TableRef>& pins);
   coro::Task<int> load_refcount_block(std::uint64_t offset, std::vector<TableRef>& pins);
   // The refcount block counting the cluster at `host_offset` (pinned last in `pins`).
   coro::Task<int> load_refcount_block_of(std::uint64_t host_offset, std::vector<TableRef>& pins);
@@ -532,6 +556,10 @@ class Qcow2Node final : public BlockNode {
   std::map<std::uint64_t, InFlightRef> in_flight_;       // meta_mutex_: by guest cluster
   std::map<std::uint64_t, InFlightRef> l2_in_making_;    // meta_mutex_: by L1 index
   std::vector<std::uint64_t> pending_frees_;             // meta_mutex_: host clusters
+  // meta_mutex_: host offsets of data clusters (plain, not compressed) whose entries were
+  // replaced; released like pending_frees_, and those left at refcount 0 go to free_clusters_.
+  std::vector<std::uint64_t> pending_data_frees_;
+  FreeClusterPool free_clusters_;  // meta_mutex_ (enter(): any thread)
 
   coro::Mutex flush_mutex_;
 

@@ -7,6 +7,7 @@ set(SPINDLE_QCOW2_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/qcow2_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/table_cache.cc
   ${CMAKE_CURRENT_LIST_DIR}/compression.cc
+  ${CMAKE_CURRENT_LIST_DIR}/free_cluster_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/snapshot_table.cc
   ${CMAKE_CURRENT_LIST_DIR}/snapshots.cc
   ${CMAKE_CURRENT_LIST_DIR}/compressed_write.cc
