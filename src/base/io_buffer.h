@@ -35,7 +35,7 @@ struct IoAllocator {
     return static_cast<T*>(::operator new(n * sizeof(T), alignment_for(n)));
   }
   void deallocate(T* block, std::size_t n) noexcept {
-    ::operator delete(block, n * sizeof(T), alignment_for(n));
+    ::operator delete(block, alignment_for(n));
   }
 
   template <class U>

@@ -96,6 +96,7 @@ coro::Task<BlockResult<BlockNodeRef>> open_level(std::shared_ptr<ChainState> sta
   options.read_only = read_only;
   options.repair_if_dirty = state->options.repair_if_dirty;
   options.ignore_backing = top && state->options.ignore_backing;
+  options.metadata_only = top && state->options.metadata_only;
   options.probed = probed;
   if (top) options.options = state->options.format_options;
   options.open_backing = [state, path](std::string name, std::string backing_format)

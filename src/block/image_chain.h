@@ -33,6 +33,7 @@ struct ChainOptions {
   bool repair_if_dirty = true;
   unsigned max_depth = 16;
   bool ignore_backing = false;  // the top image's backing file is not opened (qemu-img info)
+  bool metadata_only = false;   // FormatOpenOptions::metadata_only for the top image
   FileOpener open_file;         // required
   // The top image's format options (FormatOpenOptions::options).
   std::map<std::string, std::string> format_options;

@@ -63,6 +63,9 @@ struct FormatOpenOptions {
   bool repair_if_dirty = true;   // writable opens repair what a crash left (dirty bits, leaks)
   bool ignore_backing = false;   // do not open the backing file (qemu-img info's NO_BACKING)
   bool probed = false;           // the format was probed, not given (raw then guards sector 0)
+  // Only the metadata will be read (qemu-img info, QEMU's BDRV_O_NO_IO): an external data file
+  // that cannot be opened is not an error, and I/O to the image's data then fails with EIO.
+  bool metadata_only = false;
   BackingOpener open_backing;    // required unless ignore_backing
   // Opens an image's external data file (qcow2 data_file) by the name the image records,
   // resolved against the image's location (failures say "Could not open 'PATH': why"); unset:

@@ -448,6 +448,23 @@ class Qcow2Test(si.InteropTest):
                 self.assertEqual(ours.stdout, theirs.stdout)
         self.assertTrue(os.path.exists(base))
 
+    def test_info_of_an_image_whose_data_file_is_missing_matches_qemu_img(self):
+        # qemu-img info reads only the metadata (BDRV_O_NO_IO): a missing data file is shown,
+        # not an error; anything that reads data fails with qemu's message.
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=gone.data", "gone.qcow2", "4M",
+                 cwd=self.tmp)
+        os.unlink(self.path("gone.data"))
+        for output in ("human", "json"):
+            ours = img("info", f"--output={output}", "gone.qcow2", cwd=self.tmp)
+            theirs = qemu_img("info", f"--output={output}", "gone.qcow2", cwd=self.tmp)
+            self.assertEqual(ours.stdout, theirs.stdout, output)
+        for command in (["check"], ["map"], ["convert", "-O", "raw"]):
+            args = command + ["gone.qcow2"] + (["out.raw"] if command[0] == "convert" else [])
+            ours = img(*args, cwd=self.tmp, check=False)
+            self.assertEqual(ours.returncode, 1, command)
+            self.assertIn("Could not open 'gone.qcow2': Could not open 'gone.data': No such "
+                          "file or directory", ours.stderr, command)
+
     # ---- create ----------------------------------------------------------------------------
 
     def test_create_matches_qemu_img_byte_for_byte(self):

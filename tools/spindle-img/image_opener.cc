@@ -45,6 +45,7 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   chain.ignore_backing = !options.with_backing;
   chain.read_only = options.read_only;
   chain.repair_if_dirty = options.repair_if_dirty;
+  chain.metadata_only = options.metadata_only;
   chain.open_file = [direct = options.direct, flush = options.flush](const std::string& file,
                                                                       bool read_only) {
     base::Result<block::BlockNodeRef> node =

@@ -32,6 +32,7 @@ struct ImageOpenOptions {
   bool read_only = true;
   bool with_backing = true;       // false: QEMU's BDRV_O_NO_BACKING (qemu-img info does this)
   bool repair_if_dirty = false;   // only writable opens repair; check and info never do
+  bool metadata_only = false;     // qemu-img info's NO_IO: a missing data file is no error
   bool direct = false;  // O_DIRECT on every file of the chain (cache=none; block/drivers/direct_file.h)
   // Flushes and FUA on every file of the chain (cache=unsafe / writethrough;
   // block/drivers/flush_mode.h).

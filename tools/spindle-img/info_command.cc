@@ -41,7 +41,8 @@ coro::Task<block::ImageDescription> describe_node(const block::ImageFormat& form
 }
 
 ImageDescription describe(const std::string& filename, const std::string& format) {
-  const OpenedImage image = open_image(filename, format, ImageOpenOptions{.with_backing = false});
+  const OpenedImage image = open_image(
+      filename, format, ImageOpenOptions{.with_backing = false, .metadata_only = true});
   ImageDescription description;
   description.filename = filename;
   description.format = std::string(image.format->name());

@@ -19,6 +19,25 @@ namespace spindle::block::qcow2 {
 
 namespace {
 
+// The data file of an image opened for its metadata only, when that file cannot be opened:
+// every I/O fails.
+class MissingDataFile final : public BlockNode {
+ public:
+  const char* driver_name() const noexcept override { return "file"; }
+  std::uint64_t size() const noexcept override { return 0; }
+  coro::Task<int> read(std::uint64_t, std::span<std::byte>, std::uint32_t) override {
+    co_return -EIO;
+  }
+  coro::Task<int> write(std::uint64_t, std::span<const std::byte>, std::uint32_t) override {
+    co_return -EIO;
+  }
+  coro::Task<int> flush() override { co_return -EIO; }
+  coro::Task<int> write_zeroes(std::uint64_t, std::uint64_t, std::uint32_t) override {
+    co_return -EIO;
+  }
+  coro::Task<int> discard(std::uint64_t, std::uint64_t) override { co_return -EIO; }
+};
+
 constexpr std::uint64_t kMaxDefaultL2CacheBytes = 32ull << 20;  // QEMU on Linux
 constexpr std::uint64_t kAllSubclustersAllocated = 0x00000000ffffffffull;
 constexpr std::uint64_t kAllSubclustersZero = 0xffffffff00000000ull;
@@ -235,8 +254,13 @@ coro::Task<BlockResult<BlockNodeRef>> open_qcow2(BlockNodeRef file, FormatOpenOp
                                           refcount_tables);
   if (external_data) {
     BlockResult<BlockNodeRef> data = options.open_data_file(header.data_file, read_only);
-    if (!data.ok()) co_return data.error();  // "Could not open 'NAME': why"
-    node->data_ = std::move(data).value();
+    if (data.ok()) {
+      node->data_ = std::move(data).value();
+    } else if (options.metadata_only) {
+      node->data_ = std::make_shared<MissingDataFile>();  // qemu-img info shows such images
+    } else {
+      co_return data.error();  // "Could not open 'NAME': why"
+    }
   }
 
   if (!header.backing_file.empty() && !options.ignore_backing) {
