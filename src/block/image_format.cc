@@ -74,6 +74,13 @@ coro::Task<BlockError> ImageFormat::apply_snapshot(BlockNode& /*node*/,
   co_return no_snapshots(name());
 }
 
+coro::Task<BlockError> ImageFormat::load_snapshot_view(BlockNode& /*node*/, std::string /*id*/,
+                                                       std::string /*name*/) const {
+  co_return BlockError{ENOTSUP, "Block format '" + std::string(name()) +
+                                    "' used by device '' does not support temporarily loading "
+                                    "internal snapshots"};
+}
+
 coro::Task<BlockError> ImageFormat::remove_snapshot(BlockNode& /*node*/,
                                                     std::string /*name*/) const {
   co_return no_snapshots(name());

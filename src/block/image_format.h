@@ -228,6 +228,11 @@ class ImageFormat {
                                                  SnapshotDescription snapshot) const;
   virtual coro::Task<BlockError> apply_snapshot(BlockNode& node, std::string id_or_name) const;
   virtual coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const;
+  // A read-only node reads the internal snapshot with id `id` and name `name` (empty: any)
+  // from now on (qemu's bdrv_snapshot_load_tmp: measure -l). ENOTSUP "Block format 'X' used by
+  // device '' does not support temporarily loading internal snapshots" by default.
+  virtual coro::Task<BlockError> load_snapshot_view(BlockNode& node, std::string id,
+                                                    std::string name) const;
 
   // Persistent dirty bitmaps (qemu-img bitmap, info, convert --bitmaps), on a node of this
   // format opened for them alone. load_bitmaps(): the image's bitmaps in directory order,

@@ -193,6 +193,39 @@ class SnapshotTest(si.InteropTest):
             self.assert_clean(path)
         qemu_io(image, "read -P 0x5a 0 1M")
 
+    def test_measure_of_a_snapshot_matches_qemu_img(self):
+        # measure -l: the snapshot's size and allocation, not the active image's; both forms
+        # of the parameter, and qemu's messages for what cannot be measured.
+        image = self.image("m.qcow2", "v3-64k", "4M")
+        qemu_io(image, "write -P 0x5a 0 1M")
+        qemu_img("snapshot", "-c", "small", image)
+        qemu_img("resize", "-q", image, "64M")
+        qemu_io(image, "write -P 0x6b 8M 8M", "write -z 0 64k")
+        qemu_img("snapshot", "-c", "big", image)
+        raw = self.path("m.raw")
+        qemu_img("create", "-q", "-f", "raw", raw, "1M")
+        cases = [
+            ["-O", "qcow2", "-l", "small", image],
+            ["-O", "qcow2", "-l", "2", image],
+            ["-O", "qcow2", "-l", "snapshot.name=big", image],
+            ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=small", image],
+            ["-O", "raw", "--output=json", "-l", "small", image],
+            ["-O", "qcow2", "-o", "cluster_size=4096", "-l", "big", image],
+            ["-O", "qcow2", image],
+            ["-O", "qcow2", "-l", "snapshot.id=1,snapshot.name=big", image],
+            ["-O", "qcow2", "-l", "nosuch", image],
+            ["-O", "qcow2", "-l", "snapshot.size=1", image],
+            ["-O", "qcow2", "-l", "small", raw],
+            ["-O", "qcow2", "-l", "small", "--size", "1M"],
+        ]
+        for args in cases:
+            theirs = qemu_img("measure", *args, check=False)
+            ours = spindle_img("measure", *args, check=False)
+            self.assertEqual(ours.stdout, theirs.stdout, args)
+            self.assertEqual(ours.returncode, theirs.returncode, args)
+            self.assertEqual(messages(ours.stderr, "spindle-img"),
+                             messages(theirs.stderr, "qemu-img"), args)
+
     def test_a_table_over_several_clusters(self):
         # 4 KiB clusters: 60 entries of about 72 bytes take two clusters of table.
         image = self.image("many.qcow2", "v3-4k", "4M")

@@ -177,6 +177,12 @@ class Qcow2Format final : public ImageFormat {
     if (!dir.value().empty()) co_return BlockError{EBUSY, "Device has active dirty bitmaps"};
     co_return co_await q->apply_snapshot(std::move(id_or_name));
   }
+  coro::Task<BlockError> load_snapshot_view(BlockNode& node, std::string id,
+                                            std::string name) const override {
+    auto* q = dynamic_cast<Qcow2Node*>(&node);
+    if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};
+    co_return co_await q->view_snapshot(std::move(id), std::move(name));
+  }
   coro::Task<BlockError> remove_snapshot(BlockNode& node, std::string name) const override {
     auto* q = dynamic_cast<Qcow2Node*>(&node);
     if (!q) co_return BlockError{EINVAL, "not a qcow2 node"};

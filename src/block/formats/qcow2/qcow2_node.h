@@ -52,6 +52,8 @@
 // Locking protocol (thread-safety): the node may be used by coroutines on several contexts
 // at once.
 //   header_ (its immutable parts), file_, backing_, read_only_   immutable after open
+//                        (l1_ of a read-only node: set once more by view_snapshot(), before
+//                        any request)
 //   size_                atomic (size()); changed only by truncate()
 //   meta_mutex_          std::mutex, never held across a suspension. Protects l1_,
 //                        l1_on_disk_, rctable_, their generations, the two TableCaches and
@@ -240,6 +242,11 @@ class Qcow2Node final : public BlockNode {
   // L1 table is copied to new clusters and committed with its virtual size in one header
   // write; the old active tree loses its references afterwards.
   coro::Task<BlockError> apply_snapshot(std::string id_or_name);
+  // Read-only nodes (qemu's bdrv_snapshot_load_tmp, for measure -l): reads from now on see the
+  // snapshot whose id is `id` and whose name is `name` (an empty one matches any); the virtual
+  // size stays the active image's, as in qemu. Call before any request. ENOENT "Can't find snapshot", EROFS on a writable
+  // node, EINVAL for a bad snapshot L1 table.
+  coro::Task<BlockError> view_snapshot(std::string id, std::string name);
 
   // ---- persistent dirty bitmaps (bitmap_store.cc) -------------------------------------------
   // The bitmap directory as the file holds it (empty without a consistent bitmaps extension).
@@ -455,6 +462,9 @@ class Qcow2Node final : public BlockNode {
   // ---- internal snapshots (snapshots.cc); flush_mutex_ held ---------------------------------
   // The table and the bytes it spans on disk (`extent`).
   coro::Task<BlockResult<std::vector<SnapshotEntry>>> read_snapshot_table(std::uint64_t& extent);
+  // A snapshot's L1 table as the file holds it (COPIED bits included), its location checked.
+  coro::Task<BlockResult<std::vector<std::uint64_t>>> read_snapshot_l1(
+      const SnapshotEntry& snapshot, const Header& header);
   // The same after writing back the caches (the table change then starts from disk state).
   coro::Task<BlockResult<std::vector<SnapshotEntry>>> flushed_snapshot_table(
       std::uint64_t& extent);

@@ -303,25 +303,20 @@ coro::Task<BlockError> Qcow2Node::delete_snapshot(std::string name) {
     std::lock_guard lock(meta_mutex_);
     header = header_;
   }
-  if (BlockError e = validate_snapshot_l1(snapshot, header, file_->size()); !e.ok()) co_return e;
-  std::vector<std::byte> raw(std::uint64_t{snapshot.l1_size} * 8);
-  if (!raw.empty()) {
-    result = co_await read_aligned(*file_, snapshot.l1_table_offset, std::span(raw));
-    if (result < 0) co_return errno_error(result, "cannot read the snapshot's L1 table");
-  }
-  std::vector<std::uint64_t> l1(snapshot.l1_size);
-  for (std::size_t i = 0; i < l1.size(); ++i) l1[i] = base::load_be64(raw.data() + i * 8);
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  if (!loaded) co_return loaded.error();
+  std::vector<std::uint64_t> l1 = std::move(loaded).value();
   table.erase(found);
   BlockError error = co_await commit_snapshot_table(table, old_extent);
   if (!error.ok()) co_return error;
   // Nothing on disk names the snapshot now: drop its references, then its L1 table's.
   error = co_await walk_tree(l1, /*active=*/false, -1);
   if (!error.ok()) co_return error;
-  if (!raw.empty()) {
+  if (!l1.empty()) {
     const std::uint64_t cs = cluster_size();
     std::lock_guard lock(meta_mutex_);
     const std::uint64_t first = snapshot.l1_table_offset / cs;
-    const std::uint64_t last = (snapshot.l1_table_offset + raw.size() - 1) / cs;
+    const std::uint64_t last = (snapshot.l1_table_offset + l1.size() * 8 - 1) / cs;
     for (std::uint64_t c = first; c <= last; ++c) pending_frees_.push_back(c * cs);
   }
   std::vector<std::uint64_t> active;
@@ -333,6 +328,48 @@ coro::Task<BlockError> Qcow2Node::delete_snapshot(std::string name) {
   if (!error.ok()) co_return error;
   result = co_await write_back_locked();
   if (result < 0) co_return errno_error(result, "cannot write qcow2 metadata");
+  co_return BlockError{};
+}
+
+coro::Task<BlockResult<std::vector<std::uint64_t>>> Qcow2Node::read_snapshot_l1(
+    const SnapshotEntry& snapshot, const Header& header) {
+  if (BlockError e = validate_snapshot_l1(snapshot, header, file_->size()); !e.ok()) co_return e;
+  std::vector<std::byte> raw(std::uint64_t{snapshot.l1_size} * 8);
+  if (!raw.empty()) {
+    const int result = co_await read_aligned(*file_, snapshot.l1_table_offset, std::span(raw));
+    if (result < 0) co_return errno_error(result, "cannot read the snapshot's L1 table");
+  }
+  std::vector<std::uint64_t> l1(snapshot.l1_size);
+  for (std::size_t i = 0; i < l1.size(); ++i) l1[i] = base::load_be64(raw.data() + i * 8);
+  co_return l1;
+}
+
+coro::Task<BlockError> Qcow2Node::view_snapshot(std::string id, std::string name) {
+  if (!read_only_) co_return BlockError{EROFS, "the image must be opened read-only"};
+  std::uint64_t extent = 0;
+  BlockResult<std::vector<SnapshotEntry>> read = co_await read_snapshot_table(extent);
+  if (!read) co_return read.error();
+  const std::vector<SnapshotEntry>& table = read.value();
+  const auto found = std::find_if(table.begin(), table.end(), [&](const SnapshotEntry& s) {
+    return (id.empty() || s.id == id) && (name.empty() || s.name == name);
+  });
+  if (found == table.end() || (id.empty() && name.empty())) {
+    co_return BlockError{ENOENT, "Can't find snapshot"};
+  }
+  const SnapshotEntry snapshot = *found;
+  Header header;
+  {
+    std::lock_guard lock(meta_mutex_);
+    header = header_;
+  }
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  if (!loaded) co_return loaded.error();
+  std::vector<std::uint64_t> l1 = std::move(loaded).value();
+  // The virtual size stays the active image's, as with qemu (past the snapshot's L1 table the
+  // image reads as unallocated).
+  std::lock_guard lock(meta_mutex_);
+  l1_ = l1;
+  l1_on_disk_ = std::move(l1);
   co_return BlockError{};
 }
 
@@ -362,15 +399,10 @@ coro::Task<BlockError> Qcow2Node::apply_snapshot(std::string id_or_name) {
   if (snapshot.disk_size % 512 != 0) {
     co_return BlockError{EINVAL, "the snapshot's disk size is not a multiple of 512"};
   }
-  std::vector<std::byte> raw(std::uint64_t{snapshot.l1_size} * 8);
-  if (!raw.empty()) {
-    result = co_await read_aligned(*file_, snapshot.l1_table_offset, std::span(raw));
-    if (result < 0) co_return errno_error(result, "cannot read the snapshot's L1 table");
-  }
-  std::vector<std::uint64_t> l1(snapshot.l1_size);
-  for (std::size_t i = 0; i < l1.size(); ++i) {
-    l1[i] = base::load_be64(raw.data() + i * 8) & ~kEntryCopied;
-  }
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  if (!loaded) co_return loaded.error();
+  std::vector<std::uint64_t> l1 = std::move(loaded).value();
+  for (std::uint64_t& entry : l1) entry &= ~kEntryCopied;
   // The new active tree's references first, on disk before anything names them as active.
   BlockError error = co_await walk_tree(l1, /*active=*/false, +1);
   if (!error.ok()) co_return error;
