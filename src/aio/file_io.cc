@@ -103,7 +103,7 @@ coro::Task<ssize_t> pread_piece(int fd, void* buffer, std::uint32_t length, off_
       });
 }
 
-// Large buffered writes to a regular file go to the thread pool even when the ring is there:
+// Large buffered (not O_DIRECT) writes go to the thread pool even when the ring is there:
 // io_uring cannot complete them inline (ext4 buffered writes block), so it hands them to an
 // io-wq worker, which runs one file's buffered writes one at a time; the 2 MiB writes of
 // spindle-img convert then took 0.09-0.6 s for 256 MiB against a steady 0.10-0.12 s on the

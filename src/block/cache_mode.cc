@@ -1,5 +1,7 @@
 #include "block/cache_mode.h"
 
+#include <utility>
+
 namespace spindle::block {
 
 std::optional<CacheMode> parse_cache_mode(const std::string& mode) {
@@ -11,10 +13,13 @@ std::optional<CacheMode> parse_cache_mode(const std::string& mode) {
   return std::nullopt;
 }
 
-FlushMode flush_mode_of(const CacheMode& mode) {
-  if (mode.ignore_flush) return FlushMode::ignored;
-  if (mode.write_through) return FlushMode::every_write;
-  return FlushMode::normal;
+FlushMode file_flush_mode(const CacheMode& mode) {
+  return mode.ignore_flush ? FlushMode::ignored : FlushMode::normal;
+}
+
+BlockNodeRef with_write_through(BlockNodeRef root, const CacheMode& mode) {
+  return wrap_flush_mode(std::move(root),
+                         mode.write_through ? FlushMode::every_write : FlushMode::normal);
 }
 
 }  // namespace spindle::block

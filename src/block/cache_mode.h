@@ -22,7 +22,10 @@ struct CacheMode {
 // The mode a cache option names, or none (the caller says "Invalid cache option").
 std::optional<CacheMode> parse_cache_mode(const std::string& mode);
 
-// What the file nodes do with flushes and FUA under `mode`.
-FlushMode flush_mode_of(const CacheMode& mode);
+// What the file nodes do with flushes and FUA under `mode` (ignored for unsafe, else normal).
+FlushMode file_flush_mode(const CacheMode& mode);
+// The node to send requests to for an image whose root (format node) is `root`: `root`
+// itself, or under writethrough/directsync a FlushMode::every_write filter over it.
+BlockNodeRef with_write_through(BlockNodeRef root, const CacheMode& mode);
 
 }  // namespace spindle::block

@@ -7,6 +7,7 @@ EXPORT_NAME / simple-reply fallbacks. Strict mode is switched off where the poin
 what the *server* answers rather than what libnbd refuses locally."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -419,6 +420,22 @@ class LibnbdTest(si.InteropTest):
         bad = si.run([si.SPINDLE_NBD, "--cache=bogus", image], check=False)
         self.assertNotEqual(bad.returncode, 0)
         self.assertIn("bogus", bad.stderr.decode(errors="replace"))
+
+    def test_writethrough_qcow2_export_writes_the_mapping_before_replying(self):
+        # --cache=writethrough: a reply means the write and the L2 entry naming it are in the
+        # file (and flushed), with no flush from the client. Checked from outside while the
+        # client is still connected: qemu-img sees the cluster mapped and holding the data.
+        image = self.path("wt.qcow2")
+        si.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "8M"])
+        server = self.server(image, ["--cache=writethrough", "-f", "qcow2"])
+        h = self.connect(server.uri())
+        h.pwrite(b"\x5a" * 65536, 1 * MiB)
+        mapped = json.loads(si.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
+                                    image]).stdout)
+        data = [(e["start"], e["length"]) for e in mapped if e["data"]]
+        self.assertIn((1 * MiB, 65536), data, mapped)
+        read = si.run(["qemu-io", "-U", "-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64k", image])
+        self.assertNotIn(b"Pattern verification failed", read.stdout + read.stderr)
 
     # ---- block status and sparse reads ------------------------------------------------------
 

@@ -150,7 +150,8 @@ int run_commit(const CommitOptions& options) {
   OpenedImage top = open_image(options.filename, options.format,
                                ImageOpenOptions{.read_only = drop, .with_backing = true,
                                                 .repair_if_dirty = true, .direct = cache.direct,
-                                                .flush = block::flush_mode_of(cache)});
+                                                .flush = block::file_flush_mode(cache),
+                                                .write_through = cache.write_through});
   if (top.levels.size() < 2) fail("Image does not have a backing file");
   std::size_t base_index = 1;
   if (!options.base.empty()) {
@@ -164,7 +165,8 @@ int run_commit(const CommitOptions& options) {
   OpenedImage base = open_image(level.filename, std::string(level.format->name()),
                                 ImageOpenOptions{.read_only = false, .with_backing = true,
                                                  .repair_if_dirty = true, .direct = cache.direct,
-                                                 .flush = block::flush_mode_of(cache)});
+                                                 .flush = block::file_flush_mode(cache),
+                                                .write_through = cache.write_through});
 
   ProgressPrinter progress(options.progress && !options.quiet);
   const CommitResult copied =

@@ -158,7 +158,8 @@ int run_convert(const ConvertOptions& options) {
       ImageOpenOptions{.read_only = false,
                        .with_backing = !options.backing.empty(),
                        .direct = cache->direct,
-                       .flush = block::flush_mode_of(*cache)});
+                       .flush = block::file_flush_mode(*cache),
+                       .write_through = cache->write_through});
   if (options.bitmaps && !target.format->supports_persistent_bitmaps(*target.root)) {
     fail("Format driver '" + std::string(target.format->name()) + "' does not support bitmaps");
   }

@@ -67,7 +67,9 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   image.root = std::move(opened.value().root);
   image.levels = std::move(opened.value().levels);
   if (image.probed && !options.read_only && image.format->name() == "raw") warn_probed_raw(path);
-  image.backend = std::make_shared<block::BlockBackend>(image.root);
+  image.backend = std::make_shared<block::BlockBackend>(
+      options.write_through ? block::wrap_flush_mode(image.root, block::FlushMode::every_write)
+                            : image.root);
   return image;
 }
 

@@ -34,9 +34,11 @@ struct ImageOpenOptions {
   bool repair_if_dirty = false;   // only writable opens repair; check and info never do
   bool metadata_only = false;     // qemu-img info's NO_IO: a missing data file is no error
   bool direct = false;  // O_DIRECT on every file of the chain (cache=none; block/drivers/direct_file.h)
-  // Flushes and FUA on every file of the chain (cache=unsafe / writethrough;
+  // Flushes and FUA on every file of the chain (FlushMode::ignored: cache=unsafe;
   // block/drivers/flush_mode.h).
   block::FlushMode flush = block::FlushMode::normal;
+  // cache=writethrough/directsync: the backend sends every write with FUA to the root.
+  bool write_through = false;
 };
 
 struct OpenedImage {

@@ -188,7 +188,8 @@ int run_rebase(const RebaseOptions& options) {
                                                   .with_backing = !options.unsafe,
                                                   .repair_if_dirty = true,
                                                   .direct = cache.direct,
-                                                  .flush = block::flush_mode_of(cache)});
+                                                  .flush = block::file_flush_mode(cache),
+                                                  .write_through = cache.write_through});
   const std::string& name = options.backing;
   const std::string format = name.empty() ? std::string() : options.backing_format;
   if (!options.backing_format.empty() && !block::find_format(options.backing_format)) {

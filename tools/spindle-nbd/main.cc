@@ -116,7 +116,7 @@ std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec,
                                                  ? block::open_direct_file(path, read_only)
                                                  : block::open_file(path, read_only);
     if (node.ok()) {
-      node = block::wrap_flush_mode(std::move(node).value(), block::flush_mode_of(cache));
+      node = block::wrap_flush_mode(std::move(node).value(), block::file_flush_mode(cache));
     }
     return node;
   };
@@ -135,7 +135,8 @@ std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec,
                  "         Specify the 'raw' format explicitly to remove the restrictions.\n",
                  spec.file.c_str());
   }
-  return std::make_shared<block::BlockBackend>(std::move(chain.value().root));
+  return std::make_shared<block::BlockBackend>(
+      block::with_write_through(std::move(chain.value().root), cache));
 }
 
 // Systemd-style socket activation: LISTEN_PID is us, LISTEN_FDS sockets start at fd 3.

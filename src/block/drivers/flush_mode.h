@@ -1,9 +1,12 @@
-// FlushModeNode: the flush half of qemu's cache modes, as a filter over a file node.
-//   FlushMode::ignored      cache=unsafe: flush() succeeds without doing anything and FUA is
-//                           dropped (qemu-img convert's default for its target: a crash during
+// FlushModeNode: the flush half of qemu's cache modes, as a filter.
+//   FlushMode::ignored      cache=unsafe, over each file node: flush() succeeds without doing
+//                           anything and FUA is dropped, so the format's own ordering flushes
+//                           go too (qemu-img convert's default for its target: a crash during
 //                           the copy loses the copy, not data that was there before).
-//   FlushMode::every_write  cache=writethrough/directsync: every write and write-zeroes is
-//                           durable when it completes (sent with kFua).
+//   FlushMode::every_write  cache=writethrough/directsync, over the image's root (the format
+//                           node): every write and write-zeroes is sent with kFua, so the
+//                           format makes it and the metadata naming it durable before it
+//                           completes (qcow2 and QED write back and flush after such a write).
 // cache=writeback needs no filter. O_DIRECT is the file node's business (direct_file.h).
 // wrap_flush_mode() returns the node itself for FlushMode::normal. The child is a protocol
 // node (file, O_DIRECT file), whose close() is its flush: under FlushMode::ignored close does

@@ -38,8 +38,8 @@ struct DecompressorDeleter {
 };
 
 int inflate_cluster(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
-  thread_local std::unique_ptr<libdeflate_decompressor, DecompressorDeleter> decompressor(
-      libdeflate_alloc_decompressor());
+  thread_local std::unique_ptr<libdeflate_decompressor, DecompressorDeleter> decompressor;
+  if (!decompressor) decompressor.reset(libdeflate_alloc_decompressor());  // (again if it failed)
   if (decompressor &&
       libdeflate_deflate_decompress(decompressor.get(), in.data(), in.size(), out.data(),
                                     out.size(), nullptr) == LIBDEFLATE_SUCCESS) {
@@ -54,7 +54,8 @@ struct DecompressionContextDeleter {
 
 int zstd_stream(std::span<const std::byte> in, std::span<std::byte> out) noexcept {
   // One context per thread, as for deflate; reset before each cluster.
-  thread_local std::unique_ptr<ZSTD_DCtx, DecompressionContextDeleter> kept(ZSTD_createDCtx());
+  thread_local std::unique_ptr<ZSTD_DCtx, DecompressionContextDeleter> kept;
+  if (!kept) kept.reset(ZSTD_createDCtx());  // (again if it failed)
   ZSTD_DCtx* context = kept.get();
   if (context == nullptr) return -ENOMEM;
   ZSTD_DCtx_reset(context, ZSTD_reset_session_only);

@@ -4,7 +4,9 @@
 // up to whole sectors, so input may carry trailing bytes: decompression stops once `out` is
 // full.
 //
-// Thread-safety: pure functions; each call uses its own stream state.
+// Thread-safety: callable from any thread at once; decompression keeps one libdeflate
+// decompressor and one zstd context per thread (thread_local), compression makes its own
+// stream state per call.
 #pragma once
 
 #include <cstddef>

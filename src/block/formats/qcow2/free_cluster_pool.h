@@ -24,6 +24,10 @@
 // e + 1, which precedes the loads of that check; and a shard's count never drops below the
 // requests still in it. Hence at epoch t + 2 no such request is left.
 //
+// A request that never finishes (a hung backing read) stops the epoch two advances after its
+// own: nothing freed since is reused until it ends, and quarantine fills up (safe; the image
+// just grows as it did before reuse).
+//
 // Memory is bounded: at most kMaxRuns runs of contiguous clusters wait in quarantine and at
 // most kMaxRuns are reusable; clusters beyond that are simply not reused this session (they
 // stay free space in the file, as every freed cluster was before this pool existed).
@@ -65,8 +69,9 @@ class FreeClusterPool {
   // guard goes away.
   Guard enter() noexcept;
 
-  // The data cluster `cluster` (an index) has refcount 0 and nothing names it any more. Call
-  // it outside any Guard of the calling request (a request's own guard would hold it back).
+  // The data cluster `cluster` (an index) has refcount 0 and nothing names it any more. It may
+  // be called under a guard of the calling request (write-back from inside a write); the
+  // cluster then waits for that request too.
   void quarantine(std::uint64_t cluster);
 
   // The first of `count` contiguous reusable clusters (lowest first, among the first kMaxScan

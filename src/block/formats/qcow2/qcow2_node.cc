@@ -1089,7 +1089,7 @@ coro::Task<int> Qcow2Node::writable_l2(std::uint64_t pos, bool create, TableRef&
     if (l2_offset != 0 && !shared) co_return co_await get_table(l2_cache_, l2_offset, out);
     if (l2_offset == 0 && !create) co_return 0;
     // One request makes the table; the others wait for it (a cluster allocated for a table
-    // that loses the race would be lost until the image is repaired: clusters are not reused).
+    // that loses the race would leak: only freed data clusters are reused).
     InFlightRef maker;
     {
       std::lock_guard lock(meta_mutex_);

@@ -14,8 +14,8 @@
 // written for writable version 3 opens only, as QEMU does) and takes no more writes.
 //
 // Writes: a cluster whose entry is a plain data cluster with the COPIED bit (refcount 1) is
-// written in place. Any other cluster is allocated: new host clusters at the end of the file,
-// counted in cached refcount blocks (new refcount blocks, and a larger refcount table, made as
+// written in place. Any other cluster is allocated: new host clusters (freed data clusters, see
+// below, or else at the end of the file), counted in cached refcount blocks (new refcount blocks, and a larger refcount table, made as
 // needed); the untouched parts of the cluster are copied from its old content (backing file,
 // zeros, a compressed or shared cluster); the data is written; then the L2 entry (in a new L2
 // table if the L1 entry is empty) points at it, with COPIED. Extended L2: only the subclusters
