@@ -47,6 +47,7 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/probed_raw_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/blkdebug.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/direct_file.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/flush_mode.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/file.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/throttle.cc
   ${CMAKE_CURRENT_LIST_DIR}/io/byte_stream.cc
