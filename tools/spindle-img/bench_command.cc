@@ -255,7 +255,7 @@ int run_bench(const BenchOptions& options) {
                                  ImageOpenOptions{.read_only = !plan.write,
                                                   .with_backing = true,
                                                   .repair_if_dirty = plan.write,
-                                                  .direct = plan.cache.direct});
+                                                  .cache = {.direct = plan.cache.direct}});
 
   std::printf("Sending %llu %s requests, %llu bytes each, %llu in parallel (starting at offset "
               "%llu, step size %llu)\n",

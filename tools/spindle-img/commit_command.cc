@@ -149,9 +149,7 @@ int run_commit(const CommitOptions& options) {
   const block::CacheMode cache = *block::parse_cache_mode(options.cache);
   OpenedImage top = open_image(options.filename, options.format,
                                ImageOpenOptions{.read_only = drop, .with_backing = true,
-                                                .repair_if_dirty = true, .direct = cache.direct,
-                                                .flush = block::file_flush_mode(cache),
-                                                .write_through = cache.write_through});
+                                                .repair_if_dirty = true, .cache = cache});
   if (top.levels.size() < 2) fail("Image does not have a backing file");
   std::size_t base_index = 1;
   if (!options.base.empty()) {
@@ -164,9 +162,7 @@ int run_commit(const CommitOptions& options) {
   const block::ChainLevel& level = top.levels[base_index];
   OpenedImage base = open_image(level.filename, std::string(level.format->name()),
                                 ImageOpenOptions{.read_only = false, .with_backing = true,
-                                                 .repair_if_dirty = true, .direct = cache.direct,
-                                                 .flush = block::file_flush_mode(cache),
-                                                .write_through = cache.write_through});
+                                                 .repair_if_dirty = true, .cache = cache});
 
   ProgressPrinter progress(options.progress && !options.quiet);
   const CommitResult copied =

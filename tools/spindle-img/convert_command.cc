@@ -142,7 +142,7 @@ int run_convert(const ConvertOptions& options) {
       block::parse_cache_mode(options.source_cache);
   if (!source_cache) fail("Invalid source cache option: " + options.source_cache);
   OpenedImage source = open_image(options.source, options.source_format,
-                                  ImageOpenOptions{.direct = source_cache->direct});
+                                  ImageOpenOptions{.cache = *source_cache});
   std::vector<block::PersistentBitmap> bitmaps;
   if (options.bitmaps) bitmaps = source_bitmaps(source, options.skip_broken_bitmaps);
 
@@ -157,9 +157,7 @@ int run_convert(const ConvertOptions& options) {
       options.target, options.target_format,
       ImageOpenOptions{.read_only = false,
                        .with_backing = !options.backing.empty(),
-                       .direct = cache->direct,
-                       .flush = block::file_flush_mode(*cache),
-                       .write_through = cache->write_through});
+                       .cache = *cache});
   if (options.bitmaps && !target.format->supports_persistent_bitmaps(*target.root)) {
     fail("Format driver '" + std::string(target.format->name()) + "' does not support bitmaps");
   }

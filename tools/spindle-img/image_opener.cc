@@ -46,11 +46,10 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   chain.read_only = options.read_only;
   chain.repair_if_dirty = options.repair_if_dirty;
   chain.metadata_only = options.metadata_only;
-  chain.open_file = [direct = options.direct, flush = options.flush](const std::string& file,
-                                                                      bool read_only) {
-    base::Result<block::BlockNodeRef> node =
-        direct ? block::open_direct_file(file, read_only) : block::open_file(file, read_only);
-    if (node.ok()) node = block::wrap_flush_mode(std::move(node).value(), flush);
+  chain.open_file = [cache = options.cache](const std::string& file, bool read_only) {
+    base::Result<block::BlockNodeRef> node = cache.direct ? block::open_direct_file(file, read_only)
+                                                          : block::open_file(file, read_only);
+    if (node.ok()) node = block::wrap_flush_mode(std::move(node).value(), file_flush_mode(cache));
     return node;
   };
   auto opened = coro::block_on(block::open_chain(path, format, std::move(chain)));
@@ -67,9 +66,8 @@ OpenedImage open_image(const std::string& path, const std::string& format,
   image.root = std::move(opened.value().root);
   image.levels = std::move(opened.value().levels);
   if (image.probed && !options.read_only && image.format->name() == "raw") warn_probed_raw(path);
-  image.backend = std::make_shared<block::BlockBackend>(
-      options.write_through ? block::wrap_flush_mode(image.root, block::FlushMode::every_write)
-                            : image.root);
+  image.backend =
+      std::make_shared<block::BlockBackend>(block::with_write_through(image.root, options.cache));
   return image;
 }
 

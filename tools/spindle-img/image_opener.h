@@ -21,7 +21,7 @@
 
 #include "block/block_backend.h"
 #include "block/block_node.h"
-#include "block/drivers/flush_mode.h"
+#include "block/cache_mode.h"
 #include "block/image_chain.h"
 #include "block/image_format.h"
 #include "coro/task.h"
@@ -33,12 +33,10 @@ struct ImageOpenOptions {
   bool with_backing = true;       // false: QEMU's BDRV_O_NO_BACKING (qemu-img info does this)
   bool repair_if_dirty = false;   // only writable opens repair; check and info never do
   bool metadata_only = false;     // qemu-img info's NO_IO: a missing data file is no error
-  bool direct = false;  // O_DIRECT on every file of the chain (cache=none; block/drivers/direct_file.h)
-  // Flushes and FUA on every file of the chain (FlushMode::ignored: cache=unsafe;
-  // block/drivers/flush_mode.h).
-  block::FlushMode flush = block::FlushMode::normal;
-  // cache=writethrough/directsync: the backend sends every write with FUA to the root.
-  bool write_through = false;
+  // qemu's cache mode for every file of the chain (block/cache_mode.h): O_DIRECT (none,
+  // directsync; block/drivers/direct_file.h), flushes ignored (unsafe), or every write sent
+  // with FUA to the root (writethrough, directsync).
+  block::CacheMode cache = {};
 };
 
 struct OpenedImage {

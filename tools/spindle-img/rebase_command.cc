@@ -182,14 +182,12 @@ int run_rebase(const RebaseOptions& options) {
   }
   // -u: the old backing file is not opened (it may be gone: that is often why one rebases).
   const block::CacheMode cache = *block::parse_cache_mode(options.cache);
-  const bool source_direct = block::parse_cache_mode(options.source_cache)->direct;
+  const block::CacheMode source_cache = *block::parse_cache_mode(options.source_cache);
   OpenedImage image = open_image(options.filename, options.format,
                                  ImageOpenOptions{.read_only = false,
                                                   .with_backing = !options.unsafe,
                                                   .repair_if_dirty = true,
-                                                  .direct = cache.direct,
-                                                  .flush = block::file_flush_mode(cache),
-                                                  .write_through = cache.write_through});
+                                                  .cache = cache});
   const std::string& name = options.backing;
   const std::string format = name.empty() ? std::string() : options.backing_format;
   if (!options.backing_format.empty() && !block::find_format(options.backing_format)) {
@@ -204,7 +202,7 @@ int run_rebase(const RebaseOptions& options) {
       try {
         new_backing = open_image(path, options.backing_format,
                                  ImageOpenOptions{.read_only = true, .with_backing = true,
-                                                  .direct = source_direct});
+                                                  .cache = source_cache});
       } catch (const ToolFailure& failure) {
         // The opener's "Could not open 'PATH': " is said once, inside qemu's wording.
         std::string why = failure.what();

@@ -464,7 +464,7 @@ class Qcow2Node final : public BlockNode {
   coro::Task<BlockResult<std::vector<SnapshotEntry>>> read_snapshot_table(std::uint64_t& extent);
   // A snapshot's L1 table as the file holds it (COPIED bits included), its location checked.
   coro::Task<BlockResult<std::vector<std::uint64_t>>> read_snapshot_l1(
-      const SnapshotEntry& snapshot, const Header& header);
+      const SnapshotEntry& snapshot);
   // The same after writing back the caches (the table change then starts from disk state).
   coro::Task<BlockResult<std::vector<SnapshotEntry>>> flushed_snapshot_table(
       std::uint64_t& extent);

@@ -298,12 +298,7 @@ coro::Task<BlockError> Qcow2Node::delete_snapshot(std::string name) {
                                   [&](const SnapshotEntry& s) { return s.name == name; });
   if (found == table.end()) co_return BlockError{ENOENT, "snapshot not found"};
   const SnapshotEntry snapshot = *found;
-  Header header;
-  {
-    std::lock_guard lock(meta_mutex_);
-    header = header_;
-  }
-  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot);
   if (!loaded) co_return loaded.error();
   std::vector<std::uint64_t> l1 = std::move(loaded).value();
   table.erase(found);
@@ -332,7 +327,12 @@ coro::Task<BlockError> Qcow2Node::delete_snapshot(std::string name) {
 }
 
 coro::Task<BlockResult<std::vector<std::uint64_t>>> Qcow2Node::read_snapshot_l1(
-    const SnapshotEntry& snapshot, const Header& header) {
+    const SnapshotEntry& snapshot) {
+  Header header;
+  {
+    std::lock_guard lock(meta_mutex_);
+    header = header_;
+  }
   if (BlockError e = validate_snapshot_l1(snapshot, header, file_->size()); !e.ok()) co_return e;
   std::vector<std::byte> raw(std::uint64_t{snapshot.l1_size} * 8);
   if (!raw.empty()) {
@@ -357,12 +357,7 @@ coro::Task<BlockError> Qcow2Node::view_snapshot(std::string id, std::string name
     co_return BlockError{ENOENT, "Can't find snapshot"};
   }
   const SnapshotEntry snapshot = *found;
-  Header header;
-  {
-    std::lock_guard lock(meta_mutex_);
-    header = header_;
-  }
-  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot);
   if (!loaded) co_return loaded.error();
   std::vector<std::uint64_t> l1 = std::move(loaded).value();
   // The virtual size stays the active image's, as with qemu (past the snapshot's L1 table the
@@ -399,7 +394,7 @@ coro::Task<BlockError> Qcow2Node::apply_snapshot(std::string id_or_name) {
   if (snapshot.disk_size % 512 != 0) {
     co_return BlockError{EINVAL, "the snapshot's disk size is not a multiple of 512"};
   }
-  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot, header);
+  BlockResult<std::vector<std::uint64_t>> loaded = co_await read_snapshot_l1(snapshot);
   if (!loaded) co_return loaded.error();
   std::vector<std::uint64_t> l1 = std::move(loaded).value();
   for (std::uint64_t& entry : l1) entry &= ~kEntryCopied;
