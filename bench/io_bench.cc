@@ -12,7 +12,8 @@
 //       Mutex/Uncontended/<Lock>: one thread, no contention, wall ns per op. CoroMutex runs the
 //         loop in a coroutine on the main context (block_on, 1000 ops per call); StdMutex and
 //         McsLock run the same loop on the benchmark thread.
-//  2. ThreadPool — co_await pool.run([] { return 0; }) on the IoThread context's thread_pool():
+//  2. ThreadPool — co_await coro::run_blocking(pool, [] { return 0; }) on the IoThread
+//     context's thread_pool():
 //       ThreadPool/RoundTrip/1Coroutine: one coroutine, one job at a time; wall ns per round
 //         trip (submit, a worker runs it, the completion resumes the coroutine at home).
 //       ThreadPool/Throughput/32Coroutines: 32 coroutines on one IoThread doing the same
@@ -21,8 +22,8 @@
 //     page-cached file (1 GiB under /tmp, or SPINDLE_BENCH_FILE_MB; written with non-zero data,
 //     synced and read once at first use, unlinked at once so it goes with the process), from
 //     one IoThread at queue depth 1 and 32 (that many coroutines with one read in flight each):
-//       FileRead4K/IoUring/QD<n>: FileBackend::io_uring, then aio::pread.
-//       FileRead4K/Threads/QD<n>: FileBackend::threads (the context's thread pool), aio::pread.
+//       FileRead4K/IoUring/QD<n>: FileBackend::io_uring, then coro::pread.
+//       FileRead4K/Threads/QD<n>: FileBackend::threads (the context's thread pool), coro::pread.
 //       FileRead4K/PreadLoop: plain ::pread in a loop on the benchmark thread. It has no queue
 //         depth: the same row is the baseline of both QD1 and QD32.
 //     IOPS (wall) and process CPU ns per read (CLOCK_PROCESS_CPUTIME_ID: the IoThread, pool
@@ -72,13 +73,15 @@
 #include <vector>
 
 #include "aio/context.h"
-#include "aio/file_io.h"
+#include "aio/file_backend.h"
 #include "aio/io_thread.h"
 #include "aio/thread_pool.h"
 #include "asio_support.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
+#include "coro/file_io.h"
 #include "coro/mutex.h"
+#include "coro/run_blocking.h"
 #include "coro/task.h"
 #include "io/channel.h"
 #include "io/socket.h"
@@ -271,7 +274,7 @@ coro::Task<long> pool_round_trips(int count) {
   aio::ThreadPool& pool = aio::current_context()->thread_pool();
   long correct = 0;
   for (int i = 0; i < count; ++i) {
-    const int result = co_await pool.run([] { return 0; });
+    const int result = co_await coro::run_blocking(pool, [] { return 0; });
     if (result == 0) ++correct;
   }
   co_return correct;
@@ -430,8 +433,8 @@ coro::Task<void> read_random_blocks(const TestFile& file, char* buffer, std::siz
                                     std::size_t stride, int count, ReadTally& tally) {
   for (int i = 0; i < count; ++i) {
     const std::uint64_t block = file.random_block(first + static_cast<std::size_t>(i) * stride);
-    const ssize_t bytes = co_await spindle::aio::pread(file.fd(), buffer, kBlockSize,
-                                                       static_cast<off_t>(block * kBlockSize));
+    const ssize_t bytes = co_await spindle::coro::pread(file.fd(), buffer, kBlockSize,
+                                                        static_cast<off_t>(block * kBlockSize));
     ++(TestFile::holds_block(buffer, bytes, block) ? tally.good : tally.bad);
   }
 }
@@ -852,7 +855,7 @@ void print_summary(const spindle::bench::SummaryReporter& results) {
     uncontended.print();
   }
 
-  Table pool({{"thread pool: co_await pool.run([] { return 0; })", 48, true},
+  Table pool({{"thread pool: co_await run_blocking(pool, noop)", 48, true},
               {"ns/op", 8},
               {"ops/s", 10},
               {"CPU ns/op", 9}});

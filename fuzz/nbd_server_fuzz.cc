@@ -1,9 +1,9 @@
 // libFuzzer target for the NBD server itself (handshake, option handling, request loop,
-// replies), through its public API: every input is what a client sends. One nbd::Server with
-// two null exports ("" writable, 8 GiB, asking for 512-byte alignment like QED so that the
-// backend's read-modify-write paths run, and even a 4 GiB unaligned WRITE_ZEROES can be sent;
-// "ro" read-only, 1 MiB) lives for the whole run; each input gets
-// a fresh socketpair whose server end is handed to Server::serve(). This thread writes the input
+// replies), through its public API: every input is what a client sends. One
+// exports::nbd::Server with two null exports ("" writable, 8 GiB, asking for 512-byte alignment
+// like QED so that the backend's read-modify-write paths run, and even a 4 GiB unaligned
+// WRITE_ZEROES can be sent; "ro" read-only, 1 MiB) lives for the whole run; each input gets a
+// fresh socketpair whose server end is handed to Server::serve(). This thread writes the input
 // as the client (reading replies meanwhile, so that neither side blocks on a full socket), then
 // shuts down its write side, drains the replies until the server closes the connection, and
 // waits until the server has finished the connection. A server that does not close within
@@ -38,11 +38,11 @@
 #include "aio/context.h"
 #include "block/block_backend.h"
 #include "block/drivers/null.h"
+#include "export/nbd/server.h"
 #include "io/channel.h"
 #include "nbd/protocol.h"
-#include "nbd/server.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 namespace {
 
 constexpr std::uint64_t kExportSize = 1 << 20;
@@ -206,18 +206,18 @@ void write_seeds(const char* directory) {
 }
 
 }  // namespace
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   if (const char* directory = std::getenv("SPINDLE_FUZZ_WRITE_SEEDS")) {
-    spindle::nbd::write_seeds(directory);
+    spindle::exports::nbd::write_seeds(directory);
   }
   return 0;
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   using namespace spindle;
-  nbd::Server& server = nbd::server();
+  exports::nbd::Server& server = exports::nbd::server();
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return 0;
   // The server writes its greeting first; the channel is moved to the server's IoThread.

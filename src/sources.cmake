@@ -1,42 +1,59 @@
-# Source lists of the libraries, kept in one place: the top-level CMakeLists.txt builds the
-# libraries from them, and fuzz/ compiles the same sources again with fuzzer instrumentation.
+# Source lists of the libraries, one per layer (ARCHITECTURE.md, "Layers and where they live"),
+# kept in one place: the top-level CMakeLists.txt builds the libraries from them, and fuzz/
+# compiles the same sources again with fuzzer instrumentation.
 include(${CMAKE_CURRENT_LIST_DIR}/block/formats/qed/sources.cmake)
 include(${CMAKE_CURRENT_LIST_DIR}/block/formats/qcow2/sources.cmake)
 
-# spindle_nbd_protocol: the pure protocol layer (part of spindle_runtime, which the NBD client
-# driver needs; the fuzz target compiles it alone).
-set(SPINDLE_NBD_PROTOCOL_SOURCES
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/protocol.cc
-)
-
-# The NBD client block driver (block/drivers/nbd).
-set(SPINDLE_NBD_CLIENT_SOURCES
-  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/client_connection.cc
-  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/nbd_node.cc
-  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/uri.cc
-)
-
-# spindle_runtime: base, aio, coro, block (with the QED and NBD client drivers), io, and the
-# NBD protocol layer.
-set(SPINDLE_RUNTIME_SOURCES
+# spindle_base: what every layer shares.
+set(SPINDLE_BASE_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/base/fatal.cc
+)
+
+# spindle_aio: event loops, bottom halves, timers, IoThread, thread pool, io_uring.
+set(SPINDLE_AIO_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/aio/bottom_half.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/context.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/event_notifier.cc
-  ${CMAKE_CURRENT_LIST_DIR}/aio/file_io.cc
+  ${CMAKE_CURRENT_LIST_DIR}/aio/file_backend.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/io_thread.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/page_cache.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/thread_pool.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/timer_heap.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/uring.cc
   ${CMAKE_CURRENT_LIST_DIR}/aio/uring_probe.cc
+)
+
+# spindle_coro: coroutines, their locks, and the awaitables over aio (file I/O, thread pool).
+set(SPINDLE_CORO_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/coro/coroutine.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/event.cc
+  ${CMAKE_CURRENT_LIST_DIR}/coro/file_io.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/frame_allocator.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/mutex.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/queue.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/rw_lock.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/sleep.cc
+)
+
+# spindle_io: channels (sockets, pipes, child processes, files, TLS).
+set(SPINDLE_IO_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/io/byte_stream.cc
+  ${CMAKE_CURRENT_LIST_DIR}/io/channel.cc
+  ${CMAKE_CURRENT_LIST_DIR}/io/command.cc
+  ${CMAKE_CURRENT_LIST_DIR}/io/socket.cc
+  ${CMAKE_CURRENT_LIST_DIR}/io/tls_credentials.cc
+  ${CMAKE_CURRENT_LIST_DIR}/io/tls_session.cc
+)
+
+# spindle_nbd_protocol: the NBD wire protocol only (pure parse/encode, no I/O), used by the
+# client driver in the block layer and by the server export above it.
+set(SPINDLE_NBD_PROTOCOL_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/nbd/protocol.cc
+)
+
+# spindle_block: the node graph, BlockBackend, the format registry and formats (raw, QED,
+# qcow2), protocol drivers (file, NBD client) and filters.
+set(SPINDLE_BLOCK_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/block/block_backend.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/block_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/image_format.cc
@@ -50,25 +67,27 @@ set(SPINDLE_RUNTIME_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/flush_mode.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/file.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/throttle.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/byte_stream.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/channel.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/command.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/socket.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/tls_credentials.cc
-  ${CMAKE_CURRENT_LIST_DIR}/io/tls_session.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/client_connection.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/nbd_node.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/drivers/nbd/uri.cc
   ${SPINDLE_QED_SOURCES}
   ${SPINDLE_QCOW2_SOURCES}
-  ${SPINDLE_NBD_PROTOCOL_SOURCES}
-  ${SPINDLE_NBD_CLIENT_SOURCES}
 )
 
-# spindle_nbd: the server.
-set(SPINDLE_NBD_SOURCES
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/buffer_pool.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/connection.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/export_stats.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/in_flight_budget.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/mapped_file_cache.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/reply_writer.cc
-  ${CMAKE_CURRENT_LIST_DIR}/nbd/server.cc
+# spindle_export: what serves block backends to clients; today the NBD server (export/nbd).
+set(SPINDLE_EXPORT_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/buffer_pool.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/connection.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/export_stats.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/in_flight_budget.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/mapped_file_cache.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/reply_writer.cc
+  ${CMAKE_CURRENT_LIST_DIR}/export/nbd/server.cc
+)
+
+# Every layer's sources in dependency order (the fuzz targets compile them all into one
+# instrumented library).
+set(SPINDLE_ALL_SOURCES
+  ${SPINDLE_BASE_SOURCES} ${SPINDLE_AIO_SOURCES} ${SPINDLE_CORO_SOURCES} ${SPINDLE_IO_SOURCES}
+  ${SPINDLE_NBD_PROTOCOL_SOURCES} ${SPINDLE_BLOCK_SOURCES} ${SPINDLE_EXPORT_SOURCES}
 )

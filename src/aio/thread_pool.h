@@ -1,16 +1,16 @@
 // ThreadPool: runs blocking functions on worker threads on behalf of one Context, and delivers
 // each completion back in that Context's thread (QEMU's thread-pool.c, reference §1.12).
 //
-//   co_await pool.run(fn)        from a coroutine: fn() runs on a worker; the coroutine resumes
-//                                in its home context with fn's result
 //   submit(work, done)           callback style: done(result) runs in the pool's context,
 //                                result = work() or -ECANCELED
 //   cancel(job)                  a job that has not started is removed and completes with
 //                                -ECANCELED; a running job cannot be interrupted
+//   enqueue(job)                 a caller-owned Job; coro/run_blocking.h awaits one from a
+//                                coroutine (co_await coro::run_blocking(pool, fn))
 //
 // Workers are started on demand up to `max_threads` and exit after `idle_timeout` without work.
-// If no worker exists and none can be started (std::thread fails), submit()/run() run the job on
-// the calling thread instead; its completion is still delivered in the context as usual.
+// If no worker exists and none can be started (std::thread fails), submit()/enqueue() run the job
+// on the calling thread instead; its completion is still delivered in the context as usual.
 // Completions are work items on the context, so they are serialized there.
 //
 // Waking a sleeping thread costs tens of microseconds on a VM, far more than a page-cache read,
@@ -30,7 +30,7 @@
 // come soon after a worker went to sleep. The sleep is measured to the grant, not to the
 // wake-up, whose latency the spin exists to avoid.
 //
-// Thread-safety: submit(), run() and enqueue() from any thread; cancel() from the pool's context
+// Thread-safety: submit() and enqueue() from any thread; cancel() from the pool's context
 // thread (a Job handle stays valid until its completion has run there); the destructor once every
 // job has completed. Fields and what protects them:
 //   queue_head_/tail_, queued_jobs_, Job::state_, Job::queue_*, Job::queued_at_ns_,
@@ -86,22 +86,18 @@
 //    completion is posted after the unlock. A running job keeps state `running` until delivered.
 #pragma once
 
-#include <cerrno>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <coroutine>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <mutex>
-#include <optional>
-#include <type_traits>
 #include <utility>
 
 #include "aio/context.h"
 #include "aio/work_item.h"
-#include "coro/coroutine.h"
 
 namespace spindle::aio {
 
@@ -150,17 +146,11 @@ class ThreadPool {
   // Returns true if the job had not started (its completion then reports -ECANCELED).
   bool cancel(Job* job) noexcept;
 
-  template <typename Fn>
-  class RunAwaiter;
-  template <typename Fn>
-  RunAwaiter<Fn> run(Fn fn) {
-    return RunAwaiter<Fn>(*this, std::move(fn));
-  }
-
   Context& context() const noexcept { return context_; }
   std::size_t worker_count() const noexcept;
 
-  // Queues a caller-owned job (used by RunAwaiter; the caller keeps it alive until completion).
+  // Queues a caller-owned job (coro::run_blocking's; the caller keeps it alive until it
+  // completed).
   void enqueue(Job* job);
 
   // Test seam: the next `count` worker starts (in any pool) fail as if std::thread had thrown
@@ -206,44 +196,6 @@ class ThreadPool {
   std::atomic<std::size_t> unfinished_jobs_{0};
   std::atomic<std::size_t> signallers_{0};
   bool stopping_ = false;  // mutex_
-};
-
-template <typename Fn>
-class ThreadPool::RunAwaiter : private ThreadPool::Job {
-  using Result = std::invoke_result_t<Fn&>;
-  using Stored = std::conditional_t<std::is_void_v<Result>, bool, Result>;
-
- public:
-  RunAwaiter(ThreadPool& pool, Fn fn)
-      : Job(&RunAwaiter::execute, &RunAwaiter::complete), pool_(pool), fn_(std::move(fn)) {}
-
-  bool await_ready() const noexcept { return false; }
-  void await_suspend(std::coroutine_handle<> handle) {
-    coroutine_ = coro::park(handle);
-    pool_.enqueue(this);  // a worker may finish it at once; the completion wakes us at home
-  }
-  Result await_resume() {
-    if constexpr (!std::is_void_v<Result>) return std::move(*result_);
-  }
-
- private:
-  static void execute(Job* job) {
-    auto* self = static_cast<RunAwaiter*>(job);
-    if constexpr (std::is_void_v<Result>) {
-      self->fn_();
-      self->result_.emplace(true);
-    } else {
-      self->result_.emplace(self->fn_());
-    }
-  }
-  static void complete(Job* job, bool /*cancelled: run() jobs are never cancelled*/) {
-    coro::wake(static_cast<RunAwaiter*>(job)->coroutine_, "ThreadPool::run");
-  }
-
-  ThreadPool& pool_;
-  Fn fn_;
-  std::optional<Stored> result_;
-  coro::Coroutine* coroutine_ = nullptr;
 };
 
 }  // namespace spindle::aio

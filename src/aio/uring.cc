@@ -163,8 +163,9 @@ void Uring::Operation::prepare(io_uring_sqe* sqe) noexcept {
   io_uring_sqe_set_data(sqe, this);
 }
 
-void Uring::Operation::await_suspend(std::coroutine_handle<> handle) noexcept {
-  coroutine_ = coro::park(handle);
+void Uring::Operation::start(Completion completion, void* argument) noexcept {
+  completion_ = completion;
+  argument_ = argument;
   prepare(ring_.next_sqe());
   ++ring_.pending_submissions_;
   ++ring_.in_flight_;
@@ -185,7 +186,7 @@ unsigned Uring::deliver_completions() noexcept {
     --in_flight_;
     ++delivered;
     op->result_ = result;
-    coro::wake(op->coroutine_, "Uring completion");  // may submit more operations
+    op->completion_(op, op->argument_);  // may start more operations
   }
   return delivered;
 }

@@ -1,7 +1,8 @@
-// Uring: one io_uring per Context for file I/O. Operations are coroutine awaiters: the SQE is
-// prepared when the coroutine suspends, submissions are batched and flushed once per loop
-// iteration (before the context waits), and each completion wakes its coroutine in the
-// context's thread with the result (bytes, or -errno).
+// Uring: one io_uring per Context for file I/O. An Operation describes one request; start()
+// prepares its SQE, submissions are batched and flushed once per loop iteration (before the
+// context waits), and each completion calls the operation's completion function in the
+// context's thread with the result (bytes, or -errno). coro/file_io.h awaits operations from
+// coroutines.
 //
 // The ring uses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG when the context has a dedicated thread
 // and the kernel supports them (falling back to SINGLE_ISSUER|DEFER_TASKRUN, COOP_TASKRUN, then
@@ -31,7 +32,7 @@
 //    that many, leftover_work_ makes the next pass ask the kernel again before anyone sleeps.
 //
 // Thread-safety: home thread only. The Uring is created, used and destroyed in its Context's
-// thread; operations must be awaited by coroutines running there. `pending_submissions_`,
+// thread; operations are started there and complete there. `pending_submissions_`,
 // `in_flight_`, `eventfd_on_` and `leftover_work_` are home-thread state.
 #pragma once
 
@@ -39,12 +40,10 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#include <coroutine>
 #include <cstdint>
 #include <memory>
 
 #include "aio/event_notifier.h"
-#include "coro/coroutine.h"
 
 namespace spindle::aio {
 
@@ -66,9 +65,13 @@ class Uring {
               std::uint64_t offset, int mode = 0) noexcept
         : ring_(ring), opcode_(opcode), fd_(fd), buffer_(buffer), length_(length),
           offset_(offset), mode_(mode) {}
-    bool await_ready() const noexcept { return false; }
-    void await_suspend(std::coroutine_handle<> handle) noexcept;
-    int await_resume() const noexcept { return result_; }
+    // Called once, in the ring's thread, when the operation completed (result() is set).
+    // The operation must stay where it is until then.
+    using Completion = void (*)(Operation* operation, void* argument) noexcept;
+
+    // Queues the request for the next submission.
+    void start(Completion completion, void* argument) noexcept;
+    int result() const noexcept { return result_; }
 
    private:
     friend class Uring;
@@ -82,7 +85,8 @@ class Uring {
     std::uint64_t offset_;
     int mode_;
     int result_ = 0;
-    coro::Coroutine* coroutine_ = nullptr;
+    Completion completion_ = nullptr;
+    void* argument_ = nullptr;
   };
 
   Operation read(int fd, void* buffer, std::uint32_t length, std::uint64_t offset) noexcept {
@@ -127,7 +131,7 @@ class Uring {
   Uring(unsigned entries, unsigned flags, bool deferred);
   io_uring_sqe* next_sqe() noexcept;
   bool reap_ring() noexcept;                 // runs deferred work if needed, then delivers
-  unsigned deliver_completions() noexcept;   // wakes the coroutine of every completion in the ring
+  unsigned deliver_completions() noexcept;   // completes every operation whose CQE is in the ring
 
   io_uring ring_{};
   EventNotifier completions_;

@@ -12,8 +12,8 @@
 #include <mutex>
 #include <vector>
 
-#include "aio/file_io.h"
 #include "base/fatal.h"
+#include "coro/file_io.h"
 
 namespace spindle::io {
 
@@ -123,7 +123,7 @@ ssize_t Channel::try_writev(const iovec* vectors, int count) noexcept {
 coro::Task<ssize_t> Channel::read_some(void* buffer, std::size_t size) {
   if (!pollable_) {
     if (closed()) co_return -ECANCELED;
-    co_return co_await aio::pread(fd(), buffer, size, -1);  // at the file position
+    co_return co_await coro::pread(fd(), buffer, size, -1);  // at the file position
   }
   for (;;) {
     if (closed()) co_return -ECANCELED;
@@ -148,8 +148,8 @@ coro::Task<int> Channel::writev_all(std::span<const iovec> vectors) {
     if (closed()) co_return -ECANCELED;
     const int count = static_cast<int>(std::min<std::size_t>(pending.size() - first, IOV_MAX));
     ssize_t n = pollable_ ? try_writev(&pending[first], count)
-                          : co_await aio::pwritev(fd(), std::span<const iovec>(&pending[first],
-                                                                              count), -1);
+                          : co_await coro::pwritev(
+                                fd(), std::span<const iovec>(&pending[first], count), -1);
     if (n == -EINTR) continue;
     if (n == -EAGAIN) {
       const bool ready = co_await writable();

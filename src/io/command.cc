@@ -11,6 +11,7 @@
 
 #include "aio/context.h"
 #include "aio/thread_pool.h"
+#include "coro/run_blocking.h"
 
 extern char** environ;
 
@@ -104,7 +105,7 @@ coro::Task<int> Command::wait() {
   }
   // No pidfd (old kernel): block a pool thread in waitpid instead of this context.
   const pid_t pid = pid_;
-  const int status = co_await aio::current_context()->thread_pool().run([pid] {
+  const int status = co_await coro::run_blocking(aio::current_context()->thread_pool(), [pid] {
     int raw;
     while (::waitpid(pid, &raw, 0) < 0) {
       if (errno != EINTR) return -errno;

@@ -14,6 +14,7 @@
 #include "aio/context.h"
 #include "aio/thread_pool.h"
 #include "aio/timer.h"
+#include "coro/run_blocking.h"
 #include "coro/sleep.h"
 
 namespace spindle::io {
@@ -216,8 +217,9 @@ coro::Task<ChannelResult> connect_tcp(std::string host, std::uint16_t port,
   if (addresses->error == EAI_NONAME) {  // not a literal address: resolve on the thread pool
     addresses = std::make_unique<AddressList>();
     AddressList* target = addresses.get();
-    co_await aio::current_context()->thread_pool().run(
-        [&host, port, target] { resolve(host, port, false, false, *target); });
+    co_await coro::run_blocking(aio::current_context()->thread_pool(), [&host, port, target] {
+      resolve(host, port, false, false, *target);
+    });
   }
   if (addresses->error) co_return ChannelResult::failure(errno_from_resolver(addresses->error));
   int last_error = EHOSTUNREACH;

@@ -1,8 +1,8 @@
 // aio::ThreadPool: QEMU's test-thread-pool scenarios (reference/qemu-aio.md §3.4) with their
 // assertions — submit, submit-aio, submit-co, submit-many, cancel (sync and async) — plus
-// co_await pool.run() returning values on the caller's home context, idle workers exiting, and
-// the wake-up policy: long jobs spread over workers, short ones do not start a thread each, and
-// submits racing a spinning worker are never lost.
+// co_await coro::run_blocking(pool, ) returning values on the caller's home context, idle workers
+// exiting, and the wake-up policy: long jobs spread over workers, short ones do not start a thread
+// each, and submits racing a spinning worker are never lost.
 #include "aio/thread_pool.h"
 
 #include <gtest/gtest.h>
@@ -16,6 +16,7 @@
 #include "aio/context.h"
 #include "aio/io_thread.h"
 #include "coro/block_on.h"
+#include "coro/run_blocking.h"
 #include "coro/task.h"
 #include "support/thread_identity.h"
 
@@ -76,7 +77,7 @@ TEST_F(ThreadPoolTest, SubmitFromCoroutine) {
   WorkerData data;
   coro::Coroutine* co = coro::create([](ThreadPool& p, WorkerData& d, int& act) -> coro::Task<void> {
     ++act;
-    d.ret = co_await p.run([&d] { return worker(d); });
+    d.ret = co_await coro::run_blocking(p, [&d] { return worker(d); });
     --act;
   }(*pool, data, active));
   coro::schedule(*ctx, co);
@@ -190,9 +191,10 @@ TEST_F(ThreadPoolTest, RunReturnsValuesAndResumesAtHome) {
   auto result = coro::block_on(io.context(), []() -> coro::Task<std::pair<int, bool>> {
     const auto home = testing_support::this_thread_id();
     ThreadPool& p = current_context()->thread_pool();
-    const auto worker_thread = co_await p.run([] { return testing_support::this_thread_id(); });
-    const int value = co_await p.run([] { return 6 * 7; });
-    co_await p.run([] {});  // void works too
+    const auto worker_thread =
+        co_await coro::run_blocking(p, [] { return testing_support::this_thread_id(); });
+    const int value = co_await coro::run_blocking(p, [] { return 6 * 7; });
+    co_await coro::run_blocking(p, [] {});  // void works too
     co_return std::pair<int, bool>{value,
                                    worker_thread != home && testing_support::this_thread_id() == home};
   }());
@@ -379,7 +381,7 @@ TEST_F(ThreadPoolStartFailureTest, NoThreadCanStartJobsStillRun) {
     EXPECT_NO_THROW(pool.submit([&] { return ran.fetch_add(1); }, [&](int) { ++completed; }));
   }
   coro::Coroutine* co = coro::create([](ThreadPool& p, int& done) -> coro::Task<void> {
-    const int value = co_await p.run([] { return 6 * 7; });
+    const int value = co_await coro::run_blocking(p, [] { return 6 * 7; });
     EXPECT_EQ(value, 42);
     ++done;
   }(pool, completed));

@@ -1,5 +1,5 @@
 // The NBD client driver (block/drivers/nbd): URI parsing; every operation against an in-process
-// spindle nbd::Server over a Unix socket (data checked against the server's file); many
+// spindle exports::nbd::Server over a Unix socket (data checked against the server's file); many
 // requests in flight from two contexts; several connections; TLS (PSK); a proxy that forwards
 // the server's replies one byte at a time and one that stalls mid-header for a second while a
 // timer on the client's context keeps firing; and a scripted fake server that vanishes
@@ -32,10 +32,10 @@
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "coro/sleep.h"
+#include "export/nbd/server.h"
 #include "io/socket.h"
 #include "io/tls_credentials.h"
 #include "nbd/protocol.h"
-#include "nbd/server.h"
 #include "support/full_accept_queue.h"
 
 namespace spindle::block::nbd {
@@ -43,6 +43,7 @@ namespace {
 
 using namespace std::chrono_literals;
 namespace proto = spindle::nbd;
+namespace server = spindle::exports::nbd;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t kSize = 4 << 20;
@@ -77,20 +78,20 @@ void close_dead_node(const BlockNodeRef& node) { EXPECT_EQ(run(node->close()), -
 
 class LocalServer {
  public:
-  explicit LocalServer(proto::ServerOptions options = {}, bool multi_conn = true) {
+  explicit LocalServer(server::ServerOptions options = {}, bool multi_conn = true) {
     file_ = temp_path("disk");
     socket_ = temp_path("sock");
     auto node = open_file(file_, FileOptions{false, false, true});
     EXPECT_TRUE(node.ok());
     EXPECT_EQ(run(node.value()->truncate(kSize)), 0);
-    proto::ExportConfig config;
+    server::ExportConfig config;
     config.name = "disk";
     config.backend = std::make_shared<BlockBackend>(node.value());
     config.allow_unmap = true;
     config.multi_conn = multi_conn;
     if (options.io_threads == 0) options.io_threads = 2;
-    server_ = std::make_unique<proto::Server>(aio::main_context(), std::move(options),
-                                              std::vector<proto::ExportConfig>{config});
+    server_ = std::make_unique<server::Server>(aio::main_context(), std::move(options),
+                                               std::vector<server::ExportConfig>{config});
     auto listener = io::Listener::unix_socket(socket_);
     EXPECT_TRUE(listener.ok());
     server_->listen(std::move(listener).value());
@@ -112,12 +113,12 @@ class LocalServer {
     ::close(fd);
     return data;
   }
-  proto::Server& server() { return *server_; }
+  server::Server& server() { return *server_; }
 
  private:
   std::string file_;
   std::string socket_;
-  std::unique_ptr<proto::Server> server_;
+  std::unique_ptr<server::Server> server_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -546,8 +547,8 @@ TEST(NbdClient, TlsWithPsk) {
     ::close(fd);
   }
   std::string error;
-  proto::ServerOptions options;
-  options.tls_mode = proto::TlsMode::require;
+  server::ServerOptions options;
+  options.tls_mode = server::TlsMode::require;
   options.tls_credentials = io::TlsCredentials::server_psk(keys, error);
   ASSERT_TRUE(options.tls_credentials) << error;
   LocalServer server(options);

@@ -24,7 +24,7 @@
 #include <string>
 
 #include "aio/context.h"
-#include "aio/file_io.h"
+#include "aio/file_backend.h"
 #include "block/cache_mode.h"
 #include "commands.h"
 #include "coro/block_on.h"

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "aio/context.h"
-#include "aio/file_io.h"
+#include "aio/file_backend.h"
 #include "aio/uring_probe.h"
 #include "block/block_backend.h"
 #include "block/cache_mode.h"
@@ -29,9 +29,9 @@
 #include "block/image_chain.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
+#include "export/nbd/server.h"
 #include "io/socket.h"
 #include "io/tls_credentials.h"
-#include "nbd/server.h"
 
 namespace {
 
@@ -205,7 +205,7 @@ int main(int argc, char** argv) {
   app.add_flag("--fork", fork_server, "Fork into the background once ready");
   app.add_option("--pid-file", pid_file, "Write the server's pid to this file");
   app.add_option("--handshake-timeout", handshake_timeout, "Seconds to finish the handshake");
-  std::uint64_t max_bytes_in_flight = nbd::ServerOptions{}.max_bytes_in_flight;
+  std::uint64_t max_bytes_in_flight = exports::nbd::ServerOptions{}.max_bytes_in_flight;
   app.add_option("--max-bytes-in-flight", max_bytes_in_flight,
                  "Request bytes all clients together may have in flight (default 256M; "
                  "suffixes K, M, G)")
@@ -223,7 +223,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   std::shared_ptr<const io::TlsCredentials> tls_credentials;
-  nbd::TlsMode tls_mode = nbd::TlsMode::off;
+  exports::nbd::TlsMode tls_mode = exports::nbd::TlsMode::off;
   if (!tls_creds.empty() && !tls_psk.empty()) die("give --tls-creds or --tls-psk, not both");
   if (tls_verify_peer && tls_creds.empty()) die("--tls-verify-peer needs --tls-creds");
   const bool have_credentials = !tls_creds.empty() || !tls_psk.empty();
@@ -235,7 +235,7 @@ int main(int argc, char** argv) {
                           ? io::TlsCredentials::server_psk(tls_psk, error)
                           : io::TlsCredentials::server_x509(tls_creds, tls_verify_peer, error);
     if (!tls_credentials) die(error);
-    tls_mode = tls == "on" ? nbd::TlsMode::on : nbd::TlsMode::require;
+    tls_mode = tls == "on" ? exports::nbd::TlsMode::on : exports::nbd::TlsMode::require;
   }
   std::vector<ExportSpec> specs;
   if (!image.empty()) {
@@ -291,15 +291,15 @@ int main(int argc, char** argv) {
   for (int sig : {SIGINT, SIGTERM, SIGUSR1, SIGHUP}) sigaddset(&signals, sig);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  std::vector<nbd::ExportConfig> exports;
+  std::vector<exports::nbd::ExportConfig> export_configs;
   for (const auto& spec : specs) {
     auto backend = open_export(spec, *block::parse_cache_mode(cache));
-    exports.push_back({spec.name, spec.description, backend, spec.read_only || backend->read_only(),
-                       discard == "unmap", true});
+    export_configs.push_back({spec.name, spec.description, backend,
+                              spec.read_only || backend->read_only(), discard == "unmap", true});
   }
 
   aio::Context& main = aio::main_context();
-  nbd::ServerOptions options;
+  exports::nbd::ServerOptions options;
   options.io_threads = io_threads;
   options.max_connections = shared == 0 ? std::numeric_limits<std::size_t>::max()  // unlimited
                                          : static_cast<std::size_t>(shared);
@@ -307,10 +307,10 @@ int main(int argc, char** argv) {
   options.max_bytes_in_flight = max_bytes_in_flight;
   options.tls_mode = tls_mode;
   options.tls_credentials = tls_credentials;
-  options.zero_copy_reads = zero_copy == "always"   ? nbd::ZeroCopyReads::always
-                            : zero_copy == "never" ? nbd::ZeroCopyReads::never
-                                                   : nbd::ZeroCopyReads::remote;
-  nbd::Server server(main, options, std::move(exports));
+  options.zero_copy_reads = zero_copy == "always"  ? exports::nbd::ZeroCopyReads::always
+                            : zero_copy == "never" ? exports::nbd::ZeroCopyReads::never
+                                                   : exports::nbd::ZeroCopyReads::remote;
+  exports::nbd::Server server(main, options, std::move(export_configs));
 
   std::string uri;
   if (stdio) {
@@ -326,7 +326,7 @@ int main(int argc, char** argv) {
     auto listener = io::Listener::unix_socket(socket_path);
     if (!listener) die("cannot listen on " + socket_path + ": " + std::strerror(listener.error()));
     server.listen(std::move(listener.value()));
-    uri = std::string(tls_mode == nbd::TlsMode::require ? "nbds" : "nbd") + "+unix:///" +
+    uri = std::string(tls_mode == exports::nbd::TlsMode::require ? "nbds" : "nbd") + "+unix:///" +
           server.exports()[0].name + "?socket=" + socket_path;
   } else {
     auto listener = io::Listener::tcp(bind, static_cast<std::uint16_t>(port));
@@ -335,8 +335,9 @@ int main(int argc, char** argv) {
           std::strerror(listener.error()));
     }
     const bool v6 = bind.find(':') != std::string::npos;
-    uri = std::string(tls_mode == nbd::TlsMode::require ? "nbds" : "nbd") + "://" + (v6 ? "[" + bind + "]" : bind) + ":" +
-          std::to_string(listener.value()->port()) + "/" + server.exports()[0].name;
+    uri = std::string(tls_mode == exports::nbd::TlsMode::require ? "nbds" : "nbd") + "://" +
+          (v6 ? "[" + bind + "]" : bind) + ":" + std::to_string(listener.value()->port()) + "/" +
+          server.exports()[0].name;
     server.listen(std::move(listener.value()));
   }
 
@@ -359,9 +360,9 @@ int main(int argc, char** argv) {
     }
     std::fprintf(stderr, "spindle-nbd: listening on %s (aio: %s)\n", uri.c_str(),
                  engine.c_str());
-    if (tls_mode != nbd::TlsMode::off) {
+    if (tls_mode != exports::nbd::TlsMode::off) {
       std::fprintf(stderr, "spindle-nbd: TLS %s (%s); see docs/spindle-nbd.md for clients\n",
-                   tls_mode == nbd::TlsMode::require ? "required" : "offered",
+                   tls_mode == exports::nbd::TlsMode::require ? "required" : "offered",
                    tls_creds.empty() ? "PSK" : "X.509");
     } else if (uri.rfind("nbd", 0) == 0) {
       std::fprintf(stderr, "  try:  nbdinfo '%s'\n        qemu-img info '%s'\n", uri.c_str(),
@@ -374,7 +375,7 @@ int main(int argc, char** argv) {
   auto begin_shutdown = [&] {
     if (shutting_down) return;
     shutting_down = true;
-    coro::spawn(main, [](nbd::Server& s, bool& done) -> coro::Task<void> {
+    coro::spawn(main, [](exports::nbd::Server& s, bool& done) -> coro::Task<void> {
       co_await s.shutdown();
       done = true;
     }(server, finished));

@@ -13,7 +13,7 @@
 #include <cstring>
 #include <memory>
 
-#include "aio/file_io.h"
+#include "coro/file_io.h"
 
 namespace spindle::block {
 
@@ -84,8 +84,8 @@ void FileNode::note_extent(std::uint64_t end) noexcept {
 coro::Task<int> FileNode::read_exactly(std::uint64_t offset, std::byte* data, std::size_t length) {
   std::size_t done = 0;
   while (done < length) {
-    const ssize_t n = co_await aio::pread(fd_, data + done, length - done,
-                                          static_cast<off_t>(offset + done));
+    const ssize_t n =
+        co_await coro::pread(fd_, data + done, length - done, static_cast<off_t>(offset + done));
     if (n < 0) co_return static_cast<int>(n);
     if (n == 0) {  // past the end of the file: zeros
       std::memset(data + done, 0, length - done);
@@ -100,8 +100,8 @@ coro::Task<int> FileNode::write_exactly(std::uint64_t offset, const std::byte* d
                                         std::size_t length) {
   std::size_t done = 0;
   while (done < length) {
-    const ssize_t n = co_await aio::pwrite(fd_, data + done, length - done,
-                                           static_cast<off_t>(offset + done));
+    const ssize_t n =
+        co_await coro::pwrite(fd_, data + done, length - done, static_cast<off_t>(offset + done));
     if (n < 0) co_return static_cast<int>(n);
     if (n == 0) co_return -EIO;
     done += static_cast<std::size_t>(n);
@@ -145,13 +145,13 @@ coro::Task<int> FileNode::write(std::uint64_t offset, std::span<const std::byte>
       size_.store(size_before, std::memory_order_release);
     }
   }
-  if (result == 0 && (flags & kFua)) result = co_await aio::fdatasync(fd_);
+  if (result == 0 && (flags & kFua)) result = co_await coro::fdatasync(fd_);
   co_return result;
 }
 
 coro::Task<int> FileNode::flush() {
   if (options_.read_only) co_return 0;
-  co_return co_await aio::fdatasync(fd_);
+  co_return co_await coro::fdatasync(fd_);
 }
 
 coro::Task<int> FileNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes,
@@ -160,11 +160,11 @@ coro::Task<int> FileNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes
   const std::uint64_t end = offset + bytes;
   int result;
   if ((flags & kMayUnmap) && end <= size()) {
-    result = co_await aio::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                     static_cast<off_t>(offset), static_cast<off_t>(bytes));
+    result = co_await coro::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                      static_cast<off_t>(offset), static_cast<off_t>(bytes));
   } else {
-    result = co_await aio::fallocate(fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(offset),
-                                     static_cast<off_t>(bytes));
+    result = co_await coro::fallocate(fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(offset),
+                                      static_cast<off_t>(bytes));
   }
   if (result == -EOPNOTSUPP || result == -ENOTSUP || result == -EINVAL) {
     if (flags & kNoFallback) co_return -ENOTSUP;
@@ -172,7 +172,7 @@ coro::Task<int> FileNode::write_zeroes(std::uint64_t offset, std::uint64_t bytes
   }
   if (result == 0) {
     note_extent(end);
-    if (flags & kFua) result = co_await aio::fdatasync(fd_);
+    if (flags & kFua) result = co_await coro::fdatasync(fd_);
   }
   co_return result;
 }
@@ -181,9 +181,9 @@ coro::Task<int> FileNode::discard(std::uint64_t offset, std::uint64_t bytes) {
   if (options_.read_only) co_return -EROFS;
   const std::uint64_t end = std::min(offset + bytes, size());
   if (end <= offset) co_return 0;
-  const int result = co_await aio::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                             static_cast<off_t>(offset),
-                                             static_cast<off_t>(end - offset));
+  const int result =
+      co_await coro::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                               static_cast<off_t>(offset), static_cast<off_t>(end - offset));
   // Discard is advisory: a file system that cannot punch holes simply keeps the data.
   co_return (result == -EOPNOTSUPP || result == -ENOTSUP) ? 0 : result;
 }

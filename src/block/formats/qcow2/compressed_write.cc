@@ -18,6 +18,7 @@
 #include "aio/thread_pool.h"
 #include "block/formats/qcow2/compression.h"
 #include "block/formats/qcow2/qcow2_node.h"
+#include "coro/run_blocking.h"
 
 namespace spindle::block::qcow2 {
 
@@ -65,7 +66,8 @@ coro::Task<int> Qcow2Node::write_compressed_claimed(std::uint64_t offset,
   // Smaller than a cluster by at least a byte, or not worth storing compressed.
   std::vector<std::byte> output(cs - 1);
   const CompressionType type = header_.compression_type;
-  const int length = co_await aio::current_context()->thread_pool().run(
+  const int length = co_await coro::run_blocking(
+      aio::current_context()->thread_pool(),
       [type, &input, &output] { return compress_cluster(type, input, output); });
   if (length == -ENOSPC) co_return 1;
   if (length < 0) co_return length;

@@ -14,6 +14,7 @@
 #include "base/io_buffer.h"
 #include "block/formats/qcow2/check.h"
 #include "block/formats/qcow2/compression.h"
+#include "coro/run_blocking.h"
 
 namespace spindle::block::qcow2 {
 
@@ -608,7 +609,8 @@ coro::Task<int> Qcow2Node::read_compressed(std::uint64_t entry, std::uint64_t in
   // On the context's thread pool: inflating a cluster takes tens of microseconds, which the
   // event loop would otherwise not spend on its other requests.
   const CompressionType type = header_.compression_type;
-  result = co_await aio::current_context()->thread_pool().run(
+  result = co_await coro::run_blocking(
+      aio::current_context()->thread_pool(),
       [type, &input, &cluster] { return decompress_cluster(type, input, cluster); });
   if (result < 0) co_return result;
   std::memcpy(out.data(), cluster.data() + in_cluster, out.size());

@@ -22,7 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 class MappedFileCache {
  public:
@@ -70,4 +70,4 @@ class MappedFileCache {
   std::uint64_t clock_ = 0;
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

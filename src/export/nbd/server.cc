@@ -1,4 +1,4 @@
-#include "nbd/server.h"
+#include "export/nbd/server.h"
 
 #include <fmt/format.h>
 
@@ -7,9 +7,9 @@
 #include "base/fatal.h"
 #include "coro/coroutine.h"
 #include "coro/sleep.h"
-#include "nbd/connection.h"
+#include "export/nbd/connection.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 Server::Server(aio::Context& control, ServerOptions options, std::vector<ExportConfig> exports)
     : control_(control),
@@ -137,4 +137,4 @@ std::string Server::stats_report() const {
   return report;
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

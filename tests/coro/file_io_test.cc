@@ -2,7 +2,7 @@
 // data written one way reads back the other way, vectored I/O, errors (EBADF) and short reads at
 // end of file propagate, sync and fallocate work, 32 operations in flight from one context, and
 // a completion that arrives while the context sleeps wakes it.
-#include "aio/file_io.h"
+#include "coro/file_io.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -12,13 +12,14 @@
 
 #include <array>
 #include <atomic>
-#include <memory>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "aio/context.h"
+#include "aio/file_backend.h"
 #include "aio/io_thread.h"
 #include "aio/thread_pool.h"
 #include "aio/uring.h"
@@ -28,6 +29,14 @@
 
 namespace spindle::aio {
 namespace {
+
+using coro::fallocate;
+using coro::fdatasync;
+using coro::fsync;
+using coro::pread;
+using coro::preadv;
+using coro::pwrite;
+using coro::pwritev;
 
 using namespace std::chrono_literals;
 
@@ -60,16 +69,16 @@ class FileIoTest : public testing::TestWithParam<FileBackend> {
 };
 
 TEST_P(FileIoTest, UsesTheChosenBackend) {
-  const std::string used = coro::block_on(io.context(), []() -> coro::Task<std::string> {
-    co_return active_file_backend();
-  }());
+  const std::string used = coro::block_on(
+      io.context(), []() -> coro::Task<std::string> { co_return active_file_backend(); }());
   EXPECT_EQ(used, GetParam() == FileBackend::io_uring ? "io_uring" : "threads");
 }
 
 TEST_P(FileIoTest, WrittenDataReadsBackThroughPread) {
   TempFile file;
   const std::string text = "spindle writes this through its own path";
-  const auto written = coro::block_on(io.context(), pwrite(file.fd(), text.data(), text.size(), 4096));
+  const auto written =
+      coro::block_on(io.context(), pwrite(file.fd(), text.data(), text.size(), 4096));
   EXPECT_EQ(written, static_cast<ssize_t>(text.size()));
   std::string back(text.size(), '\0');
   ASSERT_EQ(::pread(file.fd(), back.data(), back.size(), 4096), static_cast<ssize_t>(text.size()));
@@ -138,24 +147,25 @@ TEST_P(FileIoTest, ThirtyTwoOperationsInFlight) {
   ASSERT_EQ(::pwrite(file.fd(), source.data(), source.size(), 0),
             static_cast<ssize_t>(source.size()));
   std::vector<char> copy(source.size());
-  const int errors = coro::block_on(io.context(), [](int fd, std::vector<char>& out) -> coro::Task<int> {
-    std::atomic<int> next{0}, failures{0}, live{kDepth};
-    coro::Event all_done;
-    auto lane = [](int f, std::vector<char>& o, std::atomic<int>& n, std::atomic<int>& bad,
-                   std::atomic<int>& remaining, coro::Event& done) -> coro::Task<void> {
-      for (int block; (block = n.fetch_add(1)) < kBlocks;) {
-        const ssize_t got = co_await pread(f, o.data() + block * kBlock, kBlock,
-                                           static_cast<off_t>(block) * kBlock);
-        if (got != kBlock) bad.fetch_add(1);
-      }
-      if (remaining.fetch_sub(1) == 1) done.set();
-    };
-    for (int i = 0; i < kDepth; ++i) {
-      coro::spawn(*current_context(), lane(fd, out, next, failures, live, all_done));
-    }
-    co_await all_done.wait();
-    co_return failures.load();
-  }(file.fd(), copy));
+  const int errors =
+      coro::block_on(io.context(), [](int fd, std::vector<char>& out) -> coro::Task<int> {
+        std::atomic<int> next{0}, failures{0}, live{kDepth};
+        coro::Event all_done;
+        auto lane = [](int f, std::vector<char>& o, std::atomic<int>& n, std::atomic<int>& bad,
+                       std::atomic<int>& remaining, coro::Event& done) -> coro::Task<void> {
+          for (int block; (block = n.fetch_add(1)) < kBlocks;) {
+            const ssize_t got = co_await pread(f, o.data() + block * kBlock, kBlock,
+                                               static_cast<off_t>(block) * kBlock);
+            if (got != kBlock) bad.fetch_add(1);
+          }
+          if (remaining.fetch_sub(1) == 1) done.set();
+        };
+        for (int i = 0; i < kDepth; ++i) {
+          coro::spawn(*current_context(), lane(fd, out, next, failures, live, all_done));
+        }
+        co_await all_done.wait();
+        co_return failures.load();
+      }(file.fd(), copy));
   EXPECT_EQ(errors, 0);
   EXPECT_EQ(copy, source);
 }
@@ -190,21 +200,21 @@ TEST_P(FileIoTest, ManyCompletionsWhileTheContextSleeps) {
       std::this_thread::sleep_for(100ms);  // every read is parked by now, the context asleep
       for (auto& p : pipes) EXPECT_EQ(::write(p[1], "x", 1), 1);
     });
-    const int total = coro::block_on(*context, [](std::vector<std::array<int, 2>>& ps)
-                                                   -> coro::Task<int> {
-      std::atomic<int> bytes{0}, live{kPipes};
-      coro::Event all_done;
-      auto reader = [](int fd, std::atomic<int>& sum, std::atomic<int>& remaining,
-                       coro::Event& done) -> coro::Task<void> {
-        char c;
-        const ssize_t got = co_await pread(fd, &c, 1, -1);
-        if (got > 0) sum.fetch_add(static_cast<int>(got));
-        if (remaining.fetch_sub(1) == 1) done.set();
-      };
-      for (auto& p : ps) coro::spawn(*current_context(), reader(p[0], bytes, live, all_done));
-      co_await all_done.wait();
-      co_return bytes.load();
-    }(pipes));
+    const int total =
+        coro::block_on(*context, [](std::vector<std::array<int, 2>>& ps) -> coro::Task<int> {
+          std::atomic<int> bytes{0}, live{kPipes};
+          coro::Event all_done;
+          auto reader = [](int fd, std::atomic<int>& sum, std::atomic<int>& remaining,
+                           coro::Event& done) -> coro::Task<void> {
+            char c;
+            const ssize_t got = co_await pread(fd, &c, 1, -1);
+            if (got > 0) sum.fetch_add(static_cast<int>(got));
+            if (remaining.fetch_sub(1) == 1) done.set();
+          };
+          for (auto& p : ps) coro::spawn(*current_context(), reader(p[0], bytes, live, all_done));
+          co_await all_done.wait();
+          co_return bytes.load();
+        }(pipes));
     writer.join();
     EXPECT_EQ(total, kPipes) << context->name();
   }
@@ -362,11 +372,11 @@ TEST_F(IoThreadStopTest, FileIoPostedAfterTheLoopEndedWorks) {
   std::this_thread::sleep_for(50ms);
   std::atomic<ssize_t> result{-1000};
   char second[4] = {};
-  coro::Coroutine* co = coro::create([](int fd, char* buffer, std::atomic<ssize_t>& out)
-                                         -> coro::Task<void> {
-    const ssize_t got = co_await pread(fd, buffer, 4, 0);
-    out.store(got);
-  }(file.fd(), second, result));
+  coro::Coroutine* co =
+      coro::create([](int fd, char* buffer, std::atomic<ssize_t>& out) -> coro::Task<void> {
+        const ssize_t got = co_await pread(fd, buffer, 4, 0);
+        out.store(got);
+      }(file.fd(), second, result));
   coro::schedule(io.context(), co);
   io.stop();  // joins, then runs the coroutine here
   EXPECT_EQ(result.load(), 4);

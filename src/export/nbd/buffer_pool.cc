@@ -1,10 +1,10 @@
-#include "nbd/buffer_pool.h"
+#include "export/nbd/buffer_pool.h"
 
 #include <bit>
 #include <cstddef>
 #include <utility>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 void AlignedDelete::operator()(std::byte* block) const noexcept {
   ::operator delete[](block, alignment);
@@ -71,4 +71,4 @@ void BufferPool::recycle(AlignedBlock block, std::size_t capacity) noexcept {
   }
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

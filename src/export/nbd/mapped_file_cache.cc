@@ -1,8 +1,8 @@
-#include "nbd/mapped_file_cache.h"
+#include "export/nbd/mapped_file_cache.h"
 
 #include <sys/mman.h>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 MappedFileCache::Lease::Lease(Lease&& other) noexcept
     : window_(other.window_), data_(other.data_) {
@@ -59,4 +59,4 @@ MappedFileCache::Lease MappedFileCache::map(int fd, std::uint64_t offset, std::u
   return Lease(*victim, victim->address + (offset - base));
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

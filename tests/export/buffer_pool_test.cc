@@ -1,7 +1,7 @@
 // nbd::BufferPool: large buffers are page-aligned and recycled (the same block comes back for
 // any size of its power-of-two class), small ones are not pooled, the cache is bounded, and a
 // buffer released after its connection dropped the pool still goes back safely.
-#include "nbd/buffer_pool.h"
+#include "export/nbd/buffer_pool.h"
 
 #include <gtest/gtest.h>
 
@@ -9,7 +9,7 @@
 #include <cstring>
 #include <vector>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 namespace {
 
 bool page_aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 4096 == 0; }
@@ -79,4 +79,4 @@ TEST(BufferPoolTest, ABufferMayOutliveItsConnectionsReference) {
 }
 
 }  // namespace
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

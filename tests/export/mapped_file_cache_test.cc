@@ -1,7 +1,7 @@
 // nbd::MappedFileCache: a range comes back as the file's bytes through a window that later
 // ranges reuse; ranges that cross a window boundary are refused; at most kMaxWindows are
 // mapped, the least recently used idle one is replaced, and leased ones never are.
-#include "nbd/mapped_file_cache.h"
+#include "export/nbd/mapped_file_cache.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 namespace {
 
 constexpr std::uint64_t kWindow = MappedFileCache::kWindowBytes;
@@ -99,4 +99,4 @@ TEST(MappedFileCacheTest, TheLeastRecentlyUsedIdleWindowIsReplacedAndLeasedOnesA
 }
 
 }  // namespace
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

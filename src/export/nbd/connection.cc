@@ -1,4 +1,4 @@
-#include "nbd/connection.h"
+#include "export/nbd/connection.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -16,9 +16,9 @@
 #include "aio/context.h"
 #include "aio/timer.h"
 #include "block/block_backend.h"
-#include "nbd/server.h"
+#include "export/nbd/server.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 namespace {
 
@@ -754,4 +754,4 @@ coro::Task<void> Connection::send(std::span<const iovec> parts, FileRange tail) 
   }
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

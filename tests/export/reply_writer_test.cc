@@ -2,7 +2,7 @@
 // a file tail (a zero-copy READ) splits the batch around its sendfile without reordering
 // anything; replies queued while a write is in progress go in the next one; after a failed
 // write every waiting and later sender learns that the peer is gone.
-#include "nbd/reply_writer.h"
+#include "export/nbd/reply_writer.h"
 
 #include <gtest/gtest.h>
 
@@ -15,7 +15,7 @@
 #include "coro/event.h"
 #include "coro/task.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 namespace {
 
 // A stream that records each write call (as text) instead of writing, and can be told to fail.
@@ -121,4 +121,4 @@ TEST(ReplyWriterTest, AFailedWriteFailsWaitingAndLaterSenders) {
 }
 
 }  // namespace
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -27,7 +27,7 @@
 #include <span>
 #include <vector>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 class BufferPool;
 
@@ -85,4 +85,4 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   std::size_t cached_bytes_ = 0;
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -28,10 +28,10 @@
 #include "io/channel.h"
 #include "io/socket.h"
 #include "io/tls_credentials.h"
-#include "nbd/export_stats.h"
-#include "nbd/in_flight_budget.h"
+#include "export/nbd/export_stats.h"
+#include "export/nbd/in_flight_budget.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 struct ExportConfig {
   std::string name;
@@ -133,4 +133,4 @@ class Server {
   std::function<void()> on_idle_;
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

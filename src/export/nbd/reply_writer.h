@@ -21,7 +21,7 @@
 #include "coro/task.h"
 #include "io/byte_stream.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 // `bytes` bytes of host file `fd` from `offset`, sent with ByteStream::send_file().
 struct FileRange {
@@ -54,4 +54,4 @@ class ReplyWriter {
   bool broken_ = false;
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -10,13 +10,12 @@
 // first short or failed piece, so the result is what one call would give: the bytes moved, short
 // only at end of file / a full disk / a pipe's available data, or -errno if nothing moved.
 //
-// The backend is a process-wide switch: set_file_backend(), or the environment variable
-// SPINDLE_AIO=io_uring|threads read at first use. "automatic" prefers io_uring, except for
-// buffered (not O_DIRECT) writes of 1 MiB or more, which it runs on the thread pool: io_uring
+// The backend is aio::file_backend() (aio/file_backend.h). "automatic" prefers io_uring, except
+// for buffered (not O_DIRECT) writes of 1 MiB or more, which it runs on the thread pool: io_uring
 // would pass them to an io-wq worker that runs one file's buffered writes one at a time.
 //
 // Thread-safety: the operations are called from coroutines on any context (each uses its own
-// context's ring and pool); set_file_backend() from any thread (takes effect for later calls).
+// context's ring and pool).
 #pragma once
 
 #include <sys/types.h>
@@ -27,22 +26,14 @@
 
 #include "coro/task.h"
 
-namespace spindle::aio {
+namespace spindle::coro {
 
-enum class FileBackend { automatic, io_uring, threads };
+Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset);
+Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset);
+Task<ssize_t> preadv(int fd, std::span<const iovec> vectors, off_t offset);
+Task<ssize_t> pwritev(int fd, std::span<const iovec> vectors, off_t offset);
+Task<int> fsync(int fd);
+Task<int> fdatasync(int fd);
+Task<int> fallocate(int fd, int mode, off_t offset, off_t length);
 
-void set_file_backend(FileBackend backend) noexcept;
-FileBackend file_backend() noexcept;
-// The backend the calling thread's context would use right now ("io_uring" or "threads"), or
-// "unavailable" if io_uring is forced but missing.
-const char* active_file_backend();
-
-coro::Task<ssize_t> pread(int fd, void* buffer, std::size_t length, off_t offset);
-coro::Task<ssize_t> pwrite(int fd, const void* buffer, std::size_t length, off_t offset);
-coro::Task<ssize_t> preadv(int fd, std::span<const iovec> vectors, off_t offset);
-coro::Task<ssize_t> pwritev(int fd, std::span<const iovec> vectors, off_t offset);
-coro::Task<int> fsync(int fd);
-coro::Task<int> fdatasync(int fd);
-coro::Task<int> fallocate(int fd, int mode, off_t offset, off_t length);
-
-}  // namespace spindle::aio
+}  // namespace spindle::coro

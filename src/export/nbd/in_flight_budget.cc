@@ -1,8 +1,8 @@
-#include "nbd/in_flight_budget.h"
+#include "export/nbd/in_flight_budget.h"
 
 #include <algorithm>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 bool InFlightBudget::try_take(std::uint64_t cost, std::uint64_t connection_held,
                               coro::Event* wake) {
@@ -35,4 +35,4 @@ std::uint64_t InFlightBudget::held() const {
   return total_;
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -1,8 +1,8 @@
-#include "nbd/reply_writer.h"
+#include "export/nbd/reply_writer.h"
 
 #include "coro/coroutine.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 coro::Task<bool> ReplyWriter::send(io::ByteStream& stream, std::span<const iovec> parts) {
   co_return co_await send(stream, parts, FileRange{});
@@ -59,4 +59,4 @@ coro::Task<int> ReplyWriter::write_segments(io::ByteStream& stream,
   co_return co_await stream.writev_all(gathered_);
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

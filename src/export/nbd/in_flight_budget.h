@@ -19,7 +19,7 @@
 
 #include "coro/event.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 class InFlightBudget {
  public:
@@ -44,4 +44,4 @@ class InFlightBudget {
   std::vector<coro::Event*> waiters_;
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -40,12 +40,15 @@
 #include "coro/task.h"
 #include "io/channel.h"
 #include "io/tls_session.h"
-#include "nbd/buffer_pool.h"
-#include "nbd/mapped_file_cache.h"
+#include "export/nbd/buffer_pool.h"
+#include "export/nbd/mapped_file_cache.h"
 #include "nbd/protocol.h"
-#include "nbd/reply_writer.h"
+#include "export/nbd/reply_writer.h"
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
+
+// The server speaks the wire protocol's vocabulary (nbd/protocol.h).
+using namespace spindle::nbd;
 
 class Server;
 struct ExportConfig;
@@ -134,4 +137,4 @@ class Connection : public std::enable_shared_from_this<Connection> {
   aio::Timer drain_deadline_;  // on home; closes the channel
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <string>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 class ExportStats {
  public:
@@ -27,4 +27,4 @@ class ExportStats {
   std::array<std::atomic<std::uint64_t>, kBuckets> latency_buckets_{};
 };
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd

@@ -1,10 +1,10 @@
-#include "nbd/export_stats.h"
+#include "export/nbd/export_stats.h"
 
 #include <fmt/format.h>
 
 #include <bit>
 
-namespace spindle::nbd {
+namespace spindle::exports::nbd {
 
 void ExportStats::record(Kind kind, std::uint64_t bytes, std::int64_t latency_ns,
                          bool failed) noexcept {
@@ -46,4 +46,4 @@ std::string ExportStats::report() const {
       percentile(0.5), percentile(0.9), percentile(0.99), max_latency_ns_.load() / 1000);
 }
 
-}  // namespace spindle::nbd
+}  // namespace spindle::exports::nbd
