@@ -45,6 +45,8 @@
 namespace spindle::exports::nbd {
 namespace {
 
+using namespace spindle::nbd;  // the client side of the wire protocol
+
 constexpr std::uint64_t kExportSize = 1 << 20;
 constexpr std::uint64_t kWritableExportSize = std::uint64_t{8} << 30;
 constexpr auto kHangLimit = std::chrono::seconds(5);
