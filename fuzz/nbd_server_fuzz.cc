@@ -224,13 +224,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return 0;
   // The server writes its greeting first; the channel is moved to the server's IoThread.
   server.serve(std::make_unique<io::Channel>(fds[0], nullptr));
-  nbd::play_client(fds[1], std::span(data, size));
+  exports::nbd::play_client(fds[1], std::span(data, size));
   ::close(fds[1]);
   // The connection may still be finishing (closing, releasing its requests) after its socket
   // closed: wait, so that every input starts from an idle server.
-  const auto deadline = std::chrono::steady_clock::now() + nbd::kHangLimit;
+  const auto deadline = std::chrono::steady_clock::now() + exports::nbd::kHangLimit;
   while (server.connection_count() != 0) {
-    if (std::chrono::steady_clock::now() > deadline) nbd::hang("the connection never finished");
+    if (std::chrono::steady_clock::now() > deadline) exports::nbd::hang("the connection never finished");
     std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
   return 0;
