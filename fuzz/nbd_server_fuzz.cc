@@ -230,7 +230,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // closed: wait, so that every input starts from an idle server.
   const auto deadline = std::chrono::steady_clock::now() + exports::nbd::kHangLimit;
   while (server.connection_count() != 0) {
-    if (std::chrono::steady_clock::now() > deadline) exports::nbd::hang("the connection never finished");
+    if (std::chrono::steady_clock::now() > deadline) {
+      exports::nbd::hang("the connection never finished");
+    }
     std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
   return 0;
