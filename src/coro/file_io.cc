@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
-#include <cstring>
+#include <utility>
 
 #include "aio/context.h"
 #include "aio/file_backend.h"
@@ -51,10 +51,6 @@ class RingOperation {
   Coroutine* coroutine_ = nullptr;
 };
 
-}  // namespace
-
-namespace {
-
 // Runs one operation on the calling context's ring (`on_ring` makes the Uring::Operation), or
 // as a blocking call (`blocking` returns the result or -errno) on its thread pool.
 template <typename OnRing, typename Blocking>
@@ -67,10 +63,6 @@ Task<ssize_t> perform(OnRing on_ring, Blocking blocking) {
   if (unavailable) co_return -ENOSYS;
   co_return co_await run_blocking(context.thread_pool(), std::move(blocking));
 }
-
-}  // namespace
-
-namespace {
 
 // One ring operation carries a 32-bit length, and the kernel moves at most MAX_RW_COUNT
 // (2 GiB - 4 KiB) per call anyway: longer reads and writes go out as pieces of this size.
