@@ -60,6 +60,7 @@ set(SPINDLE_BLOCK_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/block/cache_mode.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/format_registry.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/image_chain.cc
+  ${CMAKE_CURRENT_LIST_DIR}/block/snapshot_param.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/raw_format.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/formats/raw/probed_raw_node.cc
   ${CMAKE_CURRENT_LIST_DIR}/block/drivers/blkdebug.cc

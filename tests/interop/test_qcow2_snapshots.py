@@ -8,12 +8,14 @@ listed by qemu-img as spindle-img lists them, with qemu-img's fields (dates chec
 now). Round trips, for 4 KiB and 64 KiB clusters, compat 0.10 and 1.1 (and extended L2,
 compressed clusters): write A, `snapshot -c`, write B, `snapshot -a` reads A again,
 `snapshot -d`; `qemu-img check` is clean after every step, and qemu-img applies snapshots
-spindle-img made and the other way round. Errors (raw and qed images, a missing snapshot,
+spindle-img made and the other way round. `measure -l` and `convert -l` of a snapshot give
+qemu-img's figures and bytes; `spindle-nbd -l` serves a snapshot read-only. Errors (raw and qed images, a missing snapshot,
 mixed actions, -U with a change) give qemu-img's messages and exit codes.
 
 Usage: test_qcow2_snapshots.py --spindle-img PATH --spindle-nbd PATH [unittest options]
 """
 
+import filecmp
 import json
 import os
 import shutil
@@ -66,6 +68,19 @@ def messages(stderr, program):
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def allocation(image):
+    """`qemu-img map --output=json` without host offsets, neighbours alike merged (the copies'
+    clusters may lie in another order in the file)."""
+    merged = []
+    for e in json.loads(qemu_img("map", "--output=json", image).stdout):
+        flags = (e["depth"], e["present"], e["zero"], e["data"])
+        if merged and merged[-1][2] == flags and merged[-1][1] == e["start"]:
+            merged[-1][1] = e["start"] + e["length"]
+        else:
+            merged.append([e["start"], e["start"] + e["length"], flags])
+    return merged
 
 
 class SnapshotTest(si.InteropTest):
@@ -225,6 +240,94 @@ class SnapshotTest(si.InteropTest):
             self.assertEqual(ours.returncode, theirs.returncode, args)
             self.assertEqual(messages(ours.stderr, "spindle-img"),
                              messages(theirs.stderr, "qemu-img"), args)
+
+    def snapshot_chain(self, name):
+        """An image with snapshots "small" (id 1, 4 MiB) and "big" (id 2, 64 MiB), each holding
+        other data than the active image, over a backing file the snapshots see through."""
+        base = self.image(f"{name}-base.qcow2", "v3-64k", "64M")
+        qemu_io(base, "write -P 0x0b 0 64M")
+        image = self.path(f"{name}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", os.path.basename(base), "-F", "qcow2",
+                 image, "4M")
+        qemu_io(image, "write -P 0x5a 64k 1M", "write -z 2M 64k")
+        qemu_img("snapshot", "-c", "small", image)
+        qemu_img("resize", "-q", image, "64M")
+        qemu_io(image, "write -P 0x6b 0 2M", "write -P 0x6c 8M 8M")
+        qemu_img("snapshot", "-c", "big", image)
+        qemu_io(image, "write -P 0x7d 0 16M")
+        return image
+
+    def test_convert_of_a_snapshot_matches_qemu_img(self):
+        # convert -l: the snapshot's data (through the backing file), the active image's size;
+        # both forms of the parameter; qemu's messages for what cannot be loaded.
+        image = self.snapshot_chain("c")
+        raw = self.path("c.raw")
+        qemu_img("create", "-q", "-f", "raw", raw, "1M")
+        cases = [
+            ["-l", "small", image], ["-l", "2", image], ["-l", "snapshot.name=big", image],
+            ["-l", "snapshot.id=1,snapshot.name=small", image], ["-l", "snapshot.id=2", image],
+            ["-l", "snapshot.id=1,snapshot.name=big", image], ["-l", "nosuch", image],
+            ["-l", "snapshot.size=1", image], ["-l", "small", raw],
+        ]
+        for index, args in enumerate(cases):
+            for target_format in ("raw", "qcow2"):
+                with self.subTest(args=args, target_format=target_format):
+                    theirs, ours = self.path(f"theirs-{index}"), self.path(f"ours-{index}")
+                    for path in (theirs, ours):
+                        if os.path.exists(path):
+                            os.unlink(path)
+                    q = qemu_img("convert", "-O", target_format, *args, theirs, check=False)
+                    s = spindle_img("convert", "-O", target_format, *args, ours, check=False)
+                    self.assertEqual(s.returncode, q.returncode, s.stderr + q.stderr)
+                    self.assertEqual(messages(s.stderr, "spindle-img"),
+                                     messages(q.stderr, "qemu-img"))
+                    self.assertEqual(os.path.exists(ours), os.path.exists(theirs))
+                    if q.returncode != 0:
+                        continue
+                    if target_format == "raw":
+                        self.assertTrue(filecmp.cmp(theirs, ours, shallow=False), "raw copies")
+                    else:
+                        proc = qemu_img("compare", theirs, ours, check=False)
+                        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+                        self.assertEqual(allocation(ours), allocation(theirs))
+                        self.assert_clean(ours)
+        # The data is the snapshot's: "small" holds 0x5a at 64k and base's 0x0b past it.
+        small = self.path("small.raw")
+        spindle_img("convert", "-O", "raw", "-l", "small", image, small)
+        with open(small, "rb") as f:
+            data = f.read()
+        self.assertEqual(len(data), 64 * MiB)  # the active image's size, as qemu-img
+        self.assertEqual(data[64 * KiB:64 * KiB + MiB], b"\x5a" * MiB)
+        self.assertEqual(data[2 * MiB:2 * MiB + 64 * KiB], bytes(64 * KiB))
+        self.assertEqual(data[:64 * KiB], b"\x0b" * (64 * KiB))
+
+    def test_spindle_nbd_serves_a_snapshot_read_only(self):
+        image = self.snapshot_chain("n")
+        with open(image, "rb") as f:
+            before = f.read()
+        expected = self.path("big.raw")
+        qemu_img("convert", "-O", "raw", "-l", "big", image, expected)
+        for param in ("big", "snapshot.id=2"):
+            with self.subTest(param=param):
+                server = self.server(image, args=["-f", "qcow2", "-l", param])
+                self.assertIn("read-only", server.log_text())
+                served = self.path(f"served-{param}.raw")
+                qemu_img("convert", "-f", "raw", "-O", "raw", server.uri(), served)
+                self.assertTrue(filecmp.cmp(expected, served, shallow=False))
+                # Read-only: a write is refused (qemu-io reports the error, the image is intact).
+                proc = si.run_text(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k",
+                                    server.uri()], check=False)
+                self.assertTrue(proc.returncode != 0 or "failed" in proc.stdout + proc.stderr,
+                                proc.stdout + proc.stderr)
+                server.stop()
+        with open(image, "rb") as f:
+            self.assertEqual(f.read(), before)
+        for param, message in (("nosuch", "Failed to load snapshot: Can't find snapshot"),
+                               ("snapshot.size=1", "Invalid parameter 'snapshot.size'")):
+            proc = si.run_text([si.SPINDLE_NBD, "-k", self.path("x.sock"), "-l", param, image],
+                               check=False)
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            self.assertIn(message, proc.stderr)
 
     def test_a_table_over_several_clusters(self):
         # 4 KiB clusters: 60 entries of about 72 bytes take two clusters of table.

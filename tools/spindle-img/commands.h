@@ -59,6 +59,7 @@ struct ConvertOptions {
   bool skip_broken_bitmaps = false;  // --skip-broken-bitmaps: ...except those in use
   std::string cache = "unsafe";            // -t: the target's (qemu-img convert's default)
   std::string source_cache = "writeback";  // -T
+  std::string snapshot;                    // -l: read this internal snapshot of the source
 };
 int run_convert(const ConvertOptions& options);
 

@@ -1,16 +1,19 @@
 // `spindle-img convert`: copies an image (its whole backing chain, flattened) into a new image
 // of any format the registry can create, through BlockBackends, keeping the target sparse
-// (qemu-img convert).
+// (qemu-img convert). -l copies one of the source's internal snapshots instead of its active
+// image (the virtual size stays the active image's, as in qemu).
 // --bitmaps copies the top source image's persistent dirty bitmaps (names, granularities,
 // enabled flags, bits) after the data, once the target is closed (so that the data writes
 // are not tracked in them), appended to any the target (-n) already has.
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "block/cache_mode.h"
 #include "block/drivers/nbd/uri.h"
+#include "block/snapshot_param.h"
 #include "commands.h"
 #include "coro/block_on.h"
 #include "image_creator.h"
@@ -141,8 +144,19 @@ int run_convert(const ConvertOptions& options) {
   const std::optional<block::CacheMode> source_cache =
       block::parse_cache_mode(options.source_cache);
   if (!source_cache) fail("Invalid source cache option: " + options.source_cache);
+  std::optional<block::SnapshotParam> snapshot;
+  if (!options.snapshot.empty()) {
+    block::BlockResult<block::SnapshotParam> parsed = block::parse_snapshot_param(options.snapshot);
+    if (!parsed) fail_lines(parsed.error().message);
+    snapshot = std::move(parsed).value();
+  }
   OpenedImage source = open_image(options.source, options.source_format,
                                   ImageOpenOptions{.cache = *source_cache});
+  if (snapshot) {
+    const block::BlockError loaded =
+        coro::block_on(block::load_snapshot_view(*source.format, *source.root, *snapshot));
+    if (!loaded.ok()) fail("Failed to load snapshot: " + loaded.message);
+  }
   std::vector<block::PersistentBitmap> bitmaps;
   if (options.bitmaps) bitmaps = source_bitmaps(source, options.skip_broken_bitmaps);
 

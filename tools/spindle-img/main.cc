@@ -140,6 +140,9 @@ int main(int argc, char** argv) {
   convert_command->add_option("-m", convert.coroutines,
                               "Parallel copying coroutines, 1..16 (default 8)");
   convert_command->add_flag("-q", convert.quiet, "Quiet");
+  convert_command->add_option("-l", convert.snapshot,
+                              "Copy this internal snapshot of the source: ID_OR_NAME or "
+                              "snapshot.id=ID,snapshot.name=NAME");
   convert_command->add_flag("--bitmaps", convert.bitmaps,
                             "Copy the source's persistent dirty bitmaps (qcow2 to qcow2)");
   convert_command->add_flag("--skip-broken-bitmaps", convert.skip_broken_bitmaps,

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "block/format_registry.h"
+#include "block/snapshot_param.h"
 #include "chain_status.h"
 #include "commands.h"
 #include "coro/block_on.h"
@@ -24,13 +25,6 @@ namespace spindle::img {
 
 namespace {
 
-// qemu prints each line of a several-line message with its own "qemu-img: ".
-[[noreturn]] void fail_lines(const std::string& message) {
-  std::string text;
-  for (char c : message) text += c == '\n' ? std::string("\nspindle-img: ") : std::string(1, c);
-  fail(text);
-}
-
 // A decimal number with a suffix that parse_size() refused can only be too large.
 bool looks_like_size(const std::string& text) {
   std::string digits = text;
@@ -38,52 +32,6 @@ bool looks_like_size(const std::string& text) {
   if (digits.empty() || digits.front() == '.') return false;
   return digits.find_first_not_of("0123456789.") == std::string::npos &&
          digits.find('.') == digits.rfind('.');
-}
-
-// -l: "snapshot.id=ID,snapshot.name=NAME" (either or both), or an id or name alone (tried as
-// an id first, then as a name, as qemu-img does).
-struct SnapshotParam {
-  std::string id;
-  std::string name;
-  bool either = false;  // a bare word: id or name
-};
-SnapshotParam parse_snapshot_param(const std::string& text) {
-  SnapshotParam param;
-  if (!text.starts_with("snapshot.")) {
-    param.id = param.name = text;
-    param.either = true;
-    return param;
-  }
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = std::min(text.find(',', start), text.size());
-    const std::string item = text.substr(start, comma - start);
-    const std::size_t equals = item.find('=');
-    const std::string key = item.substr(0, equals);
-    const std::string value = equals == std::string::npos ? "" : item.substr(equals + 1);
-    if (key == "snapshot.id") {
-      param.id = value;
-    } else if (key == "snapshot.name") {
-      param.name = value;
-    } else {
-      fail_lines("Invalid parameter '" + key + "'\nFailed in parsing snapshot param '" + text +
-                 "'");
-    }
-    start = comma + 1;
-  }
-  return param;
-}
-
-coro::Task<block::BlockError> load_snapshot_view(const OpenedImage& image,
-                                                 const SnapshotParam& param) {
-  if (!param.either) {
-    co_return co_await image.format->load_snapshot_view(*image.root, param.id, param.name);
-  }
-  block::BlockError error = co_await image.format->load_snapshot_view(*image.root, param.id, "");
-  if (error.error == ENOENT) {
-    error = co_await image.format->load_snapshot_view(*image.root, "", param.name);
-  }
-  co_return error;
 }
 
 [[noreturn]] void size_out_of_range() {
@@ -137,8 +85,12 @@ int run_measure(const MeasureOptions& options) {
   if (options.filename.empty() && !has_size) {
     fail("Either --size N or one filename must be specified.");
   }
-  std::optional<SnapshotParam> snapshot;
-  if (!options.snapshot.empty()) snapshot = parse_snapshot_param(options.snapshot);
+  std::optional<block::SnapshotParam> snapshot;
+  if (!options.snapshot.empty()) {
+    block::BlockResult<block::SnapshotParam> parsed = block::parse_snapshot_param(options.snapshot);
+    if (!parsed) fail_lines(parsed.error().message);
+    snapshot = std::move(parsed).value();
+  }
   // Formats that are only recognised say themselves that they cannot measure.
   const block::ImageFormat* target = block::find_format(options.target_format);
   if (!target) fail("Unknown file format '" + options.target_format + "'");
@@ -152,7 +104,8 @@ int run_measure(const MeasureOptions& options) {
   } else {
     OpenedImage image = open_image(options.filename, options.source_format, ImageOpenOptions{});
     if (snapshot) {
-      const block::BlockError loaded = coro::block_on(load_snapshot_view(image, *snapshot));
+      const block::BlockError loaded =
+          coro::block_on(block::load_snapshot_view(*image.format, *image.root, *snapshot));
       if (!loaded.ok()) fail("Failed to load snapshot: " + loaded.message);
     }
     block::BlockResult<std::uint64_t> granularity = target->measure_granularity(request);

@@ -4,18 +4,11 @@
 #include <vector>
 
 #include "aio/context.h"
+#include "base/is_zero.h"
 #include "chain_status.h"
 #include "coro/coroutine.h"
 
 namespace spindle::img {
-
-namespace {
-
-bool all_zero(std::span<const std::byte> data) {
-  return std::all_of(data.begin(), data.end(), [](std::byte b) { return b == std::byte{0}; });
-}
-
-}  // namespace
 
 ParallelCopier::ParallelCopier(std::shared_ptr<block::BlockBackend> source,
                                std::shared_ptr<block::BlockBackend> target, Options options)
@@ -121,7 +114,7 @@ coro::Task<int> ParallelCopier::write_compressed(std::uint64_t offset,
     int written = 0;
     if (options_.target_has_backing && !top_allocated[pos / cluster]) {
       continue;  // the target's backing file holds it
-    } else if (all_zero(piece)) {
+    } else if (base::is_zero(piece)) {
       // A fresh target reads as zeros there, unless its backing file shows through.
       if (options_.target_has_backing) written = co_await target_->write_zeroes(offset + pos, piece.size());
     } else {
@@ -144,7 +137,7 @@ coro::Task<int> ParallelCopier::write_sparse(std::uint64_t offset,
   while (pos < data.size()) {
     const std::uint64_t block_end =
         std::min<std::uint64_t>(data.size(), (offset + pos) / block * block + block - offset);
-    const bool zero = all_zero(data.subspan(pos, block_end - pos));
+    const bool zero = base::is_zero(data.subspan(pos, block_end - pos));
     if (!zero && !in_run) {
       run_start = pos;
       in_run = true;

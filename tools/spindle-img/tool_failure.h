@@ -25,4 +25,11 @@ class ToolFailure : public std::runtime_error {
   throw ToolFailure(message, exit_code);
 }
 
+// qemu prints each line of a several-line message with its own "qemu-img: ".
+[[noreturn]] inline void fail_lines(const std::string& message, int exit_code = 1) {
+  std::string text;
+  for (char c : message) text += c == '\n' ? std::string("\nspindle-img: ") : std::string(1, c);
+  fail(text, exit_code);
+}
+
 }  // namespace spindle::img

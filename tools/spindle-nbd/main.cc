@@ -15,6 +15,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@
 #include "block/drivers/file.h"
 #include "block/format_registry.h"
 #include "block/image_chain.h"
+#include "block/snapshot_param.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
 #include "export/nbd/server.h"
@@ -43,6 +45,7 @@ struct ExportSpec {
   std::string format;
   std::string description;
   bool read_only = false;
+  std::optional<block::SnapshotParam> snapshot;  // -l: serve this internal snapshot
 };
 
 [[noreturn]] void die(const std::string& message) {
@@ -127,6 +130,11 @@ std::shared_ptr<block::BlockBackend> open_export(const ExportSpec& spec,
     die("Could not open '" + spec.file + "': " + message + " (" +
         std::strerror(chain.error().error) + ")");
   }
+  if (spec.snapshot) {
+    const block::BlockError loaded = coro::block_on(
+        block::load_snapshot_view(chain.value().format(), *chain.value().root, *spec.snapshot));
+    if (!loaded.ok()) die("Failed to load snapshot: " + loaded.message);
+  }
   if (chain.value().probed() && !spec.read_only && chain.value().format().name() == "raw") {
     std::fprintf(stderr,
                  "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
@@ -159,6 +167,7 @@ int main(int argc, char** argv) {
   std::string image, format, export_name, description, socket_path, bind = "127.0.0.1";
   std::string aio = "auto", cache = "writeback", discard = "ignore", pid_file;
   std::string zero_copy = "remote";
+  std::string load_snapshot;
   std::string tls, tls_creds, tls_psk;
   bool tls_verify_peer = false;
   std::vector<std::string> export_specs;
@@ -175,6 +184,9 @@ int main(int argc, char** argv) {
   app.add_option("-x,--export-name", export_name, "Export name (default: empty)");
   app.add_option("-D,--description", description, "Export description");
   app.add_flag("-r,--read-only", read_only, "Export read-only");
+  app.add_option("-l,--load-snapshot", load_snapshot,
+                 "Serve this internal snapshot of IMAGE, read-only: ID_OR_NAME or "
+                 "snapshot.id=ID,snapshot.name=NAME");
   app.add_flag("-t,--persistent", persistent, "Keep serving after the last client disconnects");
   app.add_option("-e,--shared", shared,
                  "Maximum simultaneous clients (default 100; 0: unlimited, as in qemu-nbd)")
@@ -238,8 +250,15 @@ int main(int argc, char** argv) {
     tls_mode = tls == "on" ? exports::nbd::TlsMode::on : exports::nbd::TlsMode::require;
   }
   std::vector<ExportSpec> specs;
+  if (!load_snapshot.empty() && image.empty()) die("-l needs an IMAGE argument");
   if (!image.empty()) {
-    specs.push_back({export_name, image, format, description, read_only});
+    specs.push_back({export_name, image, format, description, read_only, std::nullopt});
+    if (!load_snapshot.empty()) {
+      block::BlockResult<block::SnapshotParam> parsed = block::parse_snapshot_param(load_snapshot);
+      if (!parsed) die(parsed.error().message);
+      specs.back().snapshot = std::move(parsed).value();
+      specs.back().read_only = true;  // as qemu-nbd: -l implies -r
+    }
   }
   for (const auto& text : export_specs) {
     ExportSpec spec = parse_export(text);
