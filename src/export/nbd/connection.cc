@@ -198,6 +198,7 @@ coro::Task<void> Connection::run() {
   server_.budget_.forget(&slot_free_);
   if (tls_ && !peer_gone_) tls_->say_goodbye();
   channel_->close();
+  if (served_) server_.release_export(*served_);
 }
 
 // ---- handshake ----------------------------------------------------------------------------
@@ -247,21 +248,6 @@ coro::Task<bool> Connection::send_option_bytes(const std::vector<std::byte>& byt
   co_return co_await stream_->write_all(bytes.data(), bytes.size()) == 0;
 }
 
-const ExportConfig* Connection::find_export(std::string_view name, std::size_t& index) const {
-  const auto& exports = server_.exports_;
-  for (std::size_t i = 0; i < exports.size(); ++i) {
-    if (exports[i].name == name) {
-      index = i;
-      return &exports[i];
-    }
-  }
-  if (name.empty() && !exports.empty()) {  // the default export
-    index = 0;
-    return &exports[0];
-  }
-  return nullptr;
-}
-
 std::uint16_t Connection::transmission_flags(const ExportConfig& config) const {
   std::uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagSendCache;
   if (config.read_only || config.backend->read_only()) {
@@ -274,13 +260,16 @@ std::uint16_t Connection::transmission_flags(const ExportConfig& config) const {
   return flags;
 }
 
-void Connection::select_export(const ExportConfig& config, std::size_t index) {
+bool Connection::select_export(std::shared_ptr<ServedExport> served) {
+  if (!server_.claim_export(*this, served)) return false;
+  served_ = std::move(served);
+  const ExportConfig& config = served_->config;
   export_ = &config;
-  export_index_ = index;
   policy_.export_size = std::min(config.backend->size(), kMaxExportSize);
   policy_.transmission_flags = transmission_flags(config);
   policy_.structured_replies = structured_;
   policy_.block_status = structured_ && base_allocation_;
+  return true;
 }
 
 coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& header,
@@ -299,10 +288,9 @@ coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& heade
   switch (option) {
     case Option::kExportName: {
       const auto name = parse_export_name(data, server_.options_.max_name_length);
-      std::size_t index = 0;
-      const ExportConfig* config = name ? find_export(*name, index) : nullptr;
-      if (!config) co_return Next::close;  // EXPORT_NAME cannot be answered with an error
-      select_export(*config, index);
+      std::shared_ptr<ServedExport> served = name ? server_.find_export(*name) : nullptr;
+      // EXPORT_NAME cannot be answered with an error
+      if (!served || !select_export(std::move(served))) co_return Next::close;
       append_export_name_reply(reply, policy_.export_size, policy_.transmission_flags,
                                no_zeroes_);
       // Served from here on (before the client can see the reply): not evictable any more.
@@ -317,7 +305,7 @@ coro::Task<Connection::Next> Connection::handle_option(const OptionHeader& heade
       if (!data.empty()) {
         append_reply_error(reply, header.option, OptionReply::kErrInvalid, "LIST takes no data");
       } else {
-        for (const auto& config : server_.exports_) {
+        for (const ExportConfig& config : server_.exports()) {
           append_reply_server(reply, header.option, config.name, config.description);
         }
         append_reply_ack(reply, header.option);
@@ -393,9 +381,11 @@ coro::Task<Connection::Next> Connection::handle_info_or_go(std::uint32_t option,
     append_reply_error(reply, option, option_error_for(request.error()), "malformed request");
     co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
   }
-  std::size_t index = 0;
-  const ExportConfig* config = find_export(request->name, index);
-  if (!config) {
+  std::shared_ptr<ServedExport> served = server_.find_export(request->name);
+  const ExportConfig* config = served ? &served->config : nullptr;
+  const bool go = static_cast<Option>(option) == Option::kGo;
+  // GO claims the export before the reply: one removed meanwhile is unknown to this client.
+  if (!config || (go && !select_export(served))) {
     append_reply_error(reply, option, OptionReply::kErrUnknown,
                        "no export named '" + std::string(request->name) + "'");
     co_return co_await send_option_bytes(reply) ? Next::keep_negotiating : Next::close;
@@ -421,14 +411,11 @@ coro::Task<Connection::Next> Connection::handle_info_or_go(std::uint32_t option,
   append_reply_info_export(reply, option, std::min(config->backend->size(), kMaxExportSize),
                            flags);
   append_reply_ack(reply, option);
-  const bool go = static_cast<Option>(option) == Option::kGo;
   // Served from here on (before the client can see the ACK): not evictable any more.
   if (go) handshaking_.store(false, std::memory_order_release);
   const bool sent = co_await send_option_bytes(reply);
   if (!sent) co_return Next::close;
-  if (!go) co_return Next::keep_negotiating;
-  select_export(*config, index);
-  co_return Next::transmit;
+  co_return go ? Next::transmit : Next::keep_negotiating;
 }
 
 coro::Task<Connection::Next> Connection::handle_meta_context(std::uint32_t option,
@@ -442,8 +429,7 @@ coro::Task<Connection::Next> Connection::handle_meta_context(std::uint32_t optio
     append_reply_error(reply, option, OptionReply::kErrInvalid,
                        "negotiate structured replies first");
   } else {
-    std::size_t index = 0;
-    if (!find_export(request->export_name, index)) {
+    if (!server_.find_export(request->export_name)) {
       append_reply_error(reply, option, OptionReply::kErrUnknown, "no such export");
     } else {
       bool selected = false;
@@ -634,8 +620,8 @@ coro::Task<void> Connection::handle_request(RequestHeader request, ByteBuffer pa
       co_await send_simple(request, Error::kInvalid);
       break;
   }
-  server_.stats(export_index_).record(kind, request.length,
-                                      aio::now_ns(aio::Clock::monotonic) - start, result < 0);
+  served_->stats.record(kind, request.length, aio::now_ns(aio::Clock::monotonic) - start,
+                        result < 0);
   finish_request(request_cost(request));
 }
 

@@ -38,12 +38,13 @@
 #include "coro/event.h"
 #include "coro/mutex.h"
 #include "coro/task.h"
-#include "io/channel.h"
-#include "io/tls_session.h"
 #include "export/nbd/buffer_pool.h"
 #include "export/nbd/mapped_file_cache.h"
-#include "nbd/protocol.h"
 #include "export/nbd/reply_writer.h"
+#include "export/nbd/served_export.h"
+#include "io/channel.h"
+#include "io/tls_session.h"
+#include "nbd/protocol.h"
 
 namespace spindle::exports::nbd {
 
@@ -51,7 +52,7 @@ namespace spindle::exports::nbd {
 using namespace spindle::nbd;
 
 class Server;
-struct ExportConfig;
+struct ServedExport;
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
@@ -68,6 +69,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Any thread: whether the client has not finished the handshake yet.
   bool in_handshake() const noexcept { return handshaking_.load(std::memory_order_acquire); }
   std::uint64_t serial() const noexcept { return serial_; }  // accept order
+  // Any thread: the export this connection selected (null before), set by Server::claim_export
+  // under its exports_mutex_.
+  const ServedExport* selected_export() const noexcept {
+    return selected_.load(std::memory_order_acquire);
+  }
+  void set_selected_export(const ServedExport* served) noexcept {
+    selected_.store(served, std::memory_order_release);
+  }
 
  private:
   enum class Next { keep_negotiating, transmit, close };
@@ -78,9 +87,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   coro::Task<Next> handle_info_or_go(std::uint32_t option, std::span<const std::byte> data);
   coro::Task<Next> handle_meta_context(std::uint32_t option, std::span<const std::byte> data);
   coro::Task<bool> send_option_bytes(const std::vector<std::byte>& bytes);
-  const ExportConfig* find_export(std::string_view name, std::size_t& index) const;
   std::uint16_t transmission_flags(const ExportConfig& config) const;
-  void select_export(const ExportConfig& config, std::size_t index);
+  // Makes `served` this connection's export for transmission: false if it was removed since
+  // it was looked up.
+  bool select_export(std::shared_ptr<ServedExport> served);
 
   coro::Task<void> transmission();
   // Reads exactly `size` bytes through a receive buffer, so that a burst of requests costs
@@ -108,8 +118,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::unique_ptr<io::Channel> channel_;
   std::unique_ptr<io::TlsSession> tls_;  // after STARTTLS
   io::ByteStream* stream_;               // channel_, or tls_ once TLS is up
-  const ExportConfig* export_ = nullptr;
-  std::size_t export_index_ = 0;
+  std::shared_ptr<ServedExport> served_;  // selected for transmission (claimed on the server)
+  const ExportConfig* export_ = nullptr;  // served_->config
+  std::atomic<const ServedExport*> selected_{nullptr};
   bool no_zeroes_ = false;
   bool structured_ = false;
   bool base_allocation_ = false;  // SET_META_CONTEXT selected base:allocation for export_

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
 #include <thread>
 
 #include "base/fatal.h"
@@ -14,14 +15,12 @@ namespace spindle::exports::nbd {
 Server::Server(aio::Context& control, ServerOptions options, std::vector<ExportConfig> exports)
     : control_(control),
       options_(options),
-      exports_(std::move(exports)),
       budget_(options.max_bytes_in_flight, options.connection_reserve_bytes) {
-  if (exports_.empty()) base::fatal("nbd::Server needs at least one export");
+  for (ExportConfig& config : exports) {
+    if (add_export(std::move(config)) != 0) base::fatal("nbd::Server: duplicate export name");
+  }
   if (options_.tls_mode != TlsMode::off && !options_.tls_credentials) {
     base::fatal("nbd::Server: a TLS mode needs credentials");
-  }
-  for (std::size_t i = 0; i < exports_.size(); ++i) {
-    stats_.push_back(std::make_unique<ExportStats>());
   }
   std::size_t threads = options_.io_threads;
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
@@ -123,16 +122,92 @@ coro::Task<void> Server::shutdown() {
     for (const auto& connection : connections_) connection->stop(options_.drain_timeout);
   }
   co_await all_closed_.wait();
-  for (const auto& config : exports_) {
+  for (const ExportConfig& config : exports()) {
     co_await config.backend->flush();
-    co_await config.backend->root()->close();
+    if (options_.close_exports_on_shutdown) co_await config.backend->root()->close();
   }
 }
 
+int Server::add_export(ExportConfig config) {
+  std::lock_guard lock(exports_mutex_);
+  for (const auto& served : exports_) {
+    if (served->config.name == config.name) return -EEXIST;
+  }
+  exports_.push_back(std::make_shared<ServedExport>(std::move(config)));
+  return 0;
+}
+
+coro::Task<int> Server::remove_export(std::string name, bool hard) {
+  std::shared_ptr<ServedExport> removed;
+  {
+    std::lock_guard lock(exports_mutex_);
+    for (auto it = exports_.begin(); it != exports_.end(); ++it) {
+      if ((*it)->config.name != name) continue;
+      if (!hard && (*it)->connections > 0) co_return -EBUSY;
+      removed = *it;
+      removed->removed = true;  // claim_export() refuses it from now on
+      exports_.erase(it);
+      break;
+    }
+  }
+  if (!removed) co_return -ENOENT;
+  if (hard) {
+    // Every connection that claimed it did so before the erase above (under exports_mutex_),
+    // so its selected_export() is visible here.
+    std::lock_guard lock(connections_mutex_);
+    for (const auto& connection : connections_) {
+      if (connection->selected_export() == removed.get()) {
+        connection->stop(options_.drain_timeout);
+      }
+    }
+  }
+  co_await removed->unused.wait();
+  const int flushed = co_await removed->config.backend->flush();
+  co_return flushed < 0 ? flushed : 0;
+}
+
+std::size_t Server::export_connections(const std::string& name) const {
+  std::lock_guard lock(exports_mutex_);
+  for (const auto& served : exports_) {
+    if (served->config.name == name) return served->connections;
+  }
+  return 0;
+}
+
+std::vector<ExportConfig> Server::exports() const {
+  std::lock_guard lock(exports_mutex_);
+  std::vector<ExportConfig> configs;
+  for (const auto& served : exports_) configs.push_back(served->config);
+  return configs;
+}
+
+std::shared_ptr<ServedExport> Server::find_export(std::string_view name) const {
+  std::lock_guard lock(exports_mutex_);
+  for (const auto& served : exports_) {
+    if (served->config.name == name) return served;
+  }
+  if (name.empty() && !exports_.empty()) return exports_.front();  // the default export
+  return nullptr;
+}
+
+bool Server::claim_export(Connection& connection, const std::shared_ptr<ServedExport>& served) {
+  std::lock_guard lock(exports_mutex_);
+  if (served->removed) return false;
+  if (served->connections++ == 0) served->unused.reset();
+  connection.set_selected_export(served.get());
+  return true;
+}
+
+void Server::release_export(ServedExport& served) {
+  std::lock_guard lock(exports_mutex_);
+  if (--served.connections == 0) served.unused.set();
+}
+
 std::string Server::stats_report() const {
+  std::lock_guard lock(exports_mutex_);
   std::string report;
-  for (std::size_t i = 0; i < exports_.size(); ++i) {
-    report += fmt::format("export '{}': {}\n", exports_[i].name, stats_[i]->report());
+  for (const auto& served : exports_) {
+    report += fmt::format("export '{}': {}\n", served->config.name, served->stats.report());
   }
   return report;
 }

@@ -5,10 +5,14 @@
 // connection's coro::Mutex. Every length is checked (protocol.h) before anything is allocated;
 // bad input gets the protocol's error or a clean disconnect.
 //
-// Thread-safety: construct, listen(), serve() and shutdown() from one controlling thread (the
-// one that polls the context passed to the constructor, usually main_context()); connections
-// run on the server's IoThreads. `connections_mutex_` protects the connection set; counters are
-// atomics; exports are immutable after construction.
+// Exports may be added and removed while clients are served (add_export, remove_export): a
+// client selects an export by name during its handshake and keeps it until it disconnects.
+//
+// Thread-safety: construct, listen(), serve(), add_export(), remove_export() and shutdown()
+// from one controlling thread (the one that polls the context passed to the constructor,
+// usually main_context()); connections run on the server's IoThreads. `exports_mutex_`
+// protects the export list and each ServedExport's connection count; `connections_mutex_`
+// the connection set (never both at once); counters are atomics.
 #pragma once
 
 #include <atomic>
@@ -18,6 +22,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "aio/context.h"
@@ -25,22 +30,13 @@
 #include "block/block_backend.h"
 #include "coro/event.h"
 #include "coro/task.h"
+#include "export/nbd/in_flight_budget.h"
+#include "export/nbd/served_export.h"
 #include "io/channel.h"
 #include "io/socket.h"
 #include "io/tls_credentials.h"
-#include "export/nbd/export_stats.h"
-#include "export/nbd/in_flight_budget.h"
 
 namespace spindle::exports::nbd {
-
-struct ExportConfig {
-  std::string name;
-  std::string description;
-  std::shared_ptr<block::BlockBackend> backend;
-  bool read_only = false;
-  bool allow_unmap = false;  // TRIM and WRITE_ZEROES may punch holes (--discard=unmap)
-  bool multi_conn = true;    // safe: every connection shares one backend (flush covers all)
-};
 
 // off: STARTTLS is refused. on: clients choose (TLS or clear text). require: nothing is served
 // before STARTTLS (the spec's FORCEDTLS).
@@ -70,6 +66,9 @@ struct ServerOptions {
   std::chrono::milliseconds drain_timeout{2'000};
   std::size_t max_requests_per_connection = 64;
   std::size_t max_name_length = 4096;
+  // shutdown() flushes every export's backend, then closes its root node unless this is off
+  // (a daemon that owns the nodes closes them itself).
+  bool close_exports_on_shutdown = true;
   TlsMode tls_mode = TlsMode::off;
   std::shared_ptr<const io::TlsCredentials> tls_credentials;  // needed unless tls_mode is off
   ZeroCopyReads zero_copy_reads = ZeroCopyReads::remote;
@@ -94,6 +93,17 @@ class Server {
   // every export. Call from a coroutine on the control context.
   coro::Task<void> shutdown();
 
+  // Serves `config` to clients that select it from now on. -EEXIST: an export of that name
+  // is served already.
+  int add_export(ExportConfig config);
+  // Stops offering the export named `name` to new clients and completes once no connection
+  // uses it, after a flush of its backend. Safe (hard = false): -EBUSY, and nothing changes,
+  // while a client uses it. Hard: those clients' connections are stopped (the requests they
+  // sent get ServerOptions::drain_timeout to complete). -ENOENT: no such export.
+  coro::Task<int> remove_export(std::string name, bool hard);
+  // How many connections use the export named `name` (0 for an unknown name).
+  std::size_t export_connections(const std::string& name) const;
+
   // Called (on the control context) whenever the last open connection closes.
   void set_on_idle(std::function<void()> callback) { on_idle_ = std::move(callback); }
 
@@ -101,8 +111,7 @@ class Server {
   std::uint64_t bytes_in_flight() const { return budget_.held(); }
   std::size_t total_connections() const noexcept { return accepted_.load(); }
   std::string stats_report() const;
-  const std::vector<ExportConfig>& exports() const noexcept { return exports_; }
-  ExportStats& stats(std::size_t export_index) { return *stats_[export_index]; }
+  std::vector<ExportConfig> exports() const;  // those served now, in the order added
 
  private:
   friend class Connection;
@@ -111,11 +120,16 @@ class Server {
   void connection_finished(Connection* connection);
   // Stops the oldest connection still in its handshake; false if there is none.
   bool evict_oldest_handshake();
+  // The export a client asks for by `name` ("" is the first one), or null.
+  std::shared_ptr<ServedExport> find_export(std::string_view name) const;
+  // Makes `connection` a user of `served`: false if it was removed meanwhile.
+  bool claim_export(Connection& connection, const std::shared_ptr<ServedExport>& served);
+  void release_export(ServedExport& served);
 
   aio::Context& control_;
   const ServerOptions options_;
-  const std::vector<ExportConfig> exports_;
-  std::vector<std::unique_ptr<ExportStats>> stats_;
+  mutable std::mutex exports_mutex_;
+  std::vector<std::shared_ptr<ServedExport>> exports_;  // exports_mutex_
   std::vector<std::unique_ptr<aio::IoThread>> io_threads_;
   std::vector<std::unique_ptr<io::Listener>> listeners_;
   std::atomic<std::size_t> next_thread_{0};
