@@ -9,7 +9,10 @@ spindle-nbd -f qcow2 with qemu-nbd -f qcow2 (--aio=threads and io_uring): the fo
 fully allocated image converted from the raw one ("qcow2 ..."), sequential 4 KiB writes that
 allocate into a fresh, empty image created again before every run ("qcow2 4k write alloc"), and
 reads of a compressed image made by qemu-img convert -c from compressible data ("qcow2c ...").
-After the table, spindle-nbd's qcow2 IOPS over its own raw IOPS for the same jobs.
+After the table, spindle-nbd's qcow2 IOPS over its own raw IOPS for the same jobs. The
+"storaged" rows run the four raw jobs against spindle-storaged and qemu-storage-daemon (file +
+raw nodes, an IoThread named for the export in both; qemu's file node with aio=threads and
+io_uring), both started from the same command line.
 
 With --repeat N every job runs N rounds (all servers in turn each round): the table shows the
 median of each column and the range of Spindle's IOPS ratio over the rounds, since a shared
@@ -94,7 +97,10 @@ def run_fio(socket, job_args, runtime, size_mb):
 def serve(name, command, socket):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_socket(socket, proc)
+        # A storage daemon writes its pid file once every option (the export too) is applied;
+        # its NBD socket exists before that.
+        ready = command[command.index("--pidfile") + 1] if "--pidfile" in command else socket
+        wait_for_socket(ready, proc)
     except Exception:
         proc.kill()
         raise
@@ -108,8 +114,9 @@ def stop(proc, socket):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if os.path.exists(socket):
-        os.unlink(socket)
+    for leftover in (socket, socket + ".pid"):  # a daemon that crashed leaves them
+        if os.path.exists(leftover):
+            os.unlink(leftover)
 
 
 def best_other(results):
@@ -138,7 +145,8 @@ def compare(rounds, medians):
     text = (f"{medians[0] / best[0]:.2f}x IOPS, {medians[3] / best[3]:.2f}x CPU, "
             f"{medians[4] / best[4]:.2f}x CPU/req vs {versus}")
     if len(rounds) > 1:
-        ratios = [r["spindle-nbd"][0] / best_other(r)[0][0] for r in rounds]
+        ours = next(iter(rounds[0]))  # each row's first server is Spindle's
+        ratios = [r[ours][0] / best_other(r)[0][0] for r in rounds]
         text += f" (IOPS ratio {min(ratios):.2f}-{max(ratios):.2f})"
     return text
 
@@ -146,6 +154,7 @@ def compare(rounds, medians):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--spindle-nbd", default="build/tools/spindle-nbd")
+    parser.add_argument("--spindle-storaged", default="build/tools/spindle-storaged")
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runtime", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=1,
@@ -205,6 +214,22 @@ def main():
             return listed
 
         servers = format_servers("raw", image, ["threads", "io_uring"])
+
+        def storaged_command(binary, aio=None):
+            """A storage daemon exporting `image` as the default export "", on IoThread io0."""
+            file_node = f"driver=file,node-name=f0,filename={image}" + (f",aio={aio}" if aio else "")
+            return [binary, "--pidfile", socket + ".pid", "--object", "iothread,id=io0",
+                    "--blockdev", file_node,
+                    "--blockdev", "driver=raw,node-name=d0,file=f0",
+                    "--nbd-server", f"addr.type=unix,addr.path={socket}",
+                    "--export", "type=nbd,id=e0,node-name=d0,name=,writable=on,iothread=io0"]
+
+        storaged_servers = [("spindle-storaged",
+                             storaged_command(os.path.abspath(args.spindle_storaged)))]
+        if shutil.which("qemu-storage-daemon") and not args.no_peers:
+            for aio in ("threads", "io_uring"):
+                storaged_servers.append((f"qemu-storage-daemon {aio}",
+                                         storaged_command("qemu-storage-daemon", aio)))
         if not args.no_peers:
             servers.append(("nbdkit file", ["nbdkit", "-f", "-U", socket, "file", image]))
         qed_servers = format_servers("qed", qed, ["threads"])
@@ -227,7 +252,8 @@ def main():
                                            f"--size={ALLOCATING_SIZE_GB}G"],
              fresh_servers, None, make_fresh),
             ("qcow2c 4k randread QD32", JOBS[0][1], compressed_servers, compressed, None),
-            ("qcow2c 1M seqread QD8", JOBS[2][1], compressed_servers, compressed, None)]
+            ("qcow2c 1M seqread QD8", JOBS[2][1], compressed_servers, compressed, None)] + [
+            ("storaged " + n, a, storaged_servers, image, None) for n, a in JOBS]
         for job_name, job_args, server_list, served, setup in jobs:
             if args.only and args.only != job_name and not job_name.startswith(args.only + " "):
                 continue
@@ -262,7 +288,7 @@ def main():
         rounds_note = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
         print(f"\nNBD servers over a Unix socket, fio --ioengine=nbd, {args.size_mb} MiB page-cached "
               f"image, {args.runtime} s per run{rounds_note}, {cores} CPUs")
-        header = (f"{'job':26} | {'server':18} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
+        header = (f"{'job':26} | {'server':28} | {'IOPS':>9} | {'MB/s':>8} | {'lat us':>7} | "
                   f"{'CPU %':>6} | {'CPU s/Mreq':>10} | {'fio CPU %':>9} | ratio")
         print(header)
         print("-" * len(header))
@@ -271,12 +297,12 @@ def main():
                 medians = [statistics.median(r[server_name][i] for r in rounds) for i in range(6)]
                 iops, bw, lat, cpu, cpu_per_m, fio_cpu = medians
                 ratio = ""
-                if server_name == "spindle-nbd":
+                if server_name == next(iter(rounds[0])):  # Spindle's, against the peers
                     ratio = compare(rounds, medians)
-                print(f"{job_name:26} | {server_name:18} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
+                print(f"{job_name:26} | {server_name:28} | {iops:9.0f} | {bw:8.1f} | {lat:7.1f} | "
                       f"{cpu:6.1f} | {cpu_per_m:10.1f} | {fio_cpu:9.1f} | {ratio}")
         # qcow2 over allocated data against spindle-nbd's own raw rows of the same run.
-        spindle_iops = {name: statistics.median(r["spindle-nbd"][0] for r in rounds)
+        spindle_iops = {name: statistics.median(r[next(iter(rounds[0]))][0] for r in rounds)
                         for name, rounds in rows}
         for name, _ in JOBS:
             if name in spindle_iops and "qcow2 " + name in spindle_iops:

@@ -13,6 +13,7 @@ declare -A allowed=(
   [nbd]="base nbd"
   [block]="base aio coro io nbd block"
   [export]="base aio coro io nbd block export"
+  [monitor]="base aio coro io nbd block export monitor"
 )
 
 status=0

@@ -23,6 +23,7 @@ target_flags() {
     qed_open_fuzz) echo "-max_len=65536 -timeout=10" ;;  # an image with 4-32 KiB clusters
     qcow2_open_fuzz) echo "-max_len=65536 -timeout=10 -rss_limit_mb=2048" ;;  # 512 B-16 KiB clusters
     nbd_server_fuzz) echo "-max_len=8192 -timeout=10" ;;  # a handshake and a few requests
+    qmp_fuzz) echo "-max_len=16384 -timeout=10" ;;  # a monitor session of a few commands
     *) echo "-timeout=10" ;;
   esac
 }

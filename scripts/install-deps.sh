@@ -13,6 +13,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev                  # command-line parsing, JSON output (tools)
   libasio-dev                                      # peer in the runtime benchmark
   qemu-utils                                       # qemu-img/qemu-io: QED oracle, NBD peer
+  qemu-system-common                               # qemu-storage-daemon: the QMP oracle
   libnbd-bin python3-libnbd nbdkit fio python3     # NBD interop peers (nbdinfo, nbdcopy, nbdsh)
   nbd-server                                       # simple-replies-only peer (NBD client test)
   strace                                           # spindle-img bench flush counts (test)

@@ -4,9 +4,9 @@
 #      no co_await inside a condition (a g++ 12 miscompilation);
 #   1. g++ -O2 build of everything (library, tools, tests, benchmarks); all tests under CTest
 #      (runtime, block, nbd, and interop with the real peers);
-#   2. clang ASan+UBSan build; the runtime, block, nbd and export tests;
-#   3. clang TSan build; the runtime, block, nbd and export tests, and the NBD server and client
-#      interop tests labelled `tsan` (TSan-built spindle-nbd/spindle-img against the real peers);
+#   2. clang ASan+UBSan build; the runtime, block, nbd, export and monitor tests;
+#   3. clang TSan build; the runtime, block, nbd, export and monitor tests, and the interop tests
+#      labelled `tsan` (TSan-built spindle-nbd/spindle-img/spindle-storaged against the peers);
 #   4. the libFuzzer targets, SPINDLE_FUZZ_SECONDS each (default 30).
 # SPINDLE_SANITIZERS=0 skips steps 2-4. Exits non-zero if any build or test fails.
 set -euo pipefail
@@ -28,7 +28,7 @@ configure_and_build() {  # build-dir, "ninja targets" (empty: all), extra cmake 
 
 # The sanitizer builds compile only what their tests run: the test executables, and for the
 # TSan build's interop tests the tools and the io_uring-less preload helper.
-sanitizer_test_targets="aio_tests coro_tests io_tests block_tests nbd_tests export_tests"
+sanitizer_test_targets="aio_tests coro_tests io_tests block_tests nbd_tests export_tests monitor_tests"
 
 run_tests() {  # build-dir, ctest args...
   local dir=$1
@@ -52,20 +52,20 @@ configure_and_build build "" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPI
 run_tests build
 
 if [[ ${SPINDLE_SANITIZERS:-1} != 0 ]]; then
-  stage "clang ASan+UBSan: runtime, block, nbd and export tests"
+  stage "clang ASan+UBSan: runtime, block, nbd, export and monitor tests"
   configure_and_build build-asan "$sanitizer_test_targets" \
     -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS=-O1 -DSPINDLE_SANITIZE=address,undefined -DSPINDLE_BUILD_BENCH=OFF
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    run_tests build-asan -L 'runtime|block|nbd|export'
+    run_tests build-asan -L 'runtime|block|nbd|export|monitor'
 
-  stage "clang TSan: runtime, block, nbd, export tests; NBD server/client interop (label tsan)"
-  configure_and_build build-tsan "$sanitizer_test_targets spindle-nbd spindle-img no_io_uring" \
+  stage "clang TSan: runtime, block, nbd, export, monitor tests; server/client interop (label tsan)"
+  configure_and_build build-tsan "$sanitizer_test_targets spindle-nbd spindle-img spindle-storaged no_io_uring" \
     -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS=-O1 \
     -DSPINDLE_SANITIZE=thread -DSPINDLE_BUILD_BENCH=OFF
   # A race ends the process at once with status 66 (TSan's own default, spelled out because the
   # interop harness fails a test whose spindle-nbd exits 66 or logs a report).
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:exitcode=66 \
-    run_tests build-tsan -L 'runtime|block|nbd|export|tsan'
+    run_tests build-tsan -L 'runtime|block|nbd|export|monitor|tsan'
 
   stage "libFuzzer targets, ${SPINDLE_FUZZ_SECONDS:-30} s each"
   bash scripts/fuzz.sh "${SPINDLE_FUZZ_SECONDS:-30}"

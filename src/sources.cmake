@@ -86,9 +86,25 @@ set(SPINDLE_EXPORT_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/export/nbd/server.cc
 )
 
+# spindle_monitor: QMP (protocol, argument checking, error classes) and the storage daemon's
+# commands over nodes, IoThreads and exports (spindle-storaged).
+set(SPINDLE_MONITOR_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/arguments.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/blockdev.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/json_stream.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/keyval.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/node_table.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/qmp_server.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/qmp_session.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/qmp_text.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/socket_address.cc
+  ${CMAKE_CURRENT_LIST_DIR}/monitor/storage_daemon.cc
+)
+
 # Every layer's sources in dependency order (the fuzz targets compile them all into one
 # instrumented library).
 set(SPINDLE_ALL_SOURCES
   ${SPINDLE_BASE_SOURCES} ${SPINDLE_AIO_SOURCES} ${SPINDLE_CORO_SOURCES} ${SPINDLE_IO_SOURCES}
   ${SPINDLE_NBD_PROTOCOL_SOURCES} ${SPINDLE_BLOCK_SOURCES} ${SPINDLE_EXPORT_SOURCES}
+  ${SPINDLE_MONITOR_SOURCES}
 )

@@ -1,6 +1,7 @@
 #include "aio/io_thread.h"
 
 #include <pthread.h>
+#include <unistd.h>
 
 #include "base/fatal.h"
 
@@ -21,6 +22,7 @@ void IoThread::run(std::atomic<bool>& started) {
   const std::string thread_name = context_->name().substr(0, 15);
   pthread_setname_np(pthread_self(), thread_name.c_str());
   thread_id_ = std::this_thread::get_id();
+  native_thread_id_ = static_cast<int>(::gettid());
   detail::CurrentContextScope bind(context_.get());
   started.store(true, std::memory_order_release);
   started.notify_all();

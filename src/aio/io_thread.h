@@ -29,6 +29,8 @@ class IoThread {
   Context& context() const noexcept { return *context_; }
   ContextRef context_ref() const noexcept { return context_; }
   std::thread::id thread_id() const noexcept { return thread_id_; }
+  // The kernel's id of the thread (gettid(); QMP's query-iothreads "thread-id").
+  int native_thread_id() const noexcept { return native_thread_id_; }
 
   // Ends the loop: work already queued is still run, and io_uring operations in flight are
   // waited for (a read parked on an empty pipe keeps stop() waiting until it completes); then
@@ -45,6 +47,7 @@ class IoThread {
   ContextRef context_;
   std::thread thread_;
   std::thread::id thread_id_;
+  int native_thread_id_ = 0;
   bool stopping_ = false;
   bool joined_ = false;
 };

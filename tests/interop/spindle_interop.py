@@ -118,21 +118,25 @@ def _maybe_reexec_for_nbd_module():
     return False
 
 
-def spindle_img_argument():
-    """Takes --spindle-img PATH out of sys.argv and returns the absolute path; exits (a
-    failure, not a skip: it is our own binary) when it is missing. The path also goes into the
-    environment: main() may re-run the script under the system python (for the nbd module)
-    with the remaining arguments."""
+def binary_argument(flag, variable):
+    """Takes FLAG PATH (e.g. --spindle-img) out of sys.argv and returns the absolute path; exits
+    (a failure, not a skip: it is our own binary) when it is missing. The path also goes into
+    the environment as `variable`: main() may re-run the script under the system python (for
+    the nbd module) with the remaining arguments."""
     argv = sys.argv[1:]
-    if "--spindle-img" in argv:
-        at = argv.index("--spindle-img")
-        os.environ["SPINDLE_IMG"] = os.path.abspath(argv[at + 1])
+    if flag in argv:
+        at = argv.index(flag)
+        os.environ[variable] = os.path.abspath(argv[at + 1])
         del sys.argv[at + 1:at + 3]
-    path = os.environ.get("SPINDLE_IMG")
+    path = os.environ.get(variable)
     if not path or not os.access(path, os.X_OK):
-        log("FAILED: --spindle-img PATH is required")
+        log(f"FAILED: {flag} PATH is required")
         sys.exit(1)
     return path
+
+
+def spindle_img_argument():
+    return binary_argument("--spindle-img", "SPINDLE_IMG")
 
 
 def main(required_binaries=(), needs_nbd_module=False):

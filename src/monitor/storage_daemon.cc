@@ -1,0 +1,489 @@
+#include "monitor/storage_daemon.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "block/block_backend.h"
+#include "block/format_registry.h"
+#include "block/image_chain.h"
+#include "coro/coroutine.h"
+#include "monitor/arguments.h"
+#include "monitor/blockdev.h"
+#include "monitor/socket_address.h"
+
+namespace spindle::monitor {
+
+namespace {
+
+constexpr int kQemuMajor = 7, kQemuMinor = 2, kQemuMicro = 0;
+
+Json version_info() {
+  Json qemu = Json::object();  // members in QAPI's order: QMP text then matches QEMU's
+  qemu["major"] = kQemuMajor;
+  qemu["minor"] = kQemuMinor;
+  qemu["micro"] = kQemuMicro;
+  Json version = Json::object();
+  version["qemu"] = qemu;
+  version["package"] = "spindle-storaged 0.1";
+  return version;
+}
+
+Json greeting() {
+  Json qmp = Json::object();
+  qmp["version"] = version_info();
+  qmp["capabilities"] = Json::array();
+  return Json{{"QMP", qmp}};
+}
+
+// QEMU 7.2's ObjectType enum (qapi/qom.json), as qemu-storage-daemon knows it.
+// clang-format off
+constexpr std::initializer_list<const char*> kObjectTypes = {
+    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "can-bus", "can-host-socketcan",
+    "colo-compare", "cryptodev-backend", "cryptodev-backend-builtin", "cryptodev-vhost-user",
+    "dbus-vmstate", "filter-buffer", "filter-dump", "filter-mirror", "filter-redirector",
+    "filter-replay", "filter-rewriter", "input-barrier", "input-linux", "iothread", "main-loop",
+    "memory-backend-epc", "memory-backend-file", "memory-backend-memfd", "memory-backend-ram",
+    "pef-guest", "pr-manager-helper", "qtest", "rng-builtin", "rng-egd", "rng-random", "secret",
+    "secret_keyring", "sev-guest", "thread-context", "s390-pv-guest", "throttle-group",
+    "tls-creds-anon", "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites", "x-remote-object",
+    "x-vfio-user-server"};
+// clang-format on
+
+// A command's arguments must be empty (query-version, query-commands, ...).
+std::optional<QmpError> no_arguments(const Json& arguments) {
+  Arguments args(arguments, false);
+  return args.finish();
+}
+
+}  // namespace
+
+StorageDaemon::StorageDaemon(aio::Context& control) : control_(control) {
+  register_commands();
+  monitors_ = std::make_unique<QmpServer>(control_, commands_, greeting());
+}
+
+StorageDaemon::~StorageDaemon() = default;
+
+StorageDaemon::IoThreadEntry* StorageDaemon::find_iothread(const std::string& id) {
+  for (IoThreadEntry& entry : iothreads_) {
+    if (entry.id == id) return &entry;
+  }
+  return nullptr;
+}
+
+void StorageDaemon::register_commands() {
+  commands_.add("query-version", [](const Json& arguments) -> coro::Task<QmpResult> {
+    if (std::optional<QmpError> error = no_arguments(arguments)) co_return *error;
+    co_return version_info();
+  });
+  commands_.add("query-commands", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    if (std::optional<QmpError> error = no_arguments(arguments)) co_return *error;
+    Json list = Json::array();
+    std::vector<std::string> names = commands_.names();
+    names.push_back("qmp_capabilities");
+    for (const std::string& name : names) list.push_back(Json{{"name", name}});
+    co_return list;
+  });
+  commands_.add("quit", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    if (std::optional<QmpError> error = no_arguments(arguments)) co_return *error;
+    if (on_quit_) control_.run_soon(on_quit_);
+    co_return Json::object();
+  });
+  commands_.add("blockdev-add", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await blockdev_add(arguments, false);
+  });
+  commands_.add("blockdev-del", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await blockdev_del(arguments);
+  });
+  commands_.add("query-named-block-nodes", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await query_named_block_nodes(arguments);
+  });
+  commands_.add("object-add", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return object_add(arguments, false);
+  });
+  commands_.add("object-del", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return object_del(arguments);
+  });
+  commands_.add("query-iothreads", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return query_iothreads(arguments);
+  });
+  commands_.add("nbd-server-start", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return nbd_server_start(arguments, false, true);
+  });
+  commands_.add("nbd-server-stop", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await nbd_server_stop(arguments);
+  });
+  commands_.add("block-export-add", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await block_export_add(arguments, false);
+  });
+  commands_.add("block-export-del", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await block_export_del(arguments);
+  });
+  commands_.add("query-block-exports", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return query_block_exports(arguments);
+  });
+}
+
+// ---- block nodes ----------------------------------------------------------------------------
+
+coro::Task<QmpResult> StorageDaemon::blockdev_add(const Json& options, bool from_keyval) {
+  co_return co_await add_blockdev(nodes_, options, from_keyval);
+}
+
+coro::Task<QmpResult> StorageDaemon::blockdev_del(const Json& arguments) {
+  Arguments args(arguments, false);
+  const std::optional<std::string> name = args.string("node-name", true);
+  if (std::optional<QmpError> error = args.finish()) co_return *error;
+  NodeEntry* entry = nodes_.find(*name);
+  if (!entry || entry->generated_name) {
+    co_return generic_error("Failed to find node with node-name='" + *name + "'");
+  }
+  if (!entry->parents.empty()) co_return generic_error("Block device " + *name + " is in use");
+  if (!entry->exports.empty()) co_return generic_error("Node " + *name + " is in use");
+  std::vector<std::unique_ptr<NodeEntry>> removed = nodes_.remove(*name);
+  for (const auto& node : removed) co_await node->node->close();
+  co_return Json::object();
+}
+
+coro::Task<Json> StorageDaemon::describe_image(const NodeEntry& entry, bool flat) {
+  // ImageInfo, members in QAPI's order.
+  Json image = Json::object();
+  image["filename"] = entry.filename;
+  image["format"] = entry.driver;
+  block::ImageDescription description;
+  const block::ImageFormat* format = entry.format;
+  if (format) description = co_await format->describe(*entry.node);
+  if (format || entry.driver == "file" || entry.driver == "host_device") {
+    image["dirty-flag"] = description.dirty;
+  }
+  struct stat st {};
+  const std::uint64_t actual = (entry.driver != "nbd" && entry.driver.rfind("null", 0) != 0 &&
+                                ::stat(entry.filename.c_str(), &st) == 0)
+                                   ? static_cast<std::uint64_t>(st.st_blocks) * 512
+                                   : 0;
+  image["actual-size"] = actual;
+  std::uint64_t virtual_size = entry.node->size();
+  if (entry.driver == "file" || entry.driver == "host_device") {
+    virtual_size = (virtual_size + 511) / 512 * 512;  // QEMU counts protocol nodes in sectors
+  }
+  image["virtual-size"] = virtual_size;
+  if (description.cluster_size) image["cluster-size"] = description.cluster_size;
+  if (!description.backing_filename.empty()) {
+    image["backing-filename"] = description.backing_filename;
+    image["full-backing-filename"] =
+        block::combine_backing_path(entry.filename, description.backing_filename);
+    if (!description.backing_format.empty()) {
+      image["backing-filename-format"] = description.backing_format;
+    }
+  }
+  if (!flat) {
+    if (NodeEntry* backing = backing_entry(entry)) {
+      image["backing-image"] = co_await describe_image(*backing, flat);
+    }
+  }
+  if (!description.format_specific.is_null())
+    image["format-specific"] = description.format_specific;
+  co_return image;
+}
+
+NodeEntry* StorageDaemon::backing_entry(const NodeEntry& entry) {
+  for (const auto& [role, child] : entry.children) {
+    if (role == "backing") return nodes_.find(child);
+  }
+  return nullptr;
+}
+
+coro::Task<Json> StorageDaemon::describe_node(const NodeEntry& entry, bool flat) {
+  // BlockDeviceInfo, members in QAPI's order.
+  Json info = Json::object();
+  info["file"] = entry.filename;
+  info["node-name"] = entry.name;
+  info["ro"] = entry.read_only;
+  info["drv"] = entry.driver;
+  int depth = 0;
+  for (const block::BlockNode* node = entry.node->backing_node(); node;
+       node = node->backing_node()) {
+    ++depth;
+  }
+  Json image = co_await describe_image(entry, flat);
+  if (image.contains("backing-filename")) info["backing_file"] = image["backing-filename"];
+  info["backing_file_depth"] = depth;
+  info["encrypted"] = false;
+  info["detect_zeroes"] = entry.detect_zeroes;
+  for (const char* key : {"bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"}) info[key] = 0;
+  info["image"] = std::move(image);
+  Json cache = Json::object();
+  cache["writeback"] = true;
+  cache["direct"] = entry.cache_direct;
+  cache["no-flush"] = entry.cache_no_flush;
+  info["cache"] = cache;
+  info["write_threshold"] = 0;
+  co_return info;
+}
+
+coro::Task<QmpResult> StorageDaemon::query_named_block_nodes(const Json& arguments) {
+  Arguments args(arguments, false);
+  const bool flat = args.boolean("flat").value_or(false);
+  if (std::optional<QmpError> error = args.finish()) co_return *error;
+  Json list = Json::array();
+  const auto& entries = nodes_.entries();
+  for (auto it = entries.rbegin(); it != entries.rend(); ++it) {  // newest first, as QEMU
+    list.push_back(co_await describe_node(**it, flat));
+  }
+  co_return list;
+}
+
+// ---- IoThreads -------------------------------------------------------------------------------
+
+QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
+  Arguments args(options, from_keyval);
+  const std::optional<std::string> type = args.choice("qom-type", kObjectTypes, true);
+  const std::optional<std::string> id = args.string("id", true);
+  if (args.error()) return *args.error();
+  if (*type != "iothread") {
+    args.finish();
+    return generic_error("Invalid parameter 'qom-type': object type '" + *type +
+                         "' is not supported by spindle-storaged");
+  }
+  const std::int64_t poll_max_ns = args.integer("poll-max-ns").value_or(32768);
+  const std::int64_t poll_grow = args.integer("poll-grow").value_or(0);
+  const std::int64_t poll_shrink = args.integer("poll-shrink").value_or(0);
+  const std::int64_t aio_max_batch = args.integer("aio-max-batch").value_or(0);
+  if (std::optional<QmpError> error = args.finish()) return *error;
+  if (!is_well_formed_id(*id)) {
+    QmpError error = generic_error("Parameter 'id' expects an identifier");
+    error.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
+    return error;
+  }
+  if (find_iothread(*id))
+    return generic_error("attempt to add duplicate property '" + *id +
+                         "' to object (type 'container')");
+  if (poll_max_ns < 0 || poll_grow < 0 || poll_shrink < 0 || aio_max_batch < 0) {
+    return generic_error("Property value must be non-negative");
+  }
+  aio::Context::PollParams params{poll_max_ns, poll_grow, poll_shrink};
+  iothreads_.push_back(IoThreadEntry{*id, std::make_unique<aio::IoThread>(*id, params), poll_max_ns,
+                                     poll_grow, poll_shrink, aio_max_batch});
+  return Json::object();
+}
+
+QmpResult StorageDaemon::object_del(const Json& arguments) {
+  Arguments args(arguments, false);
+  const std::optional<std::string> id = args.string("id", true);
+  if (std::optional<QmpError> error = args.finish()) return *error;
+  const auto it = std::find_if(iothreads_.begin(), iothreads_.end(),
+                               [&](const IoThreadEntry& e) { return e.id == *id; });
+  if (it == iothreads_.end()) return generic_error("object '" + *id + "' not found");
+  for (const ExportEntry& exp : exports_) {
+    if (exp.iothread == *id) return generic_error("object '" + *id + "' can't be deleted");
+  }
+  retire(std::move(it->thread));
+  iothreads_.erase(it);
+  return Json::object();
+}
+
+QmpResult StorageDaemon::query_iothreads(const Json& arguments) {
+  if (std::optional<QmpError> error = no_arguments(arguments)) return *error;
+  Json list = Json::array();
+  for (const IoThreadEntry& entry : iothreads_) {
+    Json info = Json::object();
+    info["id"] = entry.id;
+    info["thread-id"] = entry.thread->native_thread_id();
+    info["poll-max-ns"] = entry.poll_max_ns;
+    info["poll-grow"] = entry.poll_grow;
+    info["poll-shrink"] = entry.poll_shrink;
+    info["aio-max-batch"] = entry.aio_max_batch;
+    list.push_back(info);
+  }
+  return list;
+}
+
+// ---- NBD server and exports -----------------------------------------------------------------
+
+QmpResult StorageDaemon::nbd_server_start(const Json& options, bool from_keyval,
+                                          bool legacy_address) {
+  Arguments args(options, from_keyval);
+  SocketAddress address;
+  if (std::optional<Arguments> addr = args.object("addr", true)) {
+    address = read_socket_address(*addr, legacy_address);
+    args.finish_nested(*addr);
+  }
+  args.string("tls-creds");
+  args.string("tls-authz");
+  const std::int64_t max_connections = args.integer("max-connections").value_or(0);
+  if (std::optional<QmpError> error = args.finish()) return *error;
+  if (nbd_) return generic_error("NBD server already running");
+  if (max_connections < 0) return generic_error("max-connections must be non-negative");
+  base::Result<std::unique_ptr<io::Listener>> listener =
+      address.type == "unix"
+          ? io::Listener::unix_socket(address.path)
+          : io::Listener::tcp(address.host,
+                              static_cast<std::uint16_t>(std::atoi(address.port.c_str())));
+  if (!listener.ok()) {
+    const std::string where =
+        address.type == "unix" ? address.path : address.host + ":" + address.port;
+    return generic_error("Failed to bind socket to " + where + ": " +
+                         std::strerror(listener.error()));
+  }
+  exports::nbd::ServerOptions server_options;
+  server_options.max_connections = max_connections == 0 ? std::numeric_limits<std::size_t>::max()
+                                                        : static_cast<std::size_t>(max_connections);
+  server_options.close_exports_on_shutdown = false;  // the daemon closes its nodes
+  nbd_ = std::make_unique<exports::nbd::Server>(control_, server_options,
+                                                std::vector<exports::nbd::ExportConfig>{});
+  nbd_->listen(std::move(listener).value());
+  return Json::object();
+}
+
+coro::Task<QmpResult> StorageDaemon::nbd_server_stop(const Json& arguments) {
+  if (std::optional<QmpError> error = no_arguments(arguments)) co_return *error;
+  if (!nbd_) co_return generic_error("NBD server not running");
+  std::vector<std::string> ids;
+  for (const ExportEntry& exp : exports_) ids.push_back(exp.id);
+  for (const std::string& id : ids) co_await remove_export(id);
+  co_await nbd_->shutdown();
+  retire(std::move(nbd_));
+  co_return Json::object();
+}
+
+coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool from_keyval) {
+  Arguments args(options, from_keyval);
+  const std::optional<std::string> type =
+      args.choice("type", {"nbd", "vhost-user-blk", "fuse", "vduse-blk"}, true);
+  const std::optional<std::string> id = args.string("id", true);
+  args.boolean("fixed-iothread");
+  const std::optional<std::string> iothread = args.string("iothread");
+  const std::optional<std::string> node_name = args.string("node-name", true);
+  const bool writable = args.boolean("writable").value_or(false);
+  args.boolean("writethrough");
+  if (args.error()) co_return *args.error();
+  if (*type != "nbd") {
+    args.finish();
+    co_return generic_error("Export type '" + *type + "' is not supported by spindle-storaged");
+  }
+  const std::optional<std::string> name = args.string("name");
+  const std::optional<std::string> description = args.string("description");
+  args.raw("bitmaps");
+  args.boolean("allocation-depth");
+  if (std::optional<QmpError> error = args.finish()) co_return *error;
+  if (!is_well_formed_id(*id)) co_return generic_error("Invalid block export id '" + *id + "'");
+  for (const ExportEntry& exp : exports_) {
+    if (exp.id == *id) co_return generic_error("Block export id '" + *id + "' is already in use");
+  }
+  // QEMU's order: the node, the IoThread, then the NBD server and the export's own options.
+  NodeEntry* node = nodes_.find(*node_name);
+  if (!node) {
+    co_return generic_error("Cannot find device='' nor node-name='" + *node_name + "'");
+  }
+  if (iothread && !find_iothread(*iothread)) {
+    co_return generic_error("iothread \"" + *iothread + "\" not found");
+  }
+  if (!nbd_) co_return generic_error("NBD server not running");
+  const std::string export_name = name.value_or(*node_name);
+  if (export_name.size() > 4096)
+    co_return generic_error("export name '" + export_name + "' too long");
+  if (description && description->size() > 4096) {
+    co_return generic_error("description '" + *description + "' too long");
+  }
+  if (writable && (node->read_only || node->node->read_only())) {
+    co_return generic_error("Cannot export read-only node as writable");
+  }
+  exports::nbd::ExportConfig config;
+  config.name = export_name;
+  config.description = description.value_or("");
+  config.backend = std::make_shared<block::BlockBackend>(node->node);
+  config.read_only = !writable;
+  if (nbd_->add_export(std::move(config)) != 0) {
+    co_return generic_error("NBD server already has export named '" + export_name + "'");
+  }
+  node->exports.push_back(*id);
+  exports_.push_back(ExportEntry{*id, *node_name, export_name, iothread.value_or(""), writable});
+  co_return Json::object();
+}
+
+coro::Task<void> StorageDaemon::remove_export(std::string id) {
+  const auto it = std::find_if(exports_.begin(), exports_.end(),
+                               [&](const ExportEntry& e) { return e.id == id; });
+  if (it == exports_.end()) co_return;
+  const ExportEntry entry = *it;
+  exports_.erase(it);
+  // Hard at the server: a safe deletion was checked for clients already, and one that
+  // connected since is disconnected rather than left serving a deleted export.
+  if (nbd_) co_await nbd_->remove_export(entry.name, true);
+  if (NodeEntry* node = nodes_.find(entry.node_name)) {
+    auto& users = node->exports;
+    users.erase(std::remove(users.begin(), users.end(), entry.id), users.end());
+  }
+  monitors_->emit("BLOCK_EXPORT_DELETED", Json{{"id", entry.id}});
+}
+
+coro::Task<QmpResult> StorageDaemon::block_export_del(const Json& arguments) {
+  Arguments args(arguments, false);
+  const std::optional<std::string> id = args.string("id", true);
+  const std::string mode = args.choice("mode", {"safe", "hard"}).value_or("safe");
+  if (std::optional<QmpError> error = args.finish()) co_return *error;
+  const auto it = std::find_if(exports_.begin(), exports_.end(),
+                               [&](const ExportEntry& e) { return e.id == *id; });
+  if (it == exports_.end()) co_return generic_error("Export '" + *id + "' is not found");
+  if (mode == "safe" && nbd_ && nbd_->export_connections(it->name) > 0) {
+    co_return generic_error("export '" + *id + "' still in use");
+  }
+  // Without clients the export goes at once and BLOCK_EXPORT_DELETED precedes the reply; a
+  // hard removal of one with clients finishes after the reply (when their connections have
+  // closed), and the event tells when. Both as in QEMU.
+  if (nbd_ && nbd_->export_connections(it->name) > 0) {
+    coro::spawn(control_, remove_export(*id));
+  } else {
+    co_await remove_export(*id);
+  }
+  co_return Json::object();
+}
+
+QmpResult StorageDaemon::query_block_exports(const Json& arguments) {
+  if (std::optional<QmpError> error = no_arguments(arguments)) return *error;
+  Json list = Json::array();
+  for (auto it = exports_.rbegin(); it != exports_.rend(); ++it) {  // newest first, as QEMU
+    const ExportEntry& exp = *it;
+    Json info = Json::object();
+    info["type"] = "nbd";
+    info["id"] = exp.id;
+    info["node-name"] = exp.node_name;
+    info["shutting-down"] = false;
+    list.push_back(info);
+  }
+  return list;
+}
+
+// ---- shutdown -------------------------------------------------------------------------------
+
+coro::Task<void> StorageDaemon::shutdown(std::string reason) {
+  if (shutting_down_) co_return;
+  shutting_down_ = true;
+  monitors_->emit("SHUTDOWN", Json{{"guest", false}, {"reason", reason}});
+  std::vector<std::string> ids;
+  for (const ExportEntry& exp : exports_) ids.push_back(exp.id);
+  for (const std::string& id : ids) co_await remove_export(id);
+  if (nbd_) {
+    co_await nbd_->shutdown();
+    retire(std::move(nbd_));
+  }
+  co_await monitors_->shutdown();
+  // Parents before their children: newest first (a parent is added after its children).
+  while (!nodes_.entries().empty()) {
+    const std::string name = nodes_.entries().back()->name;
+    for (const auto& removed : nodes_.remove(name)) {
+      co_await removed->node->flush();
+      co_await removed->node->close();
+    }
+  }
+  while (!iothreads_.empty()) {
+    retire(std::move(iothreads_.back().thread));
+    iothreads_.pop_back();
+  }
+}
+
+}  // namespace spindle::monitor

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""spindle-storaged against qemu-storage-daemon 7.2 (the oracle), and its exports against real
+NBD clients.
+
+Conformance: both daemons start from the same command line in folders holding the same images
+(relative names, so the replies name the same files); the same QMP requests, one after another
+(bad envelopes, every command's bad arguments, block nodes added and deleted, the NBD server
+started twice, exports added, refused and deleted), get replies that are equal as text once
+timestamps and sizes that depend on the file system are masked. Command-line errors give
+qemu-storage-daemon's messages (program name aside) and exit status.
+
+Exports: data written through an export by qemu-io is in the image after SIGTERM (with the
+client still connected) and `qemu-img check` is clean; exports are added and removed 100 times
+over QMP, some with a client reading them, while fio verifies another export; a safe
+block-export-del is refused while a client is connected and a hard one disconnects it, with
+BLOCK_EXPORT_DELETED; a hostile monitor client (garbage, nesting beyond the limit, an oversized
+value, a client that never reads) does not stop another monitor or the exports; --daemonize
+returns once the sockets and the pid file exist, and the pid file is locked.
+
+Usage: test_storaged.py --spindle-storaged PATH --spindle-nbd PATH [unittest options]
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import spindle_interop as si  # noqa: E402
+
+STORAGED = None  # set below from --spindle-storaged
+QSD = "qemu-storage-daemon"
+MiB = 1 << 20
+
+
+class Monitor:
+    """A QMP client: reply() returns the next reply line as text; events met on the way are
+    kept in `events` (as text)."""
+
+    def __init__(self, path, negotiate=True, timeout=30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+        self.events = []
+        self.greeting = json.loads(self.line())
+        if negotiate:
+            assert "return" in json.loads(self.command('{"execute": "qmp_capabilities"}'))
+
+    def line(self):
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("monitor closed")
+            self.buffer += chunk
+        text, self.buffer = self.buffer.split(b"\r\n", 1)
+        return text.decode()
+
+    def reply(self):
+        while True:
+            text = self.line()
+            if '"event": ' in text and '"timestamp": ' in text and not text.startswith('{"return'):
+                self.events.append(text)
+                continue
+            return text
+
+    def send(self, text):
+        self.sock.sendall(text.encode() + b"\n")
+
+    def command(self, text):
+        self.send(text)
+        return self.reply()
+
+    def execute(self, _command, **arguments):
+        request = {"execute": _command}
+        if arguments:
+            request["arguments"] = arguments
+        return json.loads(self.command(json.dumps(request)))
+
+    def wait_event(self, name, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            for text in self.events:
+                if json.loads(text)["event"] == name:
+                    self.events.remove(text)
+                    return json.loads(text)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {name} event")
+            self.events.append(self.line())
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """A storage daemon (ours or qemu's) in `folder` with a QMP socket qmp.sock there."""
+
+    def __init__(self, test, binary, folder, args=(), monitors=1):
+        self.folder = folder
+        cmd = [binary]
+        for i in range(monitors):
+            cmd += ["--chardev", f"socket,path=qmp{i}.sock,server=on,wait=off,id=m{i}",
+                    "--monitor", f"chardev=m{i}"]
+        cmd += list(args)
+        self.log_path = os.path.join(folder, "daemon.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log)
+        test.addCleanup(self.kill)
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(self.qmp_path(i)) for i in range(monitors)):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{binary} exited with {self.proc.returncode}: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{binary} did not create its QMP socket")
+            time.sleep(0.02)
+
+    def qmp_path(self, index=0):
+        return os.path.join(self.folder, f"qmp{index}.sock")
+
+    def monitor(self, index=0, negotiate=True):
+        return Monitor(self.qmp_path(index), negotiate)
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def mask(text):
+    """A reply with what may differ between two runs masked: times, host allocation sizes."""
+    text = re.sub(r'"seconds": \d+, "microseconds": \d+', '"seconds": S, "microseconds": U', text)
+    text = re.sub(r'"actual-size": \d+', '"actual-size": A', text)
+    return text
+
+
+def qemu_img(*args):
+    return si.run_text(["qemu-img", *args])
+
+
+class StoragedTest(si.InteropTest):
+    def folder(self, name, images=True):
+        path = self.path(name)
+        os.makedirs(path)
+        if images:
+            qemu_img("create", "-q", "-f", "qcow2", os.path.join(path, "disk.qcow2"), "64M")
+            qemu_img("create", "-q", "-f", "raw", os.path.join(path, "raw.img"), "1M")
+        return path
+
+    def twins(self, args):
+        ours = Daemon(self, STORAGED, self.folder("ours"), args)
+        theirs = Daemon(self, QSD, self.folder("theirs"), args)
+        return ours, theirs
+
+    # ---- conformance against qemu-storage-daemon ----------------------------------------------
+
+    def test_replies_match_qemu_storage_daemon(self):
+        args = ["--blockdev", "driver=file,node-name=f0,filename=disk.qcow2",
+                "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
+                "--object", "iothread,id=io0"]
+        ours, theirs = self.twins(args)
+        a, b = ours.monitor(), theirs.monitor()
+        blockdev = '{"execute": "blockdev-add", "arguments": %s}'
+        requests = [
+            '{"execute": "foo", "id": 1}', '[1, 2]', '{"id": 9}', '{"execute": 5, "id": "a"}',
+            '{"execute": "query-block-exports", "arguments": [1], "id": [2]}',
+            '{"execute": "query-block-exports", "bogus": 1}',
+            '{"execute": "query-block-exports", "arguments": {"x": 1}}',
+            "{'execute': 'query-block-exports', 'id': {'b': 1, 'a': 'it\\'s'}}",
+            '{"execute": "qmp_capabilities"}',
+            blockdev % '{}',
+            blockdev % '{"driver": "nosuch", "node-name": "x"}',
+            blockdev % '{"driver": "file", "node-name": "x"}',
+            blockdev % '{"driver": "file", "node-name": "x", "filename": "missing.img"}',
+            blockdev % '{"driver": "file", "filename": "raw.img"}',
+            blockdev % '{"driver": "file", "node-name": "1abc", "filename": "raw.img"}',
+            blockdev % '{"driver": "file", "node-name": "%s", "filename": "raw.img"}' % ("n" * 32),
+            blockdev % '{"driver": "file", "node-name": "disk0", "filename": "raw.img"}',
+            blockdev % '{"driver": "file", "node-name": "x", "filename": "raw.img", "read-only": "yes"}',
+            blockdev % '{"driver": "file", "node-name": "x", "filename": "raw.img", "discard": "bogus"}',
+            blockdev % '{"driver": "raw", "node-name": "x", "file": "nosuch"}',
+            blockdev % '{"driver": "file", "node-name": "rawf", "filename": "raw.img"}',
+            blockdev % '{"driver": "raw", "node-name": "raw0", "file": "rawf"}',
+            blockdev % '{"driver": "null-co", "node-name": "null0"}',
+            '{"execute": "query-named-block-nodes", "id": "q"}',
+            '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "f0"}}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "nosuch"}}',
+            '{"execute": "blockdev-del", "arguments": {}}',
+            '{"execute": "nbd-server-stop"}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk0"}}',
+            '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "path": "nbd.sock"}}}',
+            '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}',
+            '{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk0", "writable": true}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "raw0"}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "nosuch"}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "raw0", "name": "disk0"}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", "node-name": "raw0", "iothread": "nosuch"}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "raw0", "name": "%s"}}' % ("x" * 4097),
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e5", "node-name": "null0"}}',
+            '{"execute": "query-block-exports"}',
+            '{"execute": "block-export-del", "arguments": {"id": "nosuch"}}',
+            '{"execute": "block-export-del", "arguments": {"id": "e5", "mode": "bogus"}}',
+            '{"execute": "block-export-del", "arguments": {"id": "e5"}}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "disk0"}}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "raw0"}}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "rawf"}}',
+            '{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io0"}}',
+            '{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "1x"}}',
+            '{"execute": "object-add", "arguments": {"qom-type": "nosuch", "id": "x"}}',
+            '{"execute": "object-add", "arguments": {"qom-type": "iothread"}}',
+            '{"execute": "object-add", "arguments": {"qom-type": "iothread", "id": "io1"}}',
+            '{"execute": "object-del", "arguments": {"id": "io1"}}',
+            '{"execute": "object-del", "arguments": {"id": "io1"}}',
+            '{"execute": "nbd-server-stop"}',
+            '{"execute": "nbd-server-stop"}',
+        ]
+        for request in requests:
+            with self.subTest(request=request[:120]):
+                mine, reference = a.command(request), b.command(request)
+                self.assertEqual(mask(mine), mask(reference))
+                self.assertEqual([mask(e) for e in a.events], [mask(e) for e in b.events])
+                a.events.clear()
+                b.events.clear()
+
+    def test_command_line_errors_match_qemu_storage_daemon(self):
+        cases = [
+            ["--blockdev", "driver=nosuch,node-name=x"],
+            ["--blockdev", "driver=file,node-name=x"],
+            ["--blockdev", "driver=file,node-name=x,filename=missing.img"],
+            ["--blockdev", '{"driver": "file", "node-name": "f", "filename": "missing.img"}'],
+            ["--object", "iothread"],
+            ["--object", "iothread,id=1x"],
+            ["--export", "type=nbd,id=e,node-name=missing"],
+            ["--nbd-server", "addr.type=unix"],
+            ["--blockdev", "driver=file,node-name=f,filename=raw.img,read-only=maybe"],
+            ["positional"],
+        ]
+        folder = self.folder("cli")
+        for args in cases:
+            with self.subTest(args=args):
+                q = si.run_text([QSD, *args], check=False, cwd=folder)
+                s = si.run_text([STORAGED, *args], check=False, cwd=folder)
+                self.assertEqual(s.returncode, q.returncode, s.stderr + q.stderr)
+                self.assertEqual(s.stderr.replace("spindle-storaged", "X"),
+                                 q.stderr.replace("qemu-storage-daemon", "X"))
+
+    # ---- exports ------------------------------------------------------------------------------
+
+    def test_export_writes_reach_the_image_and_sigterm_drains(self):
+        folder = self.folder("data")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--blockdev", "driver=file,node-name=f0,filename=disk.qcow2",
+            "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=e0,node-name=disk0,writable=on"])
+        uri = f"nbd+unix:///disk0?socket={folder}/nbd.sock"
+        out = si.run_text(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 3M", uri]).stdout
+        self.assertNotIn("failed", out)
+        # A client still connected when SIGTERM comes: the daemon drains it and exits 0.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(os.path.join(folder, "nbd.sock"))
+        si.raw_handshake(sock, "disk0")
+        self.assertEqual(daemon.stop(), 0, daemon.log_text())
+        sock.close()
+        image = os.path.join(folder, "disk.qcow2")
+        check = si.run_text(["qemu-img", "check", image], check=False)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        out = si.run_text(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 1M 3M", image]).stdout
+        self.assertNotIn("fail", out)
+        self.assertFalse(os.path.exists(os.path.join(folder, "qmp0.sock")))
+
+    def test_exports_come_and_go_while_another_serves_fio(self):
+        folder = self.folder("churn")
+        qemu_img("create", "-q", "-f", "raw", os.path.join(folder, "fio.img"), "64M")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--blockdev", "driver=file,node-name=fio0,filename=fio.img",
+            "--blockdev", "driver=file,node-name=f0,filename=disk.qcow2",
+            "--blockdev", "driver=qcow2,node-name=disk0,file=f0",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=fio,node-name=fio0,writable=on"])
+        qmp = daemon.monitor()
+        fio = subprocess.Popen(
+            ["fio", "--name=verify", "--ioengine=nbd",
+             f"--uri=nbd+unix:///fio0?socket={folder}/nbd.sock", "--rw=randrw", "--bs=4k",
+             "--size=32M", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1",
+             "--do_verify=1", "--loops=4"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(100):
+            reply = qmp.execute("block-export-add", type="nbd", id=f"e{i}", **{"node-name": "disk0"},
+                                name=f"n{i}", writable=bool(i % 2))
+            self.assertEqual(reply, {"return": {}}, reply)
+            if i % 10 == 0:  # a client reads the new export before it goes
+                out = si.run_text(["qemu-io", "-r", "-f", "raw", "-c", "read 0 64k",
+                                   f"nbd+unix:///n{i}?socket={folder}/nbd.sock"]).stdout
+                self.assertNotIn("fail", out)
+            # The server sees a client's disconnect a moment after the client exits: until
+            # then a safe deletion is refused, as QEMU's is.
+            deadline = time.monotonic() + 60
+            while True:
+                reply = qmp.execute("block-export-del", id=f"e{i}")
+                if "still in use" not in json.dumps(reply) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            self.assertEqual(reply, {"return": {}}, reply)
+            self.assertEqual(qmp.wait_event("BLOCK_EXPORT_DELETED")["data"], {"id": f"e{i}"})
+        output, _ = fio.communicate(timeout=300)
+        self.assertEqual(fio.returncode, 0, output)
+        self.assertEqual(qmp.execute("query-block-exports")["return"],
+                         [{"type": "nbd", "id": "fio", "node-name": "fio0", "shutting-down": False}])
+        self.assertEqual(daemon.stop(), 0, daemon.log_text())
+
+    def test_safe_delete_is_refused_with_a_client_and_hard_disconnects_it(self):
+        folder = self.folder("del")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--blockdev", "driver=file,node-name=r0,filename=raw.img",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=e0,node-name=r0"])
+        qmp = daemon.monitor()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(os.path.join(folder, "nbd.sock"))
+        size, _ = si.raw_handshake(sock, "r0")
+        self.assertEqual(size, MiB)
+        refused = qmp.execute("block-export-del", id="e0")
+        self.assertEqual(refused["error"]["desc"], "export 'e0' still in use")
+        self.assertEqual(qmp.execute("block-export-del", id="e0", mode="hard"), {"return": {}})
+        self.assertEqual(qmp.wait_event("BLOCK_EXPORT_DELETED")["data"], {"id": "e0"})
+        self.assertEqual(sock.recv(16), b"")  # the server closed the client's connection
+        self.assertEqual(qmp.execute("query-block-exports"), {"return": []})
+        self.assertEqual(qmp.execute("blockdev-del", **{"node-name": "r0"}), {"return": {}})
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_hostile_monitor_client_stops_nothing_else(self):
+        folder = self.folder("hostile")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--blockdev", "driver=file,node-name=r0,filename=raw.img",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=e0,node-name=r0,writable=on"], monitors=2)
+        good = daemon.monitor(1)
+        bad = daemon.monitor(0)
+        bad.send("garbage } ]")
+        bad.send("[" * 5000 + "]" * 5000)
+        replies = [bad.reply() for _ in range(4)]
+        self.assertTrue(all('"GenericError"' in r for r in replies), replies)
+        self.assertIn("nesting depth limit exceeded", replies[-1])
+        # An oversized value: one error, and the session goes on.
+        huge = b'{"execute": "x", "arguments": {"s": "' + b"a" * (65 << 20) + b'"}}\n'
+        sender = threading.Thread(target=bad.sock.sendall, args=(huge,))
+        sender.start()
+        self.assertEqual(good.execute("query-block-exports")["return"][0]["id"], "e0")
+        sender.join()
+        replies = []
+        while True:
+            replies.append(bad.reply())
+            if "size limit" in replies[-1]:
+                break
+        self.assertIn("token size limit exceeded", replies[-1])
+        self.assertIn("return", bad.command('{"execute": "query-block-exports"}'))
+        # A client that sends requests and never reads the replies is cut off, alone.
+        flood = daemon.monitor(0)
+        request = b'{"execute": "query-named-block-nodes"}\n' * 2000
+        try:
+            for _ in range(100):
+                flood.sock.sendall(request)
+        except OSError:
+            pass  # disconnected: what we wanted
+        self.assertIn("return", good.command('{"execute": "query-block-exports"}'))
+        out = si.run_text(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "read -P 1 0 64k",
+                           f"nbd+unix:///r0?socket={folder}/nbd.sock"]).stdout
+        self.assertNotIn("fail", out)
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_daemonize_waits_for_startup_and_the_pid_file_is_locked(self):
+        folder = self.folder("daemon")
+        args = [STORAGED, "--daemonize", "--pidfile", os.path.join(folder, "pid"),
+                "--chardev", f"socket,path={folder}/qmp.sock,server=on,wait=off,id=m0",
+                "--monitor", "chardev=m0",
+                "--blockdev", f"driver=file,node-name=r0,filename={folder}/raw.img",
+                "--nbd-server", f"addr.type=unix,addr.path={folder}/nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=r0"]
+        self.assertEqual(subprocess.run(args, timeout=60).returncode, 0)
+        for name in ("qmp.sock", "nbd.sock", "pid"):
+            self.assertTrue(os.path.exists(os.path.join(folder, name)), name)
+        with open(os.path.join(folder, "pid")) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if os.path.exists(f"/proc/{pid}") else None)
+        second = si.run_text([STORAGED, "--pidfile", os.path.join(folder, "pid")], check=False)
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("cannot create PID file: Cannot lock pid file", second.stderr)
+        self.assertEqual(si.run_text(["nbdinfo", "--size",
+                                      f"nbd+unix:///r0?socket={folder}/nbd.sock"]).stdout.strip(),
+                         str(MiB))
+        qmp = Monitor(os.path.join(folder, "qmp.sock"))
+        self.assertEqual(qmp.execute("quit"), {"return": {}})
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(os.path.exists(os.path.join(folder, "pid")))
+
+
+if __name__ == "__main__":
+    STORAGED = si.binary_argument("--spindle-storaged", "SPINDLE_STORAGED")
+    si.spindle_img_argument()  # given to every tools test; not used here
+    si.main(required_binaries=(QSD, "qemu-img", "qemu-io", "nbdinfo", "fio"))
