@@ -9,6 +9,7 @@
 #include "block/block_node.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
+#include "block/drivers/flush_mode.h"
 #include "block/drivers/nbd/nbd_node.h"
 #include "block/drivers/null.h"
 #include "block/format_registry.h"
@@ -97,7 +98,8 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
   Arguments args(options, from_keyval_, path);
   const std::optional<std::string> driver = args.choice("driver", kDrivers, true);
   const std::optional<std::string> node_name = args.string("node-name");
-  args.choice("discard", {"ignore", "off", "unmap", "on"});
+  const std::string discard =
+      args.choice("discard", {"ignore", "off", "unmap", "on"}).value_or("ignore");
   bool direct = false, no_flush = false;
   if (std::optional<Arguments> cache = args.object("cache")) {
     direct = cache->boolean("direct").value_or(false);
@@ -120,6 +122,10 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
   } else if (top) {
     co_return generic_error("'node-name' must be specified for the root node");
   }
+  if (detect_zeroes != "off") {
+    co_return generic_error("detect-zeroes=" + detect_zeroes +
+                            " is not supported by spindle-storaged yet");
+  }
 
   NodeEntry entry;
   entry.driver = *driver;
@@ -127,6 +133,7 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
   entry.cache_direct = direct;
   entry.cache_no_flush = no_flush;
   entry.detect_zeroes = detect_zeroes;
+  entry.discard_unmap = discard == "unmap" || discard == "on";
   if (*driver == "file" || *driver == "host_device") {
     const std::optional<std::string> filename = args.string("filename", true);
     args.string("pr-manager");
@@ -142,7 +149,10 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
     if (!node.ok()) {
       co_return generic_error("Could not open '" + *filename + "': " + errno_text(node.error()));
     }
-    entry.node = std::move(node).value();
+    // cache.no-flush: flushes (and FUA) stop at this node, as cache=unsafe.
+    entry.node = no_flush
+                     ? block::wrap_flush_mode(std::move(node).value(), block::FlushMode::ignored)
+                     : std::move(node).value();
     entry.filename = *filename;
   } else if (*driver == "null-co" || *driver == "null-aio") {
     const std::uint64_t size = args.size("size").value_or(std::uint64_t{1} << 30);

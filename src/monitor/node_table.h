@@ -28,7 +28,8 @@ struct NodeEntry {
   std::string filename;                        // the node's filename as QEMU shows it
   bool read_only = false;
   bool cache_direct = false;
-  bool cache_no_flush = false;
+  bool cache_no_flush = false;  // file nodes: flushes stop here (a FlushModeNode)
+  bool discard_unmap = false;   // discard=unmap: exports pass TRIM and zeroing with holes down
   std::string detect_zeroes = "off";
   bool generated_name = false;  // made inline for a parent's child
   // Children by role ("file", "backing"), by node name.

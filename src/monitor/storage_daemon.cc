@@ -397,6 +397,7 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
   config.description = description.value_or("");
   config.backend = std::make_shared<block::BlockBackend>(node->node);
   config.read_only = !writable;
+  config.allow_unmap = node->discard_unmap;
   if (nbd_->add_export(std::move(config)) != 0) {
     co_return generic_error("NBD server already has export named '" + export_name + "'");
   }

@@ -287,6 +287,37 @@ class StoragedTest(si.InteropTest):
         self.assertNotIn("fail", out)
         self.assertFalse(os.path.exists(os.path.join(folder, "qmp0.sock")))
 
+    def test_node_options_reach_the_export(self):
+        # discard=unmap: a client's trim punches a hole in the file (ignored without it);
+        # read-only=on: the export is read-only whatever block-export-add says.
+        folder = self.folder("options")
+        for name in ("trim.img", "keep.img"):
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(b"\x01" * (4 * MiB))
+        daemon = Daemon(self, STORAGED, folder, [
+            "--blockdev", "driver=file,node-name=t0,filename=trim.img,discard=unmap",
+            "--blockdev", "driver=file,node-name=k0,filename=keep.img",
+            "--blockdev", "driver=file,node-name=r0,filename=raw.img,read-only=on",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=t,node-name=t0,writable=on",
+            "--export", "type=nbd,id=k,node-name=k0,writable=on"])
+        for export in ("t0", "k0"):
+            si.run_text(["qemu-io", "-f", "raw", "-c", "discard 1M 2M",
+                         f"nbd+unix:///{export}?socket={folder}/nbd.sock"])
+        trimmed, _ = si.file_extents(os.path.join(folder, "trim.img"))
+        kept, _ = si.file_extents(os.path.join(folder, "keep.img"))
+        self.assertEqual(trimmed, [(0, MiB), (3 * MiB, MiB)])
+        self.assertEqual(kept, [(0, 4 * MiB)])
+        qmp = daemon.monitor()
+        reply = qmp.execute("block-export-add", type="nbd", id="r", writable=True,
+                            **{"node-name": "r0"})
+        self.assertEqual(reply["error"]["desc"], "Cannot export read-only node as writable")
+        self.assertEqual(qmp.execute("block-export-add", type="nbd", id="r",
+                                     **{"node-name": "r0"}), {"return": {}})
+        info = si.run_text(["nbdinfo", "--json", f"nbd+unix:///r0?socket={folder}/nbd.sock"])
+        self.assertTrue(json.loads(info.stdout)["exports"][0]["is_read_only"])
+        self.assertEqual(daemon.stop(), 0)
+
     def test_exports_come_and_go_while_another_serves_fio(self):
         folder = self.folder("churn")
         qemu_img("create", "-q", "-f", "raw", os.path.join(folder, "fio.img"), "64M")

@@ -20,10 +20,10 @@
 // failed, the channel was closed), requests not yet started are dropped, not executed.
 //
 // Thread-safety: everything runs on the connection's context (its channel is attached there,
-// and request coroutines are spawned there and resume there); only stop(), in_handshake() and
-// serial() are called from other threads (they use atomics, Channel::shutdown_read() and
-// Timer::arm_in(), which are thread-safe). `replies_`, in_flight_, bytes_in_flight_ and
-// peer_gone_ are used only on that context.
+// and request coroutines are spawned there and resume there); only stop(), in_handshake(),
+// serial() and selected_export() are called from other threads (they use atomics,
+// Channel::shutdown_read() and Timer::arm_in(), which are thread-safe). `replies_`, in_flight_,
+// bytes_in_flight_ and peer_gone_ are used only on that context.
 #pragma once
 
 #include <atomic>
