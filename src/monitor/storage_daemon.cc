@@ -244,6 +244,7 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   const std::optional<std::string> type = args.choice("qom-type", kObjectTypes, true);
   const std::optional<std::string> id = args.string("id", true);
   if (args.error()) return *args.error();
+  if (*type == "tls-creds-x509" || *type == "tls-creds-psk") return add_tls_creds(*type, *id, args);
   if (*type != "iothread") {
     args.finish();
     return generic_error("Invalid parameter 'qom-type': object type '" + *type +
@@ -254,14 +255,7 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   const std::int64_t poll_shrink = args.integer("poll-shrink").value_or(0);
   const std::int64_t aio_max_batch = args.integer("aio-max-batch").value_or(0);
   if (std::optional<QmpError> error = args.finish()) return *error;
-  if (!is_well_formed_id(*id)) {
-    QmpError error = generic_error("Parameter 'id' expects an identifier");
-    error.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
-    return error;
-  }
-  if (find_iothread(*id))
-    return generic_error("attempt to add duplicate property '" + *id +
-                         "' to object (type 'container')");
+  if (std::optional<QmpError> error = check_new_object_id(*id)) return *error;
   if (poll_max_ns < 0 || poll_grow < 0 || poll_shrink < 0 || aio_max_batch < 0) {
     return generic_error("Property value must be non-negative");
   }
@@ -271,10 +265,61 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   return Json::object();
 }
 
+std::optional<QmpError> StorageDaemon::check_new_object_id(const std::string& id) {
+  if (!is_well_formed_id(id)) {
+    QmpError error = generic_error("Parameter 'id' expects an identifier");
+    error.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
+    return error;
+  }
+  if (find_iothread(id) || tls_creds_.contains(id)) {
+    return generic_error("attempt to add duplicate property '" + id +
+                         "' to object (type 'container')");
+  }
+  return std::nullopt;
+}
+
+QmpResult StorageDaemon::add_tls_creds(const std::string& type, const std::string& id,
+                                       Arguments& args) {
+  // QEMU's tls-creds-x509 / tls-creds-psk properties; the files are QEMU's layout in `dir`
+  // (ca-cert.pem, server-cert.pem, server-key.pem; keys.psk).
+  const std::optional<std::string> dir = args.string("dir");
+  const std::string endpoint = args.choice("endpoint", {"server", "client"}).value_or("client");
+  const bool verify_peer = args.boolean("verify-peer").value_or(true);
+  args.string("priority");
+  args.boolean("loaded");
+  if (type == "tls-creds-x509") {
+    args.boolean("sanity-check");
+    args.string("passwordid");
+  } else {
+    args.string("username");
+  }
+  if (std::optional<QmpError> error = args.finish()) return *error;
+  if (std::optional<QmpError> error = check_new_object_id(id)) return *error;
+  TlsCredsEntry entry;
+  entry.endpoint = endpoint;
+  if (endpoint == "server") {
+    if (!dir) return generic_error("Unable to access credentials: no 'dir' given");
+    std::string error;
+    entry.credentials = type == "tls-creds-x509"
+                            ? io::TlsCredentials::server_x509(*dir, verify_peer, error)
+                            : io::TlsCredentials::server_psk(*dir + "/keys.psk", error);
+    if (!entry.credentials) return generic_error(error);
+  }
+  tls_creds_.emplace(id, std::move(entry));
+  return Json::object();
+}
+
 QmpResult StorageDaemon::object_del(const Json& arguments) {
   Arguments args(arguments, false);
   const std::optional<std::string> id = args.string("id", true);
   if (std::optional<QmpError> error = args.finish()) return *error;
+  if (const auto creds = tls_creds_.find(*id); creds != tls_creds_.end()) {
+    if (*id == nbd_tls_creds_ && nbd_) {
+      return generic_error("object '" + *id + "' is in use, can not be deleted");
+    }
+    tls_creds_.erase(creds);
+    return Json::object();
+  }
   const auto it = std::find_if(iothreads_.begin(), iothreads_.end(),
                                [&](const IoThreadEntry& e) { return e.id == *id; });
   if (it == iothreads_.end()) return generic_error("object '" + *id + "' not found");
@@ -312,11 +357,22 @@ QmpResult StorageDaemon::nbd_server_start(const Json& options, bool from_keyval,
     address = read_socket_address(*addr, legacy_address);
     args.finish_nested(*addr);
   }
-  args.string("tls-creds");
-  args.string("tls-authz");
+  const std::optional<std::string> tls_creds = args.string("tls-creds");
+  const std::optional<std::string> tls_authz = args.string("tls-authz");
   const std::int64_t max_connections = args.integer("max-connections").value_or(0);
   if (std::optional<QmpError> error = args.finish()) return *error;
   if (nbd_) return generic_error("NBD server already running");
+  std::shared_ptr<const io::TlsCredentials> credentials;
+  if (tls_creds) {
+    const auto it = tls_creds_.find(*tls_creds);
+    if (it == tls_creds_.end())
+      return generic_error("No TLS credentials with id '" + *tls_creds + "'");
+    if (it->second.endpoint != "server") {
+      return generic_error("Expecting TLS credentials with a server endpoint");
+    }
+    credentials = it->second.credentials;
+  }
+  if (tls_authz) return generic_error("tls-authz is not supported by spindle-storaged yet");
   if (max_connections < 0) return generic_error("max-connections must be non-negative");
   base::Result<std::unique_ptr<io::Listener>> listener =
       address.type == "unix"
@@ -333,6 +389,11 @@ QmpResult StorageDaemon::nbd_server_start(const Json& options, bool from_keyval,
   server_options.max_connections = max_connections == 0 ? std::numeric_limits<std::size_t>::max()
                                                         : static_cast<std::size_t>(max_connections);
   server_options.close_exports_on_shutdown = false;  // the daemon closes its nodes
+  if (credentials) {  // as QEMU: with credentials, clients must start TLS
+    server_options.tls_mode = exports::nbd::TlsMode::require;
+    server_options.tls_credentials = credentials;
+  }
+  nbd_tls_creds_ = tls_creds.value_or("");
   nbd_ = std::make_unique<exports::nbd::Server>(control_, server_options,
                                                 std::vector<exports::nbd::ExportConfig>{});
   nbd_->listen(std::move(listener).value());

@@ -5,7 +5,8 @@
 // block-export-add (their options as keyval strings or JSON).
 //
 // Commands: qmp_capabilities (in QmpSession), query-version, query-commands, blockdev-add,
-// blockdev-del, query-named-block-nodes, object-add / object-del (iothread),
+// blockdev-del, query-named-block-nodes, object-add / object-del (iothread, tls-creds-x509,
+// tls-creds-psk),
 // query-iothreads, nbd-server-start, nbd-server-stop, block-export-add, block-export-del,
 // query-block-exports. Events: BLOCK_EXPORT_DELETED, SHUTDOWN (request_shutdown()).
 //
@@ -15,7 +16,9 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +27,8 @@
 #include "coro/task.h"
 #include "export/nbd/server.h"
 #include "io/socket.h"
+#include "io/tls_credentials.h"
+#include "monitor/arguments.h"
 #include "monitor/command_table.h"
 #include "monitor/node_table.h"
 #include "monitor/qmp_error.h"
@@ -63,6 +68,10 @@ class StorageDaemon {
     std::unique_ptr<aio::IoThread> thread;
     std::int64_t poll_max_ns, poll_grow, poll_shrink, aio_max_batch;
   };
+  struct TlsCredsEntry {
+    std::string endpoint;                                   // "server" or "client"
+    std::shared_ptr<const io::TlsCredentials> credentials;  // server endpoints
+  };
   struct ExportEntry {
     std::string id;
     std::string node_name;
@@ -86,6 +95,9 @@ class StorageDaemon {
   // Removes the export (its clients, if any, are disconnected), then BLOCK_EXPORT_DELETED.
   coro::Task<void> remove_export(std::string id);
   IoThreadEntry* find_iothread(const std::string& id);
+  // Whether `id` may name a new object (well formed, not taken).
+  std::optional<QmpError> check_new_object_id(const std::string& id);
+  QmpResult add_tls_creds(const std::string& type, const std::string& id, Arguments& args);
   // Destroys `object` (an NBD server or an IoThread, whose destructors join threads) from the
   // control context's loop, not from the coroutine that let go of it.
   template <typename T>
@@ -98,6 +110,8 @@ class StorageDaemon {
   CommandTable commands_;
   std::unique_ptr<QmpServer> monitors_;
   std::vector<IoThreadEntry> iothreads_;
+  std::map<std::string, TlsCredsEntry> tls_creds_;
+  std::string nbd_tls_creds_;  // the running NBD server's tls-creds object
   NodeTable nodes_;
   std::unique_ptr<exports::nbd::Server> nbd_;
   std::vector<ExportEntry> exports_;

@@ -9,6 +9,9 @@ started twice, exports added, refused and deleted), get replies that are equal a
 timestamps and sizes that depend on the file system are masked. Command-line errors give
 qemu-storage-daemon's messages (program name aside) and exit status.
 
+TLS: tls-creds-x509 and tls-creds-psk objects make the NBD server require TLS (nbdinfo with the
+credentials succeeds, a clear-text client is refused).
+
 Exports: data written through an export by qemu-io is in the image after SIGTERM (with the
 client still connected) and `qemu-img check` is clean; exports are added and removed 100 times
 over QMP, some with a client reading them, while fio verifies another export; a safe
@@ -316,6 +319,44 @@ class StoragedTest(si.InteropTest):
                                      **{"node-name": "r0"}), {"return": {}})
         info = si.run_text(["nbdinfo", "--json", f"nbd+unix:///r0?socket={folder}/nbd.sock"])
         self.assertTrue(json.loads(info.stdout)["exports"][0]["is_read_only"])
+        self.assertEqual(daemon.stop(), 0)
+
+    def test_tls_credentials_objects(self):
+        # tls-creds-x509 / tls-creds-psk objects and nbd-server-start's tls-creds: clients must
+        # start TLS (nbdinfo with the CA or the key succeeds, a clear-text client is refused).
+        from test_tls import make_psk, make_x509
+        folder = self.folder("tls")
+        pki = make_x509(os.path.join(folder, "pki"))
+        make_psk(os.path.join(folder, "psk"))
+        for creds, uri in (
+                (f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer=off",
+                 f"nbds+unix:///r0?socket={folder}/nbd.sock&tls-certificates={pki}"),
+                (f"tls-creds-psk,id=tls0,dir={folder}/psk,endpoint=server",
+                 f"nbds+unix://alice@/r0?socket={folder}/nbd.sock"
+                 f"&tls-psk-file={folder}/psk/keys.psk")):
+            with self.subTest(creds=creds.split(",")[0]):
+                daemon = Daemon(self, STORAGED, folder, [
+                    "--object", creds,
+                    "--blockdev", "driver=file,node-name=r0,filename=raw.img",
+                    "--nbd-server", "addr.type=unix,addr.path=nbd.sock,tls-creds=tls0",
+                    "--export", "type=nbd,id=e0,node-name=r0"])
+                size = si.run_text(["nbdinfo", "--size", uri]).stdout.strip()
+                self.assertEqual(size, str(MiB))
+                clear = si.run_text(["nbdinfo", "--size",
+                                     f"nbd+unix:///r0?socket={folder}/nbd.sock"], check=False)
+                self.assertNotEqual(clear.returncode, 0)
+                qmp = daemon.monitor()
+                self.assertIn("in use", qmp.execute("object-del", id="tls0")["error"]["desc"])
+                self.assertEqual(daemon.stop(), 0)
+        # Credentials for the wrong end, and a missing object.
+        daemon = Daemon(self, STORAGED, folder, [
+            "--object", f"tls-creds-x509,id=client0,dir={pki},endpoint=client"])
+        qmp = daemon.monitor()
+        for creds, desc in (("client0", "Expecting TLS credentials with a server endpoint"),
+                            ("nosuch", "No TLS credentials with id 'nosuch'")):
+            reply = qmp.execute("nbd-server-start", addr={"type": "unix", "data": {
+                "path": os.path.join(folder, "nbd2.sock")}}, **{"tls-creds": creds})
+            self.assertEqual(reply["error"]["desc"], desc)
         self.assertEqual(daemon.stop(), 0)
 
     def test_exports_come_and_go_while_another_serves_fio(self):
