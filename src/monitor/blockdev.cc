@@ -12,6 +12,7 @@
 #include "block/drivers/flush_mode.h"
 #include "block/drivers/nbd/nbd_node.h"
 #include "block/drivers/null.h"
+#include "block/drivers/throttle.h"
 #include "block/format_registry.h"
 #include "block/image_chain.h"
 #include "monitor/arguments.h"
@@ -231,6 +232,21 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
     entry.filename = image_name;
     entry.children.emplace_back("file", file->name);
     if (backing) entry.children.emplace_back("backing", backing->name);
+  } else if (*driver == "throttle") {
+    // A filter over `file` that spends the named throttle-group object's budget.
+    const std::optional<std::string> group_name = args.string("throttle-group", true);
+    NodeEntry* file = nullptr;
+    bool ignored = false;
+    if (args.error()) co_return args.error();
+    std::optional<QmpError> error =
+        co_await child(args, "file", true, false, read_only, file, ignored);
+    if (error) co_return error;
+    if (std::optional<QmpError> finished = args.finish()) co_return finished;
+    block::ThrottleGroupRef group = block::ThrottleGroupRegistry::global().find(*group_name);
+    if (!group) co_return generic_error("Cannot find throttle group '" + *group_name + "'");
+    entry.node = std::make_shared<block::ThrottleNode>(file->node, std::move(group));
+    entry.filename = file->filename;
+    entry.children.emplace_back("file", file->name);
   } else if (*driver == "nbd") {
     SocketAddress address;
     if (std::optional<Arguments> server = args.object("server", true)) {

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "block/block_backend.h"
+#include "block/drivers/throttle.h"
 #include "block/format_registry.h"
 #include "block/image_chain.h"
 #include "coro/coroutine.h"
@@ -245,6 +246,7 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   const std::optional<std::string> id = args.string("id", true);
   if (args.error()) return *args.error();
   if (*type == "tls-creds-x509" || *type == "tls-creds-psk") return add_tls_creds(*type, *id, args);
+  if (*type == "throttle-group") return add_throttle_group(*id, args);
   if (*type != "iothread") {
     args.finish();
     return generic_error("Invalid parameter 'qom-type': object type '" + *type +
@@ -265,13 +267,57 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   return Json::object();
 }
 
+QmpResult StorageDaemon::add_throttle_group(const std::string& id, Arguments& args) {
+  // QEMU's ThrottleGroupProperties: "limits" (ThrottleLimits) or the same members prefixed
+  // "x-" at the top level; each rate's "-max" is its burst.
+  block::ThrottleLimits limits;
+  struct Member {
+    const char* name;
+    block::ThrottleRate block::ThrottleLimits::*rate;
+  };
+  static constexpr Member kMembers[] = {{"iops-total", &block::ThrottleLimits::iops_total},
+                                        {"iops-read", &block::ThrottleLimits::iops_read},
+                                        {"iops-write", &block::ThrottleLimits::iops_write},
+                                        {"bps-total", &block::ThrottleLimits::bps_total},
+                                        {"bps-read", &block::ThrottleLimits::bps_read},
+                                        {"bps-write", &block::ThrottleLimits::bps_write}};
+  auto read_rates = [&limits](Arguments& from, const std::string& prefix) {
+    for (const Member& member : kMembers) {
+      block::ThrottleRate& rate = limits.*member.rate;
+      if (auto value = from.integer(prefix + member.name))
+        rate.per_second = static_cast<double>(*value);
+      if (auto value = from.integer(prefix + member.name + "-max"))
+        rate.burst = static_cast<double>(*value);
+      from.integer(prefix + member.name + "-max-length");
+    }
+    from.integer(prefix + "iops-size");
+  };
+  if (std::optional<Arguments> nested = args.object("limits")) {
+    read_rates(*nested, "");
+    args.finish_nested(*nested);
+  }
+  read_rates(args, "x-");
+  if (std::optional<QmpError> error = args.finish()) return *error;
+  if (std::optional<QmpError> error = check_new_object_id(id)) return *error;
+  for (const Member& member : kMembers) {
+    const block::ThrottleRate& rate = limits.*member.rate;
+    if (rate.per_second < 0 || rate.burst < 0) {
+      return generic_error("bps/iops/max values must be within [0, 1000000000000000]");
+    }
+  }
+  block::ThrottleGroupRef group = block::ThrottleGroupRegistry::global().get_or_create(id, limits);
+  group->set_limits(limits);
+  throttle_groups_.emplace(id, std::move(group));
+  return Json::object();
+}
+
 std::optional<QmpError> StorageDaemon::check_new_object_id(const std::string& id) {
   if (!is_well_formed_id(id)) {
     QmpError error = generic_error("Parameter 'id' expects an identifier");
     error.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
     return error;
   }
-  if (find_iothread(id) || tls_creds_.contains(id)) {
+  if (find_iothread(id) || tls_creds_.contains(id) || throttle_groups_.contains(id)) {
     return generic_error("attempt to add duplicate property '" + id +
                          "' to object (type 'container')");
   }
@@ -313,6 +359,13 @@ QmpResult StorageDaemon::object_del(const Json& arguments) {
   Arguments args(arguments, false);
   const std::optional<std::string> id = args.string("id", true);
   if (std::optional<QmpError> error = args.finish()) return *error;
+  if (const auto group = throttle_groups_.find(*id); group != throttle_groups_.end()) {
+    if (group->second.use_count() > 1) {  // a throttle node holds it too
+      return generic_error("object '" + *id + "' is in use, can not be deleted");
+    }
+    throttle_groups_.erase(group);
+    return Json::object();
+  }
   if (const auto creds = tls_creds_.find(*id); creds != tls_creds_.end()) {
     if (*id == nbd_tls_creds_ && nbd_) {
       return generic_error("object '" + *id + "' is in use, can not be deleted");

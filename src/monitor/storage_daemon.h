@@ -6,7 +6,7 @@
 //
 // Commands: qmp_capabilities (in QmpSession), query-version, query-commands, blockdev-add,
 // blockdev-del, query-named-block-nodes, object-add / object-del (iothread, tls-creds-x509,
-// tls-creds-psk),
+// tls-creds-psk, throttle-group),
 // query-iothreads, nbd-server-start, nbd-server-stop, block-export-add, block-export-del,
 // query-block-exports. Events: BLOCK_EXPORT_DELETED, SHUTDOWN (request_shutdown()).
 //
@@ -24,6 +24,7 @@
 
 #include "aio/context.h"
 #include "aio/io_thread.h"
+#include "block/drivers/throttle.h"
 #include "coro/task.h"
 #include "export/nbd/server.h"
 #include "io/socket.h"
@@ -98,6 +99,7 @@ class StorageDaemon {
   // Whether `id` may name a new object (well formed, not taken).
   std::optional<QmpError> check_new_object_id(const std::string& id);
   QmpResult add_tls_creds(const std::string& type, const std::string& id, Arguments& args);
+  QmpResult add_throttle_group(const std::string& id, Arguments& args);
   // Destroys `object` (an NBD server or an IoThread, whose destructors join threads) from the
   // control context's loop, not from the coroutine that let go of it.
   template <typename T>
@@ -111,6 +113,7 @@ class StorageDaemon {
   std::unique_ptr<QmpServer> monitors_;
   std::vector<IoThreadEntry> iothreads_;
   std::map<std::string, TlsCredsEntry> tls_creds_;
+  std::map<std::string, block::ThrottleGroupRef> throttle_groups_;  // throttle nodes share them
   std::string nbd_tls_creds_;  // the running NBD server's tls-creds object
   NodeTable nodes_;
   std::unique_ptr<exports::nbd::Server> nbd_;

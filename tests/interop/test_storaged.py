@@ -321,6 +321,32 @@ class StoragedTest(si.InteropTest):
         self.assertTrue(json.loads(info.stdout)["exports"][0]["is_read_only"])
         self.assertEqual(daemon.stop(), 0)
 
+    def test_throttle_group_limits_an_export(self):
+        # A throttle node over a throttle-group object: four 1 MiB reads at 1 MiB/s (a burst
+        # of 100 KiB) take at least 2.7 s, each one waiting for the debt of the one before (a
+        # lower bound only: a slow machine makes it longer, never shorter),
+        # and the data is the file's. The group cannot be deleted while the node uses it.
+        folder = self.folder("throttle")
+        with open(os.path.join(folder, "raw.img"), "wb") as f:
+            f.write(b"\x07" * MiB)
+        daemon = Daemon(self, STORAGED, folder, [
+            "--object", "throttle-group,id=tg0,x-bps-total=1048576",
+            "--blockdev", "driver=file,node-name=f0,filename=raw.img",
+            "--blockdev", "driver=throttle,node-name=t0,throttle-group=tg0,file=f0",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=e0,node-name=t0"])
+        started = time.monotonic()
+        out = si.run_text(["qemu-io", "-r", "-f", "raw"] + ["-c", "read -P 7 0 1M"] * 4 +
+                          [f"nbd+unix:///t0?socket={folder}/nbd.sock"], timeout=120).stdout
+        self.assertNotIn("fail", out)
+        self.assertGreaterEqual(time.monotonic() - started, 2.5)
+        qmp = daemon.monitor()
+        self.assertIn("in use", qmp.execute("object-del", id="tg0")["error"]["desc"])
+        reply = qmp.execute("blockdev-add", driver="throttle", **{"node-name": "t1",
+                            "throttle-group": "nosuch", "file": "f0"})
+        self.assertEqual(reply["error"]["desc"], "Cannot find throttle group 'nosuch'")
+        self.assertEqual(daemon.stop(), 0)
+
     def test_tls_credentials_objects(self):
         # tls-creds-x509 / tls-creds-psk objects and nbd-server-start's tls-creds: clients must
         # start TLS (nbdinfo with the CA or the key succeeds, a clear-text client is refused).
