@@ -107,7 +107,12 @@ class Daemon:
 
     def __init__(self, test, binary, folder, args=(), monitors=1):
         self.folder = folder
-        cmd = [binary]
+        # The pid file is written once every option has been applied: waiting for it (not
+        # for a socket, which the first options create) means the daemon is fully set up.
+        self.pid_path = os.path.join(folder, "daemon.pid")
+        if os.path.exists(self.pid_path):
+            os.unlink(self.pid_path)
+        cmd = [binary, "--pidfile", self.pid_path]
         for i in range(monitors):
             cmd += ["--chardev", f"socket,path=qmp{i}.sock,server=on,wait=off,id=m{i}",
                     "--monitor", f"chardev=m{i}"]
@@ -118,11 +123,11 @@ class Daemon:
                                      stderr=self.log)
         test.addCleanup(self.kill)
         deadline = time.monotonic() + 30
-        while not all(os.path.exists(self.qmp_path(i)) for i in range(monitors)):
+        while not os.path.exists(self.pid_path):
             if self.proc.poll() is not None:
                 raise AssertionError(f"{binary} exited with {self.proc.returncode}: {self.log_text()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"{binary} did not create its QMP socket")
+                raise AssertionError(f"{binary} did not write its pid file")
             time.sleep(0.02)
 
     def qmp_path(self, index=0):

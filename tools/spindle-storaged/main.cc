@@ -1,16 +1,16 @@
 // spindle-storaged: a storage daemon with qemu-storage-daemon's command line, driven over QMP.
 // Options are applied in the order given, as qemu-storage-daemon applies them:
 //   --blockdev OPTIONS    a block node (keyval "driver=file,node-name=f0,..." or JSON "{...}")
-//   --object iothread,id=ID[,poll-max-ns=N,...]   a named IoThread
+//   --object iothread|tls-creds-x509|tls-creds-psk|throttle-group,id=ID,...   a named object
 //   --nbd-server addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N
-//                [,max-connections=N]
+//                [,max-connections=N][,tls-creds=ID]
 //   --export type=nbd,id=ID,node-name=N[,name=NAME][,writable=on][,description=D]
 //   --chardev socket,id=ID,path=P,server=on,wait=off (or host=H,port=N)
 //   --monitor [chardev=]ID   a QMP monitor on that socket
 //   --pidfile PATH, --daemonize
-// Every failure is "spindle-storaged: MESSAGE" on stderr and exit status 1. SIGTERM, SIGINT and
-// SIGHUP (and QMP's "quit") end the daemon cleanly: SHUTDOWN is sent, exports drained, images
-// flushed and closed. See docs/spindle-storaged.md.
+// Every failure is "spindle-storaged: --OPTION VALUE: MESSAGE" on stderr and exit status 1.
+// SIGTERM, SIGINT and SIGHUP (and QMP's "quit") end the daemon cleanly: SHUTDOWN is sent, exports
+// drained, images flushed and closed. See docs/spindle-storaged.md.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -53,7 +53,7 @@ constexpr const char* kUsage =
     "  --blockdev [driver=]<driver>[,node-name=<N>][,read-only=on|off][,cache.direct=on|off]\n"
     "             [,driver specific parameters...]   (or a JSON object)\n"
     "                         add a block node: file, host_device, raw, qcow2, qed,\n"
-    "                         null-co, null-aio, nbd\n"
+    "                         null-co, null-aio, nbd, throttle\n"
     "  --chardev socket,id=<id>,path=<path>,server=on,wait=off\n"
     "  --chardev socket,id=<id>,host=<host>,port=<port>,server=on,wait=off\n"
     "                         a listening socket for --monitor\n"
@@ -64,10 +64,16 @@ constexpr const char* kUsage =
     "  --monitor [chardev=]<id>[,mode=control][,pretty=off]\n"
     "                         a QMP monitor on the --chardev <id>\n"
     "  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]\n"
-    "  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]\n"
+    "               [,tls-creds=<id>]\n"
+    "  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>][,tls-creds=<id>]\n"
     "                         start an NBD server for the exports\n"
     "  --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>]\n"
     "                         add a named IoThread\n"
+    "  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]\n"
+    "  --object tls-creds-psk,id=<id>,dir=<dir>,endpoint=server\n"
+    "                         TLS credentials for --nbd-server tls-creds=<id>\n"
+    "  --object throttle-group,id=<id>[,x-iops-total=<n>][,x-bps-total=<n>][,...]\n"
+    "                         an I/O budget for driver=throttle nodes\n"
     "  --pidfile <path>       write the daemon's pid to this file\n";
 
 // One command-line option being applied: failures name it as qemu-storage-daemon does
@@ -230,6 +236,7 @@ int main(int argc, char** argv) {
   monitor::StorageDaemon daemon(main_context);
   std::map<std::string, Chardev> chardevs;
   std::vector<std::string> socket_files;
+  std::vector<std::unique_ptr<io::Listener>> monitor_listeners;
   for (const Option& option : options) {
     bool keyval = true;
     if (option.name == "--blockdev") {
@@ -265,9 +272,12 @@ int main(int argc, char** argv) {
       if (it == chardevs.end() || !it->second.listener) {
         option.fail("chardev \"" + *id + "\" not found");
       }
-      daemon.monitors().listen(std::move(it->second.listener));
+      monitor_listeners.push_back(std::move(it->second.listener));
     }
   }
+  // Monitors serve only once every option is applied: a QMP client that connects early must
+  // not see a half-built daemon (the options' block_on() runs the loop that would serve it).
+  for (auto& listener : monitor_listeners) daemon.monitors().listen(std::move(listener));
 
   const int pid_fd = pid_file.empty() ? -1 : create_pid_file(pid_file);
   if (ready_pipe >= 0) {
