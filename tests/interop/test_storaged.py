@@ -20,6 +20,8 @@ BLOCK_EXPORT_DELETED; a hostile monitor client (garbage, nesting beyond the limi
 value, a client that never reads) does not stop another monitor or the exports; --daemonize
 returns once the sockets and the pid file exist, and the pid file is locked.
 
+The facts about qemu-storage-daemon that the expectations rest on are in qsd_facts.md here.
+
 Usage: test_storaged.py --spindle-storaged PATH --spindle-nbd PATH [unittest options]
 """
 
