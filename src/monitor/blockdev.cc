@@ -173,10 +173,10 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
     NodeEntry* backing = nullptr;
     bool no_backing = false;
     if (*driver == "raw") {
-      if (args.size("offset").value_or(0) != 0 || args.has("size")) {
-        args.size("size");
-        if (!args.error())
-          args.set_error(generic_error("raw 'offset' and 'size' are not supported"));
+      const std::uint64_t offset = args.size("offset").value_or(0);
+      const bool sized = args.size("size").has_value();
+      if ((offset != 0 || sized) && !args.error()) {
+        args.set_error(generic_error("raw 'offset' and 'size' are not supported"));
       }
     } else {
       error = co_await child(args, "backing", false, true, true, backing, no_backing);

@@ -24,14 +24,14 @@ std::optional<QmpError> check_capabilities(const Json& arguments) {
   if (const Json* enable = reader.raw("enable")) {
     if (!enable->is_array())
       return generic_error("Invalid parameter type for 'enable', expected: array");
-    for (std::size_t i = 0; i < enable->size(); ++i) {
-      const Json& item = (*enable)[i];
-      const std::string name = "enable[" + std::to_string(i) + "]";
+    // Only the first capability matters: none is offered, so any one is an error.
+    if (!enable->empty()) {
+      const Json& item = enable->front();
       if (!item.is_string()) {
-        return generic_error("Invalid parameter type for '" + name + "', expected: string");
+        return generic_error("Invalid parameter type for 'enable[0]', expected: string");
       }
       if (item.get<std::string>() != "oob") {
-        return generic_error("Parameter '" + name + "' does not accept value '" +
+        return generic_error("Parameter 'enable[0]' does not accept value '" +
                              item.get<std::string>() + "'");
       }
       return generic_error("Capability 'oob' not available");

@@ -85,20 +85,18 @@ void append_string(std::string& out, std::string_view s) {
 void append(std::string& out, const Json& value) {
   switch (value.type()) {
     case Json::value_t::object: {
-      // QDict order: by bucket; within one, the member inserted last first.
-      std::vector<std::pair<std::uint32_t, std::size_t>> order;
-      std::size_t index = 0;
-      for (auto it = value.begin(); it != value.end(); ++it, ++index) {
-        order.emplace_back(qdict_bucket(it.key()), index);
+      // QDict order: by bucket; within one, the member inserted last first (listed newest
+      // first, the stable sort keeps that order within a bucket).
+      std::vector<std::pair<std::uint32_t, Json::const_iterator>> order;
+      for (auto it = value.begin(); it != value.end(); ++it) {
+        order.emplace_back(qdict_bucket(it.key()), it);
       }
-      std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
-        return a.first != b.first ? a.first < b.first : a.second > b.second;
-      });
+      std::reverse(order.begin(), order.end());
+      std::stable_sort(order.begin(), order.end(),
+                       [](const auto& a, const auto& b) { return a.first < b.first; });
       out += '{';
       bool first = true;
-      for (const auto& [bucket, position] : order) {
-        auto it = value.begin();
-        std::advance(it, static_cast<std::ptrdiff_t>(position));
+      for (const auto& [bucket, it] : order) {
         if (!first) out += ", ";
         first = false;
         append_string(out, it.key());

@@ -516,7 +516,7 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
     co_return generic_error("NBD server already has export named '" + export_name + "'");
   }
   node->exports.push_back(*id);
-  exports_.push_back(ExportEntry{*id, *node_name, export_name, iothread.value_or(""), writable});
+  exports_.push_back(ExportEntry{*id, *node_name, export_name, iothread.value_or("")});
   co_return Json::object();
 }
 

@@ -78,7 +78,6 @@ class StorageDaemon {
     std::string node_name;
     std::string name;  // the NBD export name
     std::string iothread;
-    bool writable = false;
   };
 
   void register_commands();

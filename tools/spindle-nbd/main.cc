@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/background.h"
 #include "aio/context.h"
 #include "aio/file_backend.h"
 #include "aio/uring_probe.h"
@@ -285,24 +286,9 @@ int main(int argc, char** argv) {
   }
   const std::string engine_line = "aio: " + engine + "\n";
 
-  // --fork: fork before any thread exists (threads do not survive fork()). The parent waits
-  // until the daemon is listening (or has failed) and exits with that outcome.
-  int ready_pipe = -1;
-  if (fork_server && !stdio) {
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) < 0) die(std::string("pipe: ") + std::strerror(errno));
-    const pid_t child = ::fork();
-    if (child < 0) die(std::string("fork: ") + std::strerror(errno));
-    if (child > 0) {
-      ::close(fds[1]);
-      char ready = 0;
-      const bool listening = ::read(fds[0], &ready, 1) == 1;  // EOF: the daemon failed
-      return listening ? 0 : 1;
-    }
-    ::close(fds[0]);
-    ::setsid();
-    ready_pipe = fds[1];
-  }
+  // --fork: the parent exits once the daemon is listening (or has failed).
+  tools::Background background;
+  if (fork_server && !stdio) background = tools::Background::fork_into_background(die);
 
   // Signals arrive through a signalfd on the main context: block them before any thread starts.
   sigset_t signals;
@@ -363,14 +349,8 @@ int main(int argc, char** argv) {
   if (!pid_file.empty()) {
     std::ofstream(pid_file) << ::getpid() << "\n";
   }
-  if (ready_pipe >= 0) {  // listening: release the parent and let go of its terminal
-    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    for (int fd : {STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO}) ::dup2(null, fd);
-    ::close(null);
-    const char ready = 1;
-    (void)!::write(ready_pipe, &ready, 1);
-    ::close(ready_pipe);
-  }
+  background.report_ready();  // listening: release the parent and the terminal
+
   if (!stdio) {
     for (const auto& config : server.exports()) {
       std::fprintf(stderr, "spindle-nbd: export '%s' (%s%s)\n", config.name.c_str(),

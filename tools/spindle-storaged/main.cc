@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../common/background.h"
 #include "aio/context.h"
 #include "coro/block_on.h"
 #include "coro/coroutine.h"
@@ -209,22 +210,9 @@ int main(int argc, char** argv) {
     }
   }
 
-  // --daemonize: fork before any thread exists; the parent exits once the daemon is ready.
-  int ready_pipe = -1;
-  if (daemonize) {
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) < 0) die(std::string("pipe: ") + std::strerror(errno));
-    const pid_t child = ::fork();
-    if (child < 0) die(std::string("fork: ") + std::strerror(errno));
-    if (child > 0) {
-      ::close(fds[1]);
-      char ready = 0;
-      return ::read(fds[0], &ready, 1) == 1 ? 0 : 1;
-    }
-    ::close(fds[0]);
-    ::setsid();
-    ready_pipe = fds[1];
-  }
+  // --daemonize: the parent exits once every option is applied (or one failed).
+  tools::Background background;
+  if (daemonize) background = tools::Background::fork_into_background(die);
 
   sigset_t signals;
   sigemptyset(&signals);
@@ -280,16 +268,7 @@ int main(int argc, char** argv) {
   for (auto& listener : monitor_listeners) daemon.monitors().listen(std::move(listener));
 
   const int pid_fd = pid_file.empty() ? -1 : create_pid_file(pid_file);
-  if (ready_pipe >= 0) {
-    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    for (int fd : {STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO}) ::dup2(null, fd);
-    ::close(null);
-    if (::chdir("/") < 0) {  // as qemu-storage-daemon: hold no directory busy
-    }
-    const char ready = 1;
-    (void)!::write(ready_pipe, &ready, 1);
-    ::close(ready_pipe);
-  }
+  background.report_ready(true);  // as qemu-storage-daemon, also leaving the directory
 
   bool finished = false, stopping = false;
   auto stop = [&](std::string reason) {
