@@ -25,6 +25,13 @@ class ByteStream {
   // Reads what is available (waiting for at least one byte): >0 bytes, 0 at end of stream,
   // or -errno.
   virtual coro::Task<ssize_t> read_some(void* buffer, std::size_t size) = 0;
+  // read_some(), except that where it would wait for data it returns -EINTR instead if the
+  // stream's reads were interrupted (Channel::interrupt_read()) since the last -EINTR. Lets a
+  // loop that waits for the next message be called away without losing a partial read. The
+  // default is never interrupted.
+  virtual coro::Task<ssize_t> read_some_or_interrupt(void* buffer, std::size_t size) {
+    return read_some(buffer, size);
+  }
   // Writes everything: 0 or -errno (-EPIPE if the peer is gone).
   virtual coro::Task<int> writev_all(std::span<const iovec> vectors) = 0;
 

@@ -58,15 +58,21 @@ void Channel::detach() {
   if (old && fd >= 0) old->remove_fd_handler(fd);
 }
 
-void Channel::signal_ready(std::atomic<std::uintptr_t>& direction) noexcept {
+void Channel::signal_ready(std::atomic<std::uintptr_t>& direction, bool from_elsewhere) noexcept {
   std::uintptr_t state = direction.load(std::memory_order_acquire);
   for (;;) {
     if (state == kReady || state == kClosed) return;
     const std::uintptr_t desired = state == 0 ? kReady : 0;
     if (direction.compare_exchange_weak(state, desired, std::memory_order_acq_rel,
                                         std::memory_order_acquire)) {
-      // Resume the waiter here, in the channel's context: it follows the channel.
-      if (state != 0) coro::enter(reinterpret_cast<coro::Coroutine*>(state), "io::Channel");
+      if (state == 0) return;
+      auto* waiter = reinterpret_cast<coro::Coroutine*>(state);
+      if (from_elsewhere) {
+        coro::wake(waiter, "io::Channel::interrupt_read");  // in its home context
+      } else {
+        // Resume the waiter here, in the channel's context: it follows the channel.
+        coro::enter(waiter, "io::Channel");
+      }
       return;
     }
   }
@@ -134,6 +140,25 @@ coro::Task<ssize_t> Channel::read_some(void* buffer, std::size_t size) {
       if (!ready) co_return -ECANCELED;
     }
   }
+}
+
+coro::Task<ssize_t> Channel::read_some_or_interrupt(void* buffer, std::size_t size) {
+  if (!pollable_) co_return co_await read_some(buffer, size);  // a file never waits for data
+  for (;;) {
+    if (closed()) co_return -ECANCELED;
+    const ssize_t n = try_read(buffer, size);
+    if (n >= 0 || (n != -EAGAIN && n != -EINTR)) co_return n;
+    if (n == -EAGAIN) {
+      if (take_interrupt()) co_return -EINTR;
+      const bool ready = co_await readable();
+      if (!ready) co_return -ECANCELED;
+    }
+  }
+}
+
+void Channel::interrupt_read() noexcept {
+  read_interrupted_.store(true, std::memory_order_release);
+  signal_ready(readable_, true);
 }
 
 coro::Task<int> Channel::writev_all(std::span<const iovec> vectors) {

@@ -14,6 +14,12 @@
 // The edge-triggered fd handler CASes Coroutine* -> 0 and enters that coroutine, or 0 -> kReady.
 // Exactly one party wins each CAS, so a wake-up is neither lost nor doubled.
 //
+// interrupt_read() sets `read_interrupted_` and then signals the read direction as the fd
+// handler would, except that a waiting coroutine is woken in its home context (wake), not entered
+// on the calling thread. The waiter retries its read; read_some_or_interrupt() checks the flag
+// before each wait (after EAGAIN), so the flag is seen whether it was set before the wait or
+// during it.
+//
 // Regular files and block devices cannot be polled: a channel over one reads and writes at the
 // file position through aio file I/O (io_uring or the thread pool), so it never blocks a loop.
 //
@@ -54,6 +60,7 @@ class Channel final : public ByteStream {
 
   // ByteStream (read_exact() and write_all() come from there).
   coro::Task<ssize_t> read_some(void* buffer, std::size_t size) override;
+  coro::Task<ssize_t> read_some_or_interrupt(void* buffer, std::size_t size) override;
   coro::Task<int> writev_all(std::span<const iovec> vectors) override;
   bool can_send_file() const noexcept override { return is_socket_ && pollable_; }
   coro::Task<int> send_file(int file_fd, std::uint64_t offset, std::uint64_t bytes) override;
@@ -63,6 +70,14 @@ class Channel final : public ByteStream {
   // Ends the read direction: a read blocked in the channel (from any thread) returns 0 (EOF),
   // and so do later ones; sockets only. 0 or -errno.
   int shutdown_read() noexcept;
+  // Any thread. Makes the next (or the current) read_some_or_interrupt() that would wait for
+  // data return -EINTR, once; a plain read that is waiting just retries. See take_interrupt().
+  void interrupt_read() noexcept;
+  // Consumes a pending interrupt_read(): true if there was one. For streams layered on this
+  // channel (TlsSession), which implement read_some_or_interrupt() themselves.
+  bool take_interrupt() noexcept {
+    return read_interrupted_.exchange(false, std::memory_order_acq_rel);
+  }
   // Closes the fd; coroutines waiting in the channel resume with -ECANCELED. Owner only (see
   // above).
   void close() noexcept;
@@ -82,7 +97,9 @@ class Channel final : public ByteStream {
   static constexpr std::uintptr_t kReady = 1;
   static constexpr std::uintptr_t kClosed = 2;
 
-  static void signal_ready(std::atomic<std::uintptr_t>& direction) noexcept;
+  // `from_elsewhere`: not the fd handler (on the channel's context) but interrupt_read().
+  static void signal_ready(std::atomic<std::uintptr_t>& direction,
+                           bool from_elsewhere = false) noexcept;
   ssize_t try_read(void* buffer, std::size_t size) noexcept;
   ssize_t try_writev(const iovec* vectors, int count) noexcept;
 
@@ -93,6 +110,7 @@ class Channel final : public ByteStream {
   std::atomic<aio::Context*> context_{nullptr};
   std::atomic<std::uintptr_t> readable_{0};
   std::atomic<std::uintptr_t> writable_{0};
+  std::atomic<bool> read_interrupted_{false};
 };
 
 class Channel::ReadinessAwaiter {

@@ -87,11 +87,25 @@ std::string TlsSession::psk_username() const {
 }
 
 coro::Task<ssize_t> TlsSession::read_some(void* buffer, std::size_t size) {
+  return read_records(buffer, size, false);
+}
+
+coro::Task<ssize_t> TlsSession::read_some_or_interrupt(void* buffer, std::size_t size) {
+  return read_records(buffer, size, true);
+}
+
+coro::Task<ssize_t> TlsSession::read_records(void* buffer, std::size_t size, bool interruptible) {
   for (;;) {
     if (channel_.closed()) co_return -ECANCELED;
     const ssize_t n = gnutls_record_recv(session_, buffer, size);
     if (n >= 0) co_return n;  // 0: the peer sent close_notify
     if (retry_code(n)) {
+      // Giving up a wait for reading loses nothing: GnuTLS keeps a partial record and resumes
+      // it on the next call. (A wait to write, during a renegotiation, is not interrupted.)
+      if (interruptible && gnutls_record_get_direction(session_) == 0 &&
+          channel_.take_interrupt()) {
+        co_return -EINTR;
+      }
       const bool ready = co_await wait_for_direction();
       if (!ready) co_return -ECANCELED;
       continue;

@@ -44,6 +44,7 @@ class TlsSession final : public ByteStream {
   std::string psk_username() const;
 
   coro::Task<ssize_t> read_some(void* buffer, std::size_t size) override;
+  coro::Task<ssize_t> read_some_or_interrupt(void* buffer, std::size_t size) override;
   coro::Task<int> writev_all(std::span<const iovec> vectors) override;
 
   // Sends close_notify if the socket takes it now; never waits (the peer may be gone).
@@ -54,6 +55,7 @@ class TlsSession final : public ByteStream {
       : channel_(channel), credentials_(std::move(credentials)) {}
   // Waits for the readiness the last GnuTLS call blocked on; false if the channel closed.
   coro::Task<bool> wait_for_direction();
+  coro::Task<ssize_t> read_records(void* buffer, std::size_t size, bool interruptible);
   int fail(int gnutls_code);
   // Sends [data, data + size) in full as records: 0 or -errno.
   coro::Task<int> send_all(const std::byte* data, std::size_t size);

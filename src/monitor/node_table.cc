@@ -14,10 +14,30 @@ NodeEntry* NodeTable::find(const std::string& name) {
 
 NodeEntry& NodeTable::add(NodeEntry entry) {
   for (const auto& [role, child] : entry.children) {
-    if (NodeEntry* found = find(child)) found->parents.emplace_back(entry.name, role);
+    NodeEntry* found = find(child);
+    if (!found) continue;
+    found->parents.emplace_back(entry.name, role);
+    if (found->iothread) entry.iothread = found->iothread;
   }
   entries_.push_back(std::make_unique<NodeEntry>(std::move(entry)));
   return *entries_.back();
+}
+
+std::vector<NodeEntry*> NodeTable::connected(NodeEntry& start) {
+  std::vector<NodeEntry*> graph{&start};
+  for (std::size_t next = 0; next < graph.size(); ++next) {
+    const NodeEntry& entry = *graph[next];
+    std::vector<std::string> neighbours;
+    for (const auto& [role, child] : entry.children) neighbours.push_back(child);
+    for (const auto& [parent, role] : entry.parents) neighbours.push_back(parent);
+    for (const std::string& name : neighbours) {
+      NodeEntry* found = find(name);
+      if (found && std::find(graph.begin(), graph.end(), found) == graph.end()) {
+        graph.push_back(found);
+      }
+    }
+  }
+  return graph;
 }
 
 std::vector<std::unique_ptr<NodeEntry>> NodeTable::remove(const std::string& name) {

@@ -37,18 +37,26 @@ struct NodeEntry {
   // Parents: (parent node name, role), and export ids serving this node.
   std::vector<std::pair<std::string, std::string>> parents;
   std::vector<std::string> exports;
+  // The IoThread the node's graph (the nodes connected to it) was placed on, by
+  // block-export-add's iothread or x-blockdev-set-iothread: "" for the main loop; nullopt if
+  // never placed (the main loop for background work, and exports' connections spread over
+  // the NBD server's own IoThreads). A new node takes its children's placement.
+  std::optional<std::string> iothread;
 };
 
 class NodeTable {
  public:
   NodeEntry* find(const std::string& name);
   const std::vector<std::unique_ptr<NodeEntry>>& entries() const { return entries_; }
-  // Adds `entry`, recording it as a parent of its children.
+  // Adds `entry`, recording it as a parent of its children (and placing it with them).
   NodeEntry& add(NodeEntry entry);
   // Removes the node named `name` (it must have no parents and no exports) and the generated
   // children only it used, returning them, children after parents, for closing.
   std::vector<std::unique_ptr<NodeEntry>> remove(const std::string& name);
   std::string generate_name();
+  // The nodes connected to `start` by child and parent edges, `start` first: the graph that
+  // moves between IoThreads as one.
+  std::vector<NodeEntry*> connected(NodeEntry& start);
 
  private:
   std::vector<std::unique_ptr<NodeEntry>> entries_;  // in the order added

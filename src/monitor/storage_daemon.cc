@@ -112,6 +112,9 @@ void StorageDaemon::register_commands() {
   commands_.add("query-iothreads", [this](const Json& arguments) -> coro::Task<QmpResult> {
     co_return query_iothreads(arguments);
   });
+  commands_.add("x-blockdev-set-iothread", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await set_iothread(arguments);
+  });
   commands_.add("nbd-server-start", [this](const Json& arguments) -> coro::Task<QmpResult> {
     co_return nbd_server_start(arguments, false, true);
   });
@@ -146,6 +149,7 @@ coro::Task<QmpResult> StorageDaemon::blockdev_del(const Json& arguments) {
   if (!entry->parents.empty()) co_return generic_error("Block device " + *name + " is in use");
   if (!entry->exports.empty()) co_return generic_error("Node " + *name + " is in use");
   std::vector<std::unique_ptr<NodeEntry>> removed = nodes_.remove(*name);
+  co_await bring_home(removed);
   for (const auto& node : removed) co_await node->node->close();
   co_return Json::object();
 }
@@ -239,6 +243,84 @@ coro::Task<QmpResult> StorageDaemon::query_named_block_nodes(const Json& argumen
 }
 
 // ---- IoThreads -------------------------------------------------------------------------------
+
+aio::Context& StorageDaemon::placement_context(const std::optional<std::string>& iothread) {
+  if (!iothread || iothread->empty()) return control_;
+  IoThreadEntry* entry = find_iothread(*iothread);
+  return entry ? entry->thread->context() : control_;  // (object-del refuses a used one)
+}
+
+StorageDaemon::ExportEntry* StorageDaemon::find_export_entry(const std::string& id) {
+  for (ExportEntry& entry : exports_) {
+    if (entry.id == id) return &entry;
+  }
+  return nullptr;
+}
+
+coro::Task<std::optional<QmpError>> StorageDaemon::place_graph(NodeEntry& node,
+                                                               const std::string& iothread) {
+  const std::vector<NodeEntry*> graph = nodes_.connected(node);
+  aio::Context& target = placement_context(iothread);
+  for (const NodeEntry* member : graph) {
+    if (&placement_context(member->iothread) == &target) continue;
+    for (const std::string& id : member->exports) {
+      const ExportEntry* exp = find_export_entry(id);
+      if (exp && exp->fixed_iothread) {
+        co_return generic_error("Cannot change iothread of active block backend");
+      }
+    }
+  }
+  for (NodeEntry* member : graph) member->iothread = iothread;
+  for (NodeEntry* member : graph) {
+    if (member->exports.empty()) {
+      // Background work of nodes no export reaches through a backend (the roots' attach
+      // forwards to their children).
+      if (member->parents.empty()) co_await member->node->attach_context(target);
+      continue;
+    }
+    for (const std::string& id : member->exports) {
+      ExportEntry* exp = find_export_entry(id);
+      if (!exp) continue;
+      co_await exp->backend->move_to(target);
+      if (nbd_) co_await nbd_->move_export(exp->name, target);
+    }
+  }
+  co_return std::nullopt;
+}
+
+coro::Task<void> StorageDaemon::bring_home(const std::vector<std::unique_ptr<NodeEntry>>& removed) {
+  // remove() returns parents before their children: the first is the graph's root.
+  if (!removed.empty() && removed.front()->iothread) {
+    co_await removed.front()->node->attach_context(control_);
+  }
+}
+
+coro::Task<QmpResult> StorageDaemon::set_iothread(const Json& arguments) {
+  Arguments args(arguments, false);
+  const std::optional<std::string> node_name = args.string("node-name", true);
+  const Json* target = args.raw("iothread", true);
+  const bool force = args.boolean("force").value_or(false);
+  if (!args.error() && target && !target->is_string() && !target->is_null()) {
+    args.set_error(
+        QmpError{"GenericError", "Invalid parameter type for 'iothread', expected: StrOrNull", ""});
+  }
+  if (std::optional<QmpError> error = args.finish()) co_return *error;
+  NodeEntry* node = nodes_.find(*node_name);
+  if (!node) co_return generic_error("Failed to find node with node-name='" + *node_name + "'");
+  // QEMU's guard against accidents: only the node's own users count, not its parents'.
+  if (!force && !node->exports.empty()) {
+    co_return generic_error("Node " + *node_name +
+                            " is associated with a BlockBackend and could be in use (use "
+                            "force=true to override this check)");
+  }
+  std::string iothread;
+  if (target->is_string()) {
+    iothread = target->get<std::string>();
+    if (!find_iothread(iothread)) co_return generic_error("Cannot find iothread " + iothread);
+  }
+  if (std::optional<QmpError> refused = co_await place_graph(*node, iothread)) co_return *refused;
+  co_return Json::object();
+}
 
 QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   Arguments args(options, from_keyval);
@@ -376,8 +458,9 @@ QmpResult StorageDaemon::object_del(const Json& arguments) {
   const auto it = std::find_if(iothreads_.begin(), iothreads_.end(),
                                [&](const IoThreadEntry& e) { return e.id == *id; });
   if (it == iothreads_.end()) return generic_error("object '" + *id + "' not found");
-  for (const ExportEntry& exp : exports_) {
-    if (exp.iothread == *id) return generic_error("object '" + *id + "' can't be deleted");
+  // (qemu-storage-daemon 7.2 deletes it and aborts later.)
+  for (const auto& node : nodes_.entries()) {
+    if (node->iothread == *id) return generic_error("object '" + *id + "' can't be deleted");
   }
   retire(std::move(it->thread));
   iothreads_.erase(it);
@@ -469,7 +552,7 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
   const std::optional<std::string> type =
       args.choice("type", {"nbd", "vhost-user-blk", "fuse", "vduse-blk"}, true);
   const std::optional<std::string> id = args.string("id", true);
-  args.boolean("fixed-iothread");
+  const bool fixed_iothread = args.boolean("fixed-iothread").value_or(false);
   const std::optional<std::string> iothread = args.string("iothread");
   const std::optional<std::string> node_name = args.string("node-name", true);
   const bool writable = args.boolean("writable").value_or(false);
@@ -496,6 +579,13 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
   if (iothread && !find_iothread(*iothread)) {
     co_return generic_error("iothread \"" + *iothread + "\" not found");
   }
+  if (iothread) {
+    // As QEMU: the graph moves there (and stays, even if the export then fails), unless an
+    // export fixed elsewhere refuses; that refusal matters only to a fixed new export, which
+    // otherwise runs where the graph is.
+    std::optional<QmpError> refused = co_await place_graph(*node, *iothread);
+    if (refused && fixed_iothread) co_return *refused;
+  }
   if (!nbd_) co_return generic_error("NBD server not running");
   const std::string export_name = name.value_or(*node_name);
   if (export_name.size() > 4096)
@@ -512,11 +602,17 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
   config.backend = std::make_shared<block::BlockBackend>(node->node);
   config.read_only = !writable;
   config.allow_unmap = node->discard_unmap;
+  std::shared_ptr<block::BlockBackend> backend = config.backend;
+  if (node->iothread) {
+    aio::Context& home = placement_context(node->iothread);
+    co_await backend->move_to(home);
+    config.home = &home;
+  }
   if (nbd_->add_export(std::move(config)) != 0) {
     co_return generic_error("NBD server already has export named '" + export_name + "'");
   }
   node->exports.push_back(*id);
-  exports_.push_back(ExportEntry{*id, *node_name, export_name, iothread.value_or("")});
+  exports_.push_back(ExportEntry{*id, *node_name, export_name, fixed_iothread, backend});
   co_return Json::object();
 }
 
@@ -590,7 +686,9 @@ coro::Task<void> StorageDaemon::shutdown(std::string reason) {
   // Parents before their children: newest first (a parent is added after its children).
   while (!nodes_.entries().empty()) {
     const std::string name = nodes_.entries().back()->name;
-    for (const auto& removed : nodes_.remove(name)) {
+    const std::vector<std::unique_ptr<NodeEntry>> graph = nodes_.remove(name);
+    co_await bring_home(graph);
+    for (const auto& removed : graph) {
       co_await removed->node->flush();
       co_await removed->node->close();
     }

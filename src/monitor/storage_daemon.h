@@ -7,8 +7,15 @@
 // Commands: qmp_capabilities (in QmpSession), query-version, query-commands, blockdev-add,
 // blockdev-del, query-named-block-nodes, object-add / object-del (iothread, tls-creds-x509,
 // tls-creds-psk, throttle-group),
-// query-iothreads, nbd-server-start, nbd-server-stop, block-export-add, block-export-del,
-// query-block-exports. Events: BLOCK_EXPORT_DELETED, SHUTDOWN (request_shutdown()).
+// query-iothreads, x-blockdev-set-iothread, nbd-server-start, nbd-server-stop,
+// block-export-add, block-export-del, query-block-exports. Events: BLOCK_EXPORT_DELETED,
+// SHUTDOWN (request_shutdown()).
+//
+// IoThreads: a graph of connected nodes lives on one context (NodeEntry::iothread), as in
+// QEMU. Placing it (block-export-add's iothread, x-blockdev-set-iothread) moves the graph's
+// background work (BlockBackend::move_to) and every export on it: their NBD connections
+// move, between two requests, to that IoThread (Server::move_export) while clients keep
+// doing I/O. An export with fixed-iothread refuses to move.
 //
 // Thread-safety: everything on the control context's thread (the QMP sessions run there);
 // the NBD server's connections run on its IoThreads and only touch the nodes through their
@@ -77,7 +84,8 @@ class StorageDaemon {
     std::string id;
     std::string node_name;
     std::string name;  // the NBD export name
-    std::string iothread;
+    bool fixed_iothread = false;
+    std::shared_ptr<block::BlockBackend> backend;
   };
 
   void register_commands();
@@ -85,6 +93,15 @@ class StorageDaemon {
   coro::Task<QmpResult> query_named_block_nodes(const Json& arguments);
   QmpResult object_del(const Json& arguments);
   QmpResult query_iothreads(const Json& arguments);
+  coro::Task<QmpResult> set_iothread(const Json& arguments);
+  // The context of a placement ("" is the main loop).
+  aio::Context& placement_context(const std::optional<std::string>& iothread);
+  // Moves the graph around `node` and its exports to `iothread` ("": the main loop). Refused,
+  // with nothing changed, when an export on the graph is fixed to another context.
+  coro::Task<std::optional<QmpError>> place_graph(NodeEntry& node, const std::string& iothread);
+  // Before closing removed nodes: their background work comes back to the control context.
+  coro::Task<void> bring_home(const std::vector<std::unique_ptr<NodeEntry>>& removed);
+  ExportEntry* find_export_entry(const std::string& id);
   coro::Task<QmpResult> nbd_server_stop(const Json& arguments);
   coro::Task<QmpResult> block_export_del(const Json& arguments);
   QmpResult query_block_exports(const Json& arguments);

@@ -17,7 +17,8 @@ client still connected) and `qemu-img check` is clean; exports are added and rem
 over QMP, some with a client reading them, while fio verifies another export; a safe
 block-export-del is refused while a client is connected and a hard one disconnects it, with
 BLOCK_EXPORT_DELETED; a hostile monitor client (garbage, nesting beyond the limit, an oversized
-value, a client that never reads) does not stop another monitor or the exports; --daemonize
+value, a client that never reads) does not stop another monitor or the exports; the exported
+node moves live between IoThreads 100 times under fio verify (x-blockdev-set-iothread); --daemonize
 returns once the sockets and the pid file exist, and the pid file is locked.
 
 The facts about qemu-storage-daemon that the expectations rest on are in qsd_facts.md here.
@@ -226,6 +227,24 @@ class StoragedTest(si.InteropTest):
             '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "raw0", "name": "%s"}}' % ("x" * 4097),
             '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e5", "node-name": "null0"}}',
             '{"execute": "query-block-exports"}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "disk0"}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "disk0", "iothread": 5}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "nosuch", "iothread": "io0"}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "disk0", "iothread": "nosuch"}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "disk0", "iothread": "nosuch", "force": true}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "disk0", "iothread": "io0", "force": true}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "f0", "iothread": null}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "raw0", "iothread": "io0", "bogus": 1}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "raw0", "iothread": "io0"}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e6", "node-name": "raw0", "name": "r6", "iothread": "io0", "fixed-iothread": true}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "rawf", "iothread": null}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "raw0", "iothread": "io0", "force": true}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e7", "node-name": "disk0", "name": "d7", "iothread": "io0", "fixed-iothread": true}}',
+            '{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e8", "node-name": "rawf", "name": "r8", "iothread": "nosuch"}}',
+            '{"execute": "block-export-del", "arguments": {"id": "e6"}}',
+            '{"execute": "block-export-del", "arguments": {"id": "e7"}}',
+            '{"execute": "x-blockdev-set-iothread", "arguments": {"node-name": "rawf", "iothread": null}}',
             '{"execute": "block-export-del", "arguments": {"id": "nosuch"}}',
             '{"execute": "block-export-del", "arguments": {"id": "e5", "mode": "bogus"}}',
             '{"execute": "block-export-del", "arguments": {"id": "e5"}}',
@@ -431,6 +450,77 @@ class StoragedTest(si.InteropTest):
         self.assertEqual(qmp.execute("query-block-exports")["return"],
                          [{"type": "nbd", "id": "fio", "node-name": "fio0", "shutting-down": False}])
         self.assertEqual(daemon.stop(), 0, daemon.log_text())
+
+    def test_live_move_between_iothreads_under_fio_verify(self):
+        """The exported node moves 100 times between two IoThreads and the main loop (by
+        itself with force, or through its child without) while fio verifies random writes
+        through the export: no verify or I/O error, and a client connected before the first
+        move, idle throughout, is still served after the last."""
+        folder = self.folder("move")
+        qemu_img("create", "-q", "-f", "qcow2", os.path.join(folder, "fio.qcow2"), "64M")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--object", "iothread,id=io1", "--object", "iothread,id=io2",
+            "--blockdev", "driver=file,node-name=file0,filename=fio.qcow2",
+            "--blockdev", "driver=qcow2,node-name=fio0,file=file0",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=fio,node-name=fio0,writable=on,iothread=io1"])
+        qmp = daemon.monitor()
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.settimeout(60)
+        idle.connect(os.path.join(folder, "nbd.sock"))
+        si.raw_handshake(idle, "fio0")
+        image = os.path.join(folder, "fio.qcow2")
+        empty_size = os.path.getsize(image)
+        # Random writes, each block read back and checked soon after (verify_backlog), until
+        # SIGINT: the load lasts as long as the moves do, however long they take.
+        fio = subprocess.Popen(
+            ["fio", "--name=verify", "--ioengine=nbd",
+             f"--uri=nbd+unix:///fio0?socket={folder}/nbd.sock", "--rw=randwrite", "--bs=4k",
+             "--size=16M", "--offset_increment=16M", "--numjobs=2", "--iodepth=16",
+             "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
+             "--time_based", "--runtime=600"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while os.path.getsize(image) == empty_size:  # fio is writing (clusters allocated)
+                self.assertIsNone(fio.poll(), "fio ended before the moves")
+                self.assertLess(time.monotonic(), deadline, "fio wrote nothing")
+                time.sleep(0.01)
+            targets = ["io2", None, "io1"]
+            for i in range(100):
+                target = targets[i % 3]
+                if i % 2:  # through the child: the graph moves, and no force is needed
+                    reply = qmp.execute("x-blockdev-set-iothread",
+                                        **{"node-name": "file0", "iothread": target})
+                else:
+                    reply = qmp.execute("x-blockdev-set-iothread",
+                                        **{"node-name": "fio0", "iothread": target, "force": True})
+                self.assertEqual(reply, {"return": {}}, reply)
+                time.sleep(0.005)  # some I/O between moves (not needed for correctness)
+            self.assertIsNone(fio.poll(), "fio ended during the moves")
+        finally:
+            if fio.poll() is None:
+                fio.send_signal(signal.SIGINT)
+            output, _ = fio.communicate(timeout=120)
+        # fio exits non-zero after SIGINT; its jobs' own status is what counts.
+        self.assertEqual(len(re.findall(r"\berr= 0\b", output)), 2, output[-4000:])
+        self.assertNotRegex(output, r"(?i)verify failed|bad magic|bad header|error", output[-4000:])
+        # Every job read blocks back and checked them.
+        self.assertEqual(len(re.findall(r"issued rwts: total=[1-9]\d*,[1-9]", output)), 2, output)
+        # The idle client, connected since before the first move.
+        idle.sendall(si.request(si.CMD_WRITE, 1, 0, 4096, payload=b"\x5a" * 4096))
+        self.assertEqual(si.read_simple_reply(idle)[0], 0)
+        idle.sendall(si.request(si.CMD_READ, 2, 0, 4096))
+        error, cookie, data = si.read_simple_reply(idle, 4096)
+        self.assertEqual((error, cookie, data), (0, 2, b"\x5a" * 4096))
+        idle.close()
+        # An IoThread that the graph is on cannot be deleted; one it left can.
+        self.assertIn("can't be deleted", json.dumps(qmp.execute("object-del", id="io2")))
+        self.assertEqual(qmp.execute("object-del", id="io1"), {"return": {}})
+        self.assertEqual(daemon.stop(), 0, daemon.log_text())
+        check = subprocess.run(["qemu-img", "check", os.path.join(folder, "fio.qcow2")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.assertEqual(check.returncode, 0, check.stdout)
 
     def test_safe_delete_is_refused_with_a_client_and_hard_disconnects_it(self):
         folder = self.folder("del")

@@ -4,7 +4,7 @@
 // close() waking a blocked reader; connects bounded by a deadline (SYNs dropped, a full Unix
 // backlog); send_file() of ranges larger than the socket buffer, past
 // the end of the file, to a vanished peer, and by copying where pages cannot be passed on;
-// child processes (output to EOF, exit codes, signals).
+// child processes (output to EOF, exit codes, signals); interrupt_read().
 #include "io/channel.h"
 
 #include <gtest/gtest.h>
@@ -338,6 +338,55 @@ TEST(ChannelTest, CloseWakesABlockedReader) {
   coro::block_on(io.context(), [](coro::Event& d) -> coro::Task<void> { co_await d.wait(); }(done));
   EXPECT_EQ(result.load(), -ECANCELED);
   ::close(pair.theirs);
+}
+
+// interrupt_read() calls away a read_some_or_interrupt() that waits (or is about to wait) for
+// data, once; a plain read_some() just keeps waiting; data already there is returned first.
+TEST(ChannelTest, InterruptReadCallsAWaitingReaderAwayOnce) {
+  aio::IoThread io("interrupt");
+  SocketPair pair;
+  Channel channel(pair.ours, nullptr);
+  std::atomic<int> stage{0};
+  coro::Event go_on;
+  std::vector<ssize_t> results;  // read by this thread once `done` is set
+  std::string bytes;
+  coro::Event done;
+  coro::spawn(
+      io.context(),
+      [](Channel& ch, std::atomic<int>& at, coro::Event& go, std::vector<ssize_t>& out,
+         std::string& got, coro::Event& d) -> coro::Task<void> {
+        char byte = 0;
+        out.push_back(co_await ch.read_some_or_interrupt(&byte, 1));  // interrupted
+        at.store(1);
+        out.push_back(co_await ch.read_some(&byte, 1));  // interrupted too, waits for 'x'
+        got += byte;
+        out.push_back(co_await ch.read_some_or_interrupt(&byte, 1));  // the pending interrupt
+        at.store(2);
+        co_await go.wait();  // 'y' has arrived, and another interrupt
+        out.push_back(co_await ch.read_some_or_interrupt(&byte, 1));  // data first
+        got += byte;
+        out.push_back(co_await ch.read_some_or_interrupt(&byte, 1));  // then the interrupt
+        at.store(3);
+        out.push_back(co_await ch.read_some_or_interrupt(&byte, 1));  // EOF
+        d.set();
+      }(channel, stage, go_on, results, bytes, done));
+  std::this_thread::sleep_for(20ms);  // (whether it waits yet or not, it sees the interrupt)
+  channel.interrupt_read();
+  while (stage.load() < 1) std::this_thread::sleep_for(1ms);
+  channel.interrupt_read();
+  std::this_thread::sleep_for(20ms);
+  ASSERT_EQ(::write(pair.theirs, "x", 1), 1);
+  while (stage.load() < 2) std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(::write(pair.theirs, "y", 1), 1);
+  channel.interrupt_read();
+  go_on.set();
+  while (stage.load() < 3) std::this_thread::sleep_for(1ms);
+  ::close(pair.theirs);
+  coro::block_on(io.context(), [](coro::Event& d) -> coro::Task<void> { co_await d.wait(); }(done));
+  EXPECT_EQ(results, (std::vector<ssize_t>{-EINTR, 1, -EINTR, 1, -EINTR, 0}));
+  EXPECT_EQ(bytes, "xy");
+  io.context().run_soon([&] { channel.detach(); });
+  coro::block_on(io.context(), []() -> coro::Task<void> { co_return; }());
 }
 
 // A temporary file of `size` patterned bytes (unlinked; the fd stays open).

@@ -149,10 +149,8 @@ Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel, aio
       copy_free_reads_(server.options_.zero_copy_reads != ZeroCopyReads::never),
       sendfile_reads_(wants_sendfile(server.options_.zero_copy_reads, channel_->fd())),
       serial_(serial),
-      drain_deadline_(home, aio::Clock::monotonic, [this] {
-        peer_gone_ = true;
-        channel_->close();  // blocked reads and sends get -ECANCELED
-      }) {
+      home_(&home),
+      drain_deadline_(make_drain_deadline(home)) {
   // Room for several large READ replies in a Unix socket, so that the loop is not woken for
   // every ~200 KiB the client drains (the default buffer); the kernel caps the request at
   // net.core.wmem_max. TCP is left alone: setting SO_SNDBUF there would turn off the kernel's
@@ -169,6 +167,13 @@ Connection::Connection(Server& server, std::unique_ptr<io::Channel> channel, aio
 
 Connection::~Connection() = default;
 
+std::unique_ptr<aio::Timer> Connection::make_drain_deadline(aio::Context& context) {
+  return std::make_unique<aio::Timer>(context, aio::Clock::monotonic, [this] {
+    peer_gone_ = true;
+    channel_->close();  // blocked reads and sends get -ECANCELED
+  });
+}
+
 bool Connection::stop(std::chrono::nanoseconds grace) noexcept {
   if (stop_requested_.exchange(true, std::memory_order_acq_rel)) return false;
   channel_->shutdown_read();  // a read blocked now, or later, sees EOF
@@ -179,7 +184,46 @@ bool Connection::stop(std::chrono::nanoseconds grace) noexcept {
 
 void Connection::arm_drain_deadline(std::chrono::nanoseconds delay) noexcept {
   // Once only: the first stop (or the end of the receive loop) sets the deadline.
-  if (!deadline_armed_.exchange(true, std::memory_order_acq_rel)) drain_deadline_.arm_in(delay);
+  std::lock_guard lock(deadline_mutex_);
+  if (deadline_armed_) return;
+  deadline_armed_ = true;
+  deadline_at_ = aio::now_ns(aio::Clock::monotonic) + delay.count();
+  if (drain_deadline_) drain_deadline_->arm_at(deadline_at_);  // else: armed after the move
+}
+
+void Connection::cancel_drain_deadline() noexcept {
+  std::lock_guard lock(deadline_mutex_);
+  if (drain_deadline_) drain_deadline_->cancel();
+}
+
+void Connection::request_move(aio::Context& target) noexcept {
+  wanted_home_.store(&target, std::memory_order_release);
+  channel_->interrupt_read();  // a receive loop waiting for the next request comes to look
+}
+
+coro::Task<bool> Connection::move_if_asked() {
+  // The quiet point: the loop reads nothing more until every request in flight has replied,
+  // so nothing else of this connection runs while it changes threads.
+  co_await idle_.wait();
+  aio::Context* target = wanted_home_.exchange(nullptr, std::memory_order_acq_rel);
+  if (stopping()) co_return false;
+  if (target != nullptr && target != home_.load(std::memory_order_acquire)) {
+    {
+      // Destroyed on its own context, by its thread: its callback cannot be running.
+      std::lock_guard lock(deadline_mutex_);
+      drain_deadline_.reset();
+    }
+    channel_->attach(*target);
+    co_await coro::switch_to(*target);
+    {
+      std::lock_guard lock(deadline_mutex_);
+      drain_deadline_ = make_drain_deadline(*target);
+      if (deadline_armed_) drain_deadline_->arm_at(deadline_at_);  // stop() came meanwhile
+    }
+    home_.store(target, std::memory_order_release);
+  }
+  moved.set();
+  co_return true;
 }
 
 coro::Task<void> Connection::run() {
@@ -194,11 +238,13 @@ coro::Task<void> Connection::run() {
   // started run to completion; their replies, and requests not started yet, are dropped.
   arm_drain_deadline(server_.options_.drain_timeout);
   co_await idle_.wait();  // every request has sent its reply (or given up on the peer)
-  drain_deadline_.cancel();
+  cancel_drain_deadline();
   server_.budget_.forget(&slot_free_);
   if (tls_ && !peer_gone_) tls_->say_goodbye();
   channel_->close();
   if (served_) server_.release_export(*served_);
+  ended_.store(true, std::memory_order_release);
+  moved.set();
 }
 
 // ---- handshake ----------------------------------------------------------------------------
@@ -450,7 +496,7 @@ coro::Task<Connection::Next> Connection::handle_meta_context(std::uint32_t optio
 // ---- transmission -------------------------------------------------------------------------
 
 coro::Task<int> Connection::receive(void* destination, std::size_t size) {
-  constexpr std::size_t kBufferSize = 64 * 1024;
+  constexpr std::size_t kBufferSize = kReceiveBufferSize;
   auto* out = static_cast<std::byte*>(destination);
   const std::size_t buffered = std::min(size, receive_end_ - receive_begin_);
   // (Before the first refill the buffer is empty and data() is null: memcpy(.., null, 0) is UB.)
@@ -504,6 +550,25 @@ coro::Task<int> Connection::skip_payload(std::uint64_t bytes) {
 
 coro::Task<void> Connection::transmission() {
   while (!stopping()) {
+    if (wanted_home_.load(std::memory_order_acquire) != nullptr) {
+      const bool moved_home = co_await move_if_asked();
+      if (!moved_home) break;
+      continue;
+    }
+    if (receive_begin_ == receive_end_) {
+      // Waiting for the next request, the one place where request_move() may call the loop
+      // away (-EINTR): nothing of a request has been read yet.
+      receive_buffer_.resize(kReceiveBufferSize);
+      const ssize_t n =
+          co_await stream_->read_some_or_interrupt(receive_buffer_.data(), kReceiveBufferSize);
+      if (n == -EINTR) continue;
+      if (n <= 0) {
+        if (n < 0) peer_gone_ = true;  // (0: the client's clean EOF)
+        break;
+      }
+      receive_begin_ = 0;
+      receive_end_ = static_cast<std::size_t>(n);
+    }
     std::array<std::byte, kRequestHeaderSize> header_bytes;
     const int got_header = co_await receive(header_bytes.data(), header_bytes.size());
     if (got_header != 0) {

@@ -19,17 +19,26 @@
 // channel is closed, which fails every blocked read and send. Once the peer is gone (a send
 // failed, the channel was closed), requests not yet started are dropped, not executed.
 //
-// Thread-safety: everything runs on the connection's context (its channel is attached there,
-// and request coroutines are spawned there and resume there); only stop(), in_handshake(),
-// serial() and selected_export() are called from other threads (they use atomics,
-// Channel::shutdown_read() and Timer::arm_in(), which are thread-safe). `replies_`, in_flight_,
-// bytes_in_flight_ and peer_gone_ are used only on that context.
+// Moving: request_move() (any thread) asks the connection to make another context its home.
+// The receive loop does it at its next quiet point, between requests: it stops reading, waits
+// until every request in flight has replied, re-creates the drain deadline on the new context,
+// attaches the channel there and switches to it; requests it starts from then on run there.
+// A loop waiting for the next request is called away by Channel::interrupt_read(). An export
+// with a home context (ServedExport::home) has its connections moved there when they select it.
+//
+// Thread-safety: everything runs on the connection's home context (its channel is attached
+// there, and request coroutines are spawned there and resume there); only stop(),
+// request_move(), home(), ended(), in_handshake(), serial() and selected_export() are called
+// from other threads (they use atomics, Channel::shutdown_read(), Channel::interrupt_read(),
+// and the drain deadline under `deadline_mutex_`). `replies_`, in_flight_, bytes_in_flight_
+// and peer_gone_ are used only on the home context; a move hands them over with the switch.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <vector>
 
@@ -70,13 +79,24 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool in_handshake() const noexcept { return handshaking_.load(std::memory_order_acquire); }
   std::uint64_t serial() const noexcept { return serial_; }  // accept order
   // Any thread: the export this connection selected (null before), set by Server::claim_export
-  // under its exports_mutex_.
+  // under its exports_mutex_, with the export's home (null: none), where transmission starts
+  // by moving.
   const ServedExport* selected_export() const noexcept {
     return selected_.load(std::memory_order_acquire);
   }
-  void set_selected_export(const ServedExport* served) noexcept {
+  void set_selected_export(const ServedExport* served, aio::Context* export_home) noexcept {
     selected_.store(served, std::memory_order_release);
+    if (export_home) wanted_home_.store(export_home, std::memory_order_release);
   }
+
+  // Any thread: asks the connection to move to `target` (see above). Returns at once;
+  // `moved` is set (and home() is `target`) once it has, or once the connection has ended.
+  void request_move(aio::Context& target) noexcept;
+  aio::Context* home() const noexcept { return home_.load(std::memory_order_acquire); }
+  bool ended() const noexcept { return ended_.load(std::memory_order_acquire); }
+  // Set after every move and when the connection ends; a waiter resets it, then checks home()
+  // and ended(), then waits (so that no change is missed).
+  coro::Event moved{true};
 
  private:
   enum class Next { keep_negotiating, transmit, close };
@@ -108,6 +128,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Waits until a request costing `cost` may start; false if the connection stops meanwhile.
   coro::Task<bool> admit(std::uint64_t cost);
   void arm_drain_deadline(std::chrono::nanoseconds delay) noexcept;
+  void cancel_drain_deadline() noexcept;
+  std::unique_ptr<aio::Timer> make_drain_deadline(aio::Context& context);
+  // Moves to the context request_move() asked for, if any, at a quiet point. False if the
+  // connection is stopping.
+  coro::Task<bool> move_if_asked();
   void finish_request(std::uint64_t cost) noexcept;  // a started request ended (or was dropped)
   bool stopping() const noexcept { return stop_requested_.load(std::memory_order_acquire); }
 
@@ -128,6 +153,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const bool sendfile_reads_;     // ... and leave by sendfile, not a mapping (ServerOptions)
   TransmissionPolicy policy_;
 
+  static constexpr std::size_t kReceiveBufferSize = 64 * 1024;
   base::IoBytes receive_buffer_;
   std::size_t receive_begin_ = 0;  // unread bytes are [receive_begin_, receive_end_)
   std::size_t receive_end_ = 0;
@@ -144,8 +170,16 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const std::uint64_t serial_;
   std::atomic<bool> handshaking_{true};
   std::atomic<bool> stop_requested_{false};
-  std::atomic<bool> deadline_armed_{false};
-  aio::Timer drain_deadline_;  // on home; closes the channel
+  std::atomic<aio::Context*> home_;
+  std::atomic<aio::Context*> wanted_home_{nullptr};  // request_move()'s target, until done
+  std::atomic<bool> ended_{false};
+  // The drain deadline closes the channel on the home context. A move replaces the timer (a
+  // Timer belongs to one context): `deadline_mutex_` orders that with stop() on other threads,
+  // and `deadline_at_` keeps a deadline armed while no timer exists.
+  std::mutex deadline_mutex_;
+  bool deadline_armed_ = false;                 // deadline_mutex_
+  std::int64_t deadline_at_ = 0;                // deadline_mutex_ (monotonic ns)
+  std::unique_ptr<aio::Timer> drain_deadline_;  // deadline_mutex_; null while moving
 };
 
 }  // namespace spindle::exports::nbd

@@ -3,14 +3,15 @@
 // is removed while clients use it stays valid until the last of them closes.
 //
 // Thread-safety: `config` is immutable and `stats` is atomic (ExportStats). `connections` and
-// `removed` are read and written only under the owning Server's exports_mutex_. `unused` is an
-// Event (any thread): set while no connection has the export selected.
+// `removed` and `home` are read and written only under the owning Server's exports_mutex_. `unused`
+// is an Event (any thread): set while no connection has the export selected.
 #pragma once
 
 #include <cstddef>
 #include <memory>
 #include <string>
 
+#include "aio/context.h"
 #include "block/block_backend.h"
 #include "coro/event.h"
 #include "export/nbd/export_stats.h"
@@ -24,15 +25,20 @@ struct ExportConfig {
   bool read_only = false;
   bool allow_unmap = false;  // TRIM and WRITE_ZEROES may punch holes (--discard=unmap)
   bool multi_conn = true;    // safe: every connection shares one backend (flush covers all)
+  // Where the export's connections run once a client selects it (until Server::move_export);
+  // null: on whichever of the server's IoThreads accepted them (spread round-robin).
+  aio::Context* home = nullptr;
 };
 
 struct ServedExport {
-  explicit ServedExport(ExportConfig export_config) : config(std::move(export_config)) {}
+  explicit ServedExport(ExportConfig export_config)
+      : config(std::move(export_config)), home(config.home) {}
 
   const ExportConfig config;
   ExportStats stats;
   std::size_t connections = 0;  // Server::exports_mutex_
   bool removed = false;         // Server::exports_mutex_: no new client may select it
+  aio::Context* home;           // Server::exports_mutex_: see ExportConfig::home
   coro::Event unused{true};
 };
 

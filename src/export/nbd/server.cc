@@ -166,6 +166,38 @@ coro::Task<int> Server::remove_export(std::string name, bool hard) {
   co_return flushed < 0 ? flushed : 0;
 }
 
+coro::Task<int> Server::move_export(std::string name, aio::Context& target) {
+  auto one_at_a_time = co_await move_mutex_.scoped_lock();
+  std::shared_ptr<ServedExport> served;
+  {
+    std::lock_guard lock(exports_mutex_);
+    for (const auto& candidate : exports_) {
+      if (candidate->config.name == name) served = candidate;
+    }
+    if (!served) co_return -ENOENT;
+    // From here on a connection that claims the export learns the new home itself; every one
+    // that claimed it before is in connections_ with selected_export() set (claim_export).
+    served->home = &target;
+  }
+  std::vector<std::shared_ptr<Connection>> moving;
+  {
+    std::lock_guard lock(connections_mutex_);
+    for (const auto& connection : connections_) {
+      if (connection->selected_export() != served.get()) continue;
+      connection->request_move(target);
+      moving.push_back(connection);
+    }
+  }
+  for (const auto& connection : moving) {
+    for (;;) {
+      connection->moved.reset();  // before the check: a move or end after it sets it again
+      if (connection->ended() || connection->home() == &target) break;
+      co_await connection->moved.wait();
+    }
+  }
+  co_return 0;
+}
+
 std::size_t Server::export_connections(const std::string& name) const {
   std::lock_guard lock(exports_mutex_);
   for (const auto& served : exports_) {
@@ -194,7 +226,9 @@ bool Server::claim_export(Connection& connection, const std::shared_ptr<ServedEx
   std::lock_guard lock(exports_mutex_);
   if (served->removed) return false;
   if (served->connections++ == 0) served->unused.reset();
-  connection.set_selected_export(served.get());
+  // Under the lock, so that a move_export() either sets the home before this or finds the
+  // connection after it (and asks it to move again).
+  connection.set_selected_export(served.get(), served->home);
   return true;
 }
 

@@ -7,6 +7,8 @@
 //
 // Exports may be added and removed while clients are served (add_export, remove_export): a
 // client selects an export by name during its handshake and keeps it until it disconnects.
+// An export may have a home context (ExportConfig::home): its connections run there, and
+// move_export() moves them, live, to another.
 //
 // Thread-safety: construct, listen(), serve(), add_export(), remove_export() and shutdown()
 // from one controlling thread (the one that polls the context passed to the constructor,
@@ -29,6 +31,7 @@
 #include "aio/io_thread.h"
 #include "block/block_backend.h"
 #include "coro/event.h"
+#include "coro/mutex.h"
 #include "coro/task.h"
 #include "export/nbd/in_flight_budget.h"
 #include "export/nbd/served_export.h"
@@ -101,6 +104,12 @@ class Server {
   // while a client uses it. Hard: those clients' connections are stopped (the requests they
   // sent get ServerOptions::drain_timeout to complete). -ENOENT: no such export.
   coro::Task<int> remove_export(std::string name, bool hard);
+  // Makes `target` the export's home: the connections that use it move there (each between
+  // two of its requests, once those in flight have replied; see Connection), and so do those
+  // that select it later. Completes when every connection that used it has moved or ended;
+  // moves run one after another. -ENOENT: no such export. `target` must be polled until then.
+  // Call from a coroutine on the control context.
+  coro::Task<int> move_export(std::string name, aio::Context& target);
   // How many connections use the export named `name` (0 for an unknown name).
   std::size_t export_connections(const std::string& name) const;
 
@@ -122,7 +131,8 @@ class Server {
   bool evict_oldest_handshake();
   // The export a client asks for by `name` ("" is the first one), or null.
   std::shared_ptr<ServedExport> find_export(std::string_view name) const;
-  // Makes `connection` a user of `served`: false if it was removed meanwhile.
+  // Makes `connection` a user of `served` (and sends it to the export's home, if it has one):
+  // false if it was removed meanwhile.
   bool claim_export(Connection& connection, const std::shared_ptr<ServedExport>& served);
   void release_export(ServedExport& served);
 
@@ -144,6 +154,7 @@ class Server {
   std::set<std::shared_ptr<Connection>> connections_;
   std::set<Connection*> evicted_connections_;  // guarded by connections_mutex_
   InFlightBudget budget_;
+  coro::Mutex move_mutex_;  // move_export() calls, one at a time
   std::function<void()> on_idle_;
 };
 
