@@ -25,6 +25,7 @@ set(SPINDLE_AIO_SOURCES
 
 # spindle_coro: coroutines, their locks, and the awaitables over aio (file I/O, thread pool).
 set(SPINDLE_CORO_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/coro/cancellation.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/coroutine.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/event.cc
   ${CMAKE_CURRENT_LIST_DIR}/coro/file_io.cc
