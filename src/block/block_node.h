@@ -23,6 +23,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "coro/task.h"
 
@@ -120,6 +121,14 @@ class BlockNode {
   // The backend's requests have drained: finish background work that would otherwise touch
   // the image later (QED: clear the need-check bit now instead of on its idle timer).
   virtual coro::Task<void> quiesce();
+  // Points the child edge `role` ("file", "backing") at `child` (null: none, where the role
+  // allows it). Only inside a drained section of every backend that reaches this node, from
+  // one thread. 0; -ENOENT: no such role; -EINVAL: the child does not fit (size); -ENOTSUP:
+  // this node's children are fixed. Default: -ENOTSUP.
+  virtual int replace_child(std::string_view role, std::shared_ptr<BlockNode> child) {
+    return -ENOTSUP;
+  }
+
   // Moves the node's background work (timers) to `context`. Requests are not affected: they
   // keep running on their callers' contexts. Every context involved must be running (polled)
   // until it returns. Never called concurrently with itself for one node.

@@ -12,6 +12,7 @@
 #include "block/drivers/flush_mode.h"
 #include "block/drivers/nbd/nbd_node.h"
 #include "block/drivers/null.h"
+#include "block/drivers/raw.h"
 #include "block/drivers/throttle.h"
 #include "block/format_registry.h"
 #include "block/image_chain.h"
@@ -228,6 +229,9 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
       co_return generic_error("Could not open '" + image_name + "': " + node.error().message);
     }
     entry.node = std::move(node).value();
+    // The raw format opens as its file node itself; the daemon keeps a node of its own, whose
+    // `file` child blockdev-reopen can change (a RawNode still passes on host_file_range).
+    if (*driver == "raw") entry.node = std::make_shared<block::RawNode>(std::move(entry.node));
     entry.format = format;
     entry.filename = image_name;
     entry.children.emplace_back("file", file->name);

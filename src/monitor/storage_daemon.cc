@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <variant>
 
 #include "block/block_backend.h"
 #include "block/drivers/throttle.h"
@@ -115,6 +116,9 @@ void StorageDaemon::register_commands() {
   commands_.add("x-blockdev-set-iothread", [this](const Json& arguments) -> coro::Task<QmpResult> {
     co_return co_await set_iothread(arguments);
   });
+  commands_.add("blockdev-reopen", [this](const Json& arguments) -> coro::Task<QmpResult> {
+    co_return co_await blockdev_reopen(arguments);
+  });
   commands_.add("nbd-server-start", [this](const Json& arguments) -> coro::Task<QmpResult> {
     co_return nbd_server_start(arguments, false, true);
   });
@@ -136,6 +140,195 @@ void StorageDaemon::register_commands() {
 
 coro::Task<QmpResult> StorageDaemon::blockdev_add(const Json& options, bool from_keyval) {
   co_return co_await add_blockdev(nodes_, options, from_keyval);
+}
+
+namespace {
+
+bool is_format_driver(const std::string& driver) {
+  return driver == "raw" || driver == "qcow2" || driver == "qed";
+}
+
+// The child a role names now, or "".
+std::string child_in_role(const NodeEntry& entry, const std::string& role) {
+  for (const auto& [r, child] : entry.children) {
+    if (r == role) return child;
+  }
+  return "";
+}
+
+}  // namespace
+
+coro::Task<QmpResult> StorageDaemon::blockdev_reopen(const Json& arguments) {
+  Arguments outer(arguments, false);
+  const Json* list = outer.raw("options", true);
+  if (!outer.error() && list && !list->is_array()) {
+    outer.set_error(
+        QmpError{"GenericError", "Invalid parameter type for 'options', expected: array", ""});
+  }
+  if (std::optional<QmpError> error = outer.finish()) co_return *error;
+  struct Change {
+    NodeEntry* node;
+    std::string role;
+    NodeEntry* child;  // null: none (backing only)
+  };
+  std::vector<Change> changes;
+  for (std::size_t i = 0; i < list->size(); ++i) {
+    const std::string path = "options[" + std::to_string(i) + "]";
+    Arguments args((*list)[i], false, path);
+    const std::optional<std::string> driver = args.string("driver", true);
+    const std::optional<std::string> node_name = args.string("node-name");
+    const bool has_file_role = driver && (is_format_driver(*driver) || *driver == "throttle");
+    const Json* file = has_file_role ? args.raw("file", true) : nullptr;
+    const Json* backing = args.raw("backing");
+    // What reopen may state but not change: read back and compared with the node's.
+    const std::optional<bool> read_only = args.boolean("read-only");
+    const std::optional<std::string> discard =
+        args.choice("discard", {"ignore", "off", "unmap", "on"});
+    const std::optional<std::string> detect_zeroes =
+        args.choice("detect-zeroes", {"off", "on", "unmap"});
+    const std::optional<std::string> filename = args.string("filename");
+    std::optional<bool> direct, no_flush;
+    if (std::optional<Arguments> cache = args.object("cache")) {
+      direct = cache->boolean("direct");
+      no_flush = cache->boolean("no-flush");
+      args.finish_nested(*cache);
+    }
+    for (const char* ignored : {"auto-read-only", "force-share"}) args.boolean(ignored);
+    args.string("aio");
+    args.string("throttle-group");
+    if (std::optional<QmpError> error = args.finish()) co_return *error;
+    if (!node_name) co_return generic_error("node-name not specified");
+    NodeEntry* node = nodes_.find(*node_name);
+    if (!node) co_return generic_error("Failed to find node with node-name='" + *node_name + "'");
+    const auto unchangeable = [](const std::string& option) {
+      return generic_error("Cannot change the option '" + option + "'");
+    };
+    if (*driver != node->driver) co_return unchangeable("driver");
+    if (read_only.value_or(false) != node->read_only) co_return unchangeable("read-only");
+    if (discard && (*discard == "unmap" || *discard == "on") != node->discard_unmap)
+      co_return unchangeable("discard");
+    if (detect_zeroes.value_or("off") != node->detect_zeroes)
+      co_return unchangeable("detect-zeroes");
+    if (filename && *filename != node->filename) co_return unchangeable("filename");
+    if (direct.value_or(false) != node->cache_direct) co_return unchangeable("cache.direct");
+    if (no_flush.value_or(false) != node->cache_no_flush) co_return unchangeable("cache.no-flush");
+    const auto wanted_child = [&](const Json* value,
+                                  const std::string& role) -> std::variant<NodeEntry*, QmpError> {
+      if (value->is_null()) return static_cast<NodeEntry*>(nullptr);
+      if (value->is_object()) return unchangeable(role + ".driver");  // a new inline node
+      if (!value->is_string()) {
+        return generic_error("Invalid parameter type for '" + path + "." + role +
+                             "', expected: BlockdevRef or null");
+      }
+      const std::string name = value->get<std::string>();
+      NodeEntry* child = nodes_.find(name);
+      if (!child) return generic_error("Cannot find device='' nor node-name='" + name + "'");
+      // A cycle: the new child is the node or one of its ancestors.
+      std::vector<const NodeEntry*> up{node};
+      for (std::size_t next = 0; next < up.size(); ++next) {
+        if (up[next] == child) {
+          return generic_error("Making '" + name + "' a " + role + " child of '" + node->name +
+                               "' would create a cycle");
+        }
+        for (const auto& [parent, r] : up[next]->parents) {
+          if (const NodeEntry* p = nodes_.find(parent)) up.push_back(p);
+        }
+      }
+      // Two formats over one file would corrupt it (qemu's permission system refuses it too).
+      for (const auto& [parent, r] : child->parents) {
+        const NodeEntry* other = nodes_.find(parent);
+        if (other && other != node && r == "file" && is_format_driver(other->driver)) {
+          return generic_error("Permission conflict on node '" + name + "': node '" + parent +
+                               "' uses it as 'file' child");
+        }
+      }
+      return child;
+    };
+    if (file) {
+      if (file->is_null()) co_return generic_error("Parameter '" + path + ".file' is missing");
+      auto child = wanted_child(file, "file");
+      if (auto* error = std::get_if<QmpError>(&child)) co_return *error;
+      NodeEntry* target = std::get<NodeEntry*>(child);
+      if (target->name != child_in_role(*node, "file")) {
+        if (*driver == "qcow2" || *driver == "qed") co_return unchangeable("file");
+        if (target->node->size() != node->node->size()) {
+          co_return generic_error("Node '" + target->name + "' does not have the size of '" +
+                                  node->name + "''s current file child");
+        }
+        changes.push_back(Change{node, "file", target});
+      }
+    }
+    if (backing) {
+      if (*driver != "qcow2" && *driver != "qed") co_return unchangeable("backing");
+      auto child = wanted_child(backing, "backing");
+      if (auto* error = std::get_if<QmpError>(&child)) co_return *error;
+      NodeEntry* target = std::get<NodeEntry*>(child);
+      if ((target ? target->name : "") != child_in_role(*node, "backing")) {
+        changes.push_back(Change{node, "backing", target});
+      }
+    }
+  }
+  if (changes.empty()) co_return Json::object();
+
+  // Every export backend that reaches a node involved is drained while the edges change.
+  std::vector<NodeEntry*> involved;
+  for (const Change& change : changes) {
+    for (NodeEntry* member : nodes_.connected(*change.node)) involved.push_back(member);
+    if (change.child) {
+      for (NodeEntry* member : nodes_.connected(*change.child)) involved.push_back(member);
+    }
+  }
+  std::vector<std::shared_ptr<block::BlockBackend>> drained;
+  for (NodeEntry* member : involved) {
+    for (const std::string& id : member->exports) {
+      ExportEntry* exp = find_export_entry(id);
+      if (exp && std::find(drained.begin(), drained.end(), exp->backend) == drained.end()) {
+        drained.push_back(exp->backend);
+      }
+    }
+  }
+  for (const auto& backend : drained) co_await backend->drained_begin();
+  std::vector<std::string> orphans;  // generated children no node uses any more
+  std::optional<QmpError> failed;
+  for (const Change& change : changes) {
+    const int replaced =
+        change.node->node->replace_child(change.role, change.child ? change.child->node : nullptr);
+    if (replaced != 0) {  // (not expected: the checks above cover what nodes refuse)
+      failed = generic_error("Cannot change the option '" + change.role + "'");
+      continue;
+    }
+    const std::string old_name = child_in_role(*change.node, change.role);
+    auto& children = change.node->children;
+    children.erase(std::remove_if(children.begin(), children.end(),
+                                  [&](const auto& c) { return c.first == change.role; }),
+                   children.end());
+    if (change.child) {
+      children.emplace_back(change.role, change.child->name);
+      change.child->parents.emplace_back(change.node->name, change.role);
+    }
+    if (NodeEntry* old_child = nodes_.find(old_name)) {
+      auto& parents = old_child->parents;
+      parents.erase(
+          std::remove(parents.begin(), parents.end(),
+                      std::pair<std::string, std::string>(change.node->name, change.role)),
+          parents.end());
+      if (old_child->generated_name && parents.empty()) orphans.push_back(old_name);
+    }
+  }
+  for (const auto& backend : drained) backend->drained_end();
+  if (failed) co_return *failed;
+  // A child from another IoThread joins its new parent's graph there.
+  for (const Change& change : changes) {
+    if (change.child && change.node->iothread != change.child->iothread) {
+      co_await place_graph(*change.node, change.node->iothread.value_or(""));
+    }
+  }
+  for (const std::string& name : orphans) {
+    std::vector<std::unique_ptr<NodeEntry>> removed = nodes_.remove(name);
+    co_await bring_home(removed);
+    for (const auto& entry : removed) co_await entry->node->close();
+  }
+  co_return Json::object();
 }
 
 coro::Task<QmpResult> StorageDaemon::blockdev_del(const Json& arguments) {

@@ -7,7 +7,8 @@
 // Commands: qmp_capabilities (in QmpSession), query-version, query-commands, blockdev-add,
 // blockdev-del, query-named-block-nodes, object-add / object-del (iothread, tls-creds-x509,
 // tls-creds-psk, throttle-group),
-// query-iothreads, x-blockdev-set-iothread, nbd-server-start, nbd-server-stop,
+// query-iothreads, x-blockdev-set-iothread, blockdev-reopen (children only), nbd-server-start,
+// nbd-server-stop,
 // block-export-add, block-export-del, query-block-exports. Events: BLOCK_EXPORT_DELETED,
 // SHUTDOWN (request_shutdown()).
 //
@@ -16,6 +17,11 @@
 // background work (BlockBackend::move_to) and every export on it: their NBD connections
 // move, between two requests, to that IoThread (Server::move_export) while clients keep
 // doing I/O. An export with fixed-iothread refuses to move.
+//
+// The graph changes live: blockdev-reopen points a node's `file` (filters and raw) or
+// `backing` (qcow2, qed) at another node inside a drained section of every export backend on
+// the graphs involved (BlockNode::replace_child), e.g. to insert a throttle filter under a
+// served raw node.
 //
 // Thread-safety: everything on the control context's thread (the QMP sessions run there);
 // the NBD server's connections run on its IoThreads and only touch the nodes through their
@@ -94,6 +100,7 @@ class StorageDaemon {
   QmpResult object_del(const Json& arguments);
   QmpResult query_iothreads(const Json& arguments);
   coro::Task<QmpResult> set_iothread(const Json& arguments);
+  coro::Task<QmpResult> blockdev_reopen(const Json& arguments);
   // The context of a placement ("" is the main loop).
   aio::Context& placement_context(const std::optional<std::string>& iothread);
   // Moves the graph around `node` and its exports to `iothread` ("": the main loop). Refused,

@@ -25,8 +25,11 @@
 #include "block/drivers/file.h"
 #include "block/drivers/flush_mode.h"
 #include "block/drivers/null.h"
+#include "block/drivers/raw.h"
 #include "block/drivers/throttle.h"
 #include "coro/block_on.h"
+#include "coro/coroutine.h"
+#include "coro/event.h"
 #include "coro/task.h"
 
 namespace spindle::block {
@@ -171,6 +174,48 @@ class UnallocatedNode final : public BlockNode {
  private:
   BlockNodeRef backing_;
 };
+
+// A filter's `file` edge changes inside a drained section while requests wait at the backend:
+// those issued during the change run on the new child afterwards; a child of another size
+// and an unknown role are refused.
+TEST(FilterTest, ReplacedChildServesTheRequestsThatWaitedForTheChange) {
+  TempFile first, second, other_size;
+  BlockNodeRef a = open_temp_file(first, 1 << 20);
+  BlockNodeRef b = open_temp_file(second, 1 << 20);
+  BlockNodeRef small = open_temp_file(other_size, 1 << 16);
+  auto raw = std::make_shared<RawNode>(a);
+  BlockBackend backend(raw);
+  const std::vector<std::byte> ones(4096, std::byte{1}), twos(4096, std::byte{2});
+  ASSERT_EQ(backend.write_blocking(0, std::span(ones)), 0);
+  EXPECT_EQ(raw->replace_child("backing", b), -ENOENT);
+  EXPECT_EQ(raw->replace_child("file", small), -EINVAL);
+  const int written =
+      coro::block_on([](BlockBackend& be, std::shared_ptr<RawNode> node, BlockNodeRef next,
+                        const std::vector<std::byte>& data) -> coro::Task<int> {
+        co_await be.drained_begin();
+        // Issued now, it waits for drained_end(), then runs on the new child.
+        coro::Event done;
+        int result = 1;
+        coro::spawn(*aio::current_context(),
+                    [](BlockBackend& b2, const std::vector<std::byte>& d, int& r,
+                       coro::Event& e) -> coro::Task<void> {
+                      r = co_await b2.write(0, std::span(d));
+                      e.set();
+                    }(be, data, result, done));
+        co_await coro::yield();
+        const int replaced = node->replace_child("file", next);
+        be.drained_end();
+        co_await done.wait();
+        co_return replaced == 0 ? result : replaced;
+      }(backend, raw, b, twos));
+  EXPECT_EQ(written, 0);
+  EXPECT_EQ(raw->child(), b.get());
+  std::vector<std::byte> back(4096);
+  ASSERT_EQ(coro::block_on(a->read(0, std::span(back), 0)), 0);
+  EXPECT_EQ(back, ones);  // the old child kept what it had
+  ASSERT_EQ(coro::block_on(b->read(0, std::span(back), 0)), 0);
+  EXPECT_EQ(back, twos);
+}
 
 TEST(FilterTest, FiltersAreTransparentForBlockStatusAndTheBackingChain) {
   TempFile file;

@@ -440,6 +440,38 @@ TEST_F(Qcow2Test, BackingChainsOverRawQcow2AndQed) {
   }
 }
 
+// replace_child("backing") (blockdev-reopen's backing): unallocated clusters read from the new
+// backing node, or as zeros with none; allocated ones are the image's own; "file" is fixed.
+TEST_F(Qcow2Test, ReplacedBackingServesUnallocatedClusters) {
+  REQUIRE_QEMU();
+  qemu_img("create -q -f raw one.raw 2M");
+  must_run("qemu-io -f raw -c 'write -P 0x11 0 2M' '" + path("one.raw") + "'");
+  qemu_img("create -q -f raw two.raw 2M");
+  must_run("qemu-io -f raw -c 'write -P 0x22 0 2M' '" + path("two.raw") + "'");
+  qemu_img("create -q -f qcow2 -b one.raw -F raw top.qcow2 2M");
+  qemu_io("top.qcow2", "-c 'write -P 0x33 1M 64k'");
+  BlockNodeRef top = open_image("top.qcow2");
+  ASSERT_TRUE(top);
+  auto opened_two = open_file(path("two.raw"), true);
+  ASSERT_TRUE(opened_two);
+  BlockNodeRef two = opened_two.value();
+  const auto byte_at = [&](std::uint64_t offset) {
+    Bytes one(1);
+    EXPECT_EQ(run(top->read(offset, std::span(one), 0)), 0);
+    return std::to_integer<int>(one[0]);
+  };
+  EXPECT_EQ(byte_at(0), 0x11);
+  EXPECT_EQ(top->replace_child("file", two), -ENOTSUP);
+  ASSERT_EQ(top->replace_child("backing", two), 0);
+  EXPECT_EQ(top->backing_node(), two.get());
+  EXPECT_EQ(byte_at(0), 0x22);
+  EXPECT_EQ(byte_at(1 << 20), 0x33);  // allocated in the image itself
+  ASSERT_EQ(top->replace_child("backing", nullptr), 0);
+  EXPECT_EQ(byte_at(0), 0);
+  EXPECT_EQ(byte_at(1 << 20), 0x33);
+  ASSERT_EQ(close(*top), 0);
+}
+
 TEST_F(Qcow2Test, ZeroesAndDiscardHideTheBackingFile) {
   REQUIRE_QEMU();
   qemu_img("create -q -f raw base.raw 2M");

@@ -18,7 +18,9 @@ over QMP, some with a client reading them, while fio verifies another export; a 
 block-export-del is refused while a client is connected and a hard one disconnects it, with
 BLOCK_EXPORT_DELETED; a hostile monitor client (garbage, nesting beyond the limit, an oversized
 value, a client that never reads) does not stop another monitor or the exports; the exported
-node moves live between IoThreads 100 times under fio verify (x-blockdev-set-iothread); --daemonize
+node moves live between IoThreads 100 times under fio verify (x-blockdev-set-iothread), and a
+throttle filter goes in under it and out again (blockdev-reopen, whose replies are compared
+with qemu-storage-daemon's too); --daemonize
 returns once the sockets and the pid file exist, and the pid file is locked.
 
 The facts about qemu-storage-daemon that the expectations rest on are in qsd_facts.md here.
@@ -165,7 +167,33 @@ def qemu_img(*args):
     return si.run_text(["qemu-img", *args])
 
 
+def start_verifying_fio(folder, export):
+    """fio writing 4 KiB blocks at random into two 16 MiB ranges of `export` (one job each),
+    reading each block back soon after and checking it (verify_backlog), until stop_fio()."""
+    return subprocess.Popen(
+        ["fio", "--name=verify", "--ioengine=nbd",
+         f"--uri=nbd+unix:///{export}?socket={folder}/nbd.sock", "--rw=randwrite", "--bs=4k",
+         "--size=16M", "--offset_increment=16M", "--numjobs=2", "--iodepth=16",
+         "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
+         "--time_based", "--runtime=600"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_fio(fio):
+    if fio.poll() is None:
+        fio.send_signal(signal.SIGINT)
+    output, _ = fio.communicate(timeout=120)
+    return output
+
+
 class StoragedTest(si.InteropTest):
+    def assert_fio_verified(self, output):
+        # fio exits non-zero after SIGINT; its jobs' own status is what counts.
+        self.assertEqual(len(re.findall(r"\berr= 0\b", output)), 2, output[-4000:])
+        self.assertNotRegex(output, r"(?i)verify failed|bad magic|bad header|error", output[-4000:])
+        # Every job read blocks back and checked them.
+        self.assertEqual(len(re.findall(r"issued rwts: total=[1-9]\d*,[1-9]", output)), 2, output)
+
     def folder(self, name, images=True):
         path = self.path(name)
         os.makedirs(path)
@@ -268,6 +296,45 @@ class StoragedTest(si.InteropTest):
                 self.assertEqual([mask(e) for e in a.events], [mask(e) for e in b.events])
                 a.events.clear()
                 b.events.clear()
+
+    def test_reopen_replies_match_qemu_storage_daemon(self):
+        qemu_img("create", "-q", "-f", "qcow2", self.path("base.qcow2"), "64M")
+        args = ["--blockdev", "driver=file,node-name=f0,filename=raw.img",
+                "--blockdev", "driver=raw,node-name=disk0,file=f0",
+                "--blockdev", "driver=file,node-name=qf,filename=disk.qcow2",
+                "--blockdev", "driver=qcow2,node-name=q0,file=qf",
+                "--blockdev", f"driver=file,node-name=bf,filename={self.path('base.qcow2')}",
+                "--blockdev", "driver=qcow2,node-name=b0,file=bf",
+                "--object", "throttle-group,id=tg,x-iops-total=1000",
+                "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=disk0,writable=on"]
+        ours, theirs = self.twins(args)
+        a, b = ours.monitor(), theirs.monitor()
+        reopen = '{"execute": "blockdev-reopen", "arguments": {"options": [%s]}}'
+        requests = [
+            '{"execute": "blockdev-add", "arguments": {"driver": "throttle", "node-name": "t0", "throttle-group": "tg", "file": "f0"}}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": "t0"}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "t0"}}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": "f0"}',
+            reopen % '{"driver": "raw", "node-name": "disk0"}',
+            reopen % '{"driver": "qcow2", "node-name": "disk0", "file": "f0"}',
+            reopen % '{"driver": "raw", "node-name": "nosuch", "file": "f0"}',
+            reopen % '{"driver": "raw", "file": "f0"}',
+            '{"execute": "blockdev-reopen"}',
+            '{"execute": "blockdev-reopen", "arguments": {"options": 5}}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": "nosuch"}',
+            reopen % '{"driver": "qcow2", "node-name": "q0", "file": "qf", "backing": "b0"}',
+            reopen % '{"driver": "qcow2", "node-name": "q0", "file": "qf", "backing": null}',
+            reopen % '{"driver": "qcow2", "node-name": "q0", "file": "qf"}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": {"driver": "file", "filename": "raw.img"}}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": "disk0"}',
+            reopen % '{"driver": "raw", "node-name": "disk0", "file": "f0", "bogus": 1}',
+            reopen % '{"driver": "file", "node-name": "f0", "filename": "raw.img"}',
+            '{"execute": "blockdev-del", "arguments": {"node-name": "t0"}}',
+        ]
+        for request in requests:
+            with self.subTest(request=request[:120]):
+                self.assertEqual(mask(a.command(request)), mask(b.command(request)))
 
     def test_command_line_errors_match_qemu_storage_daemon(self):
         cases = [
@@ -473,13 +540,7 @@ class StoragedTest(si.InteropTest):
         empty_size = os.path.getsize(image)
         # Random writes, each block read back and checked soon after (verify_backlog), until
         # SIGINT: the load lasts as long as the moves do, however long they take.
-        fio = subprocess.Popen(
-            ["fio", "--name=verify", "--ioengine=nbd",
-             f"--uri=nbd+unix:///fio0?socket={folder}/nbd.sock", "--rw=randwrite", "--bs=4k",
-             "--size=16M", "--offset_increment=16M", "--numjobs=2", "--iodepth=16",
-             "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
-             "--time_based", "--runtime=600"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        fio = start_verifying_fio(folder, "fio0")
         try:
             deadline = time.monotonic() + 60
             while os.path.getsize(image) == empty_size:  # fio is writing (clusters allocated)
@@ -499,14 +560,8 @@ class StoragedTest(si.InteropTest):
                 time.sleep(0.005)  # some I/O between moves (not needed for correctness)
             self.assertIsNone(fio.poll(), "fio ended during the moves")
         finally:
-            if fio.poll() is None:
-                fio.send_signal(signal.SIGINT)
-            output, _ = fio.communicate(timeout=120)
-        # fio exits non-zero after SIGINT; its jobs' own status is what counts.
-        self.assertEqual(len(re.findall(r"\berr= 0\b", output)), 2, output[-4000:])
-        self.assertNotRegex(output, r"(?i)verify failed|bad magic|bad header|error", output[-4000:])
-        # Every job read blocks back and checked them.
-        self.assertEqual(len(re.findall(r"issued rwts: total=[1-9]\d*,[1-9]", output)), 2, output)
+            output = stop_fio(fio)
+        self.assert_fio_verified(output)
         # The idle client, connected since before the first move.
         idle.sendall(si.request(si.CMD_WRITE, 1, 0, 4096, payload=b"\x5a" * 4096))
         self.assertEqual(si.read_simple_reply(idle)[0], 0)
@@ -521,6 +576,37 @@ class StoragedTest(si.InteropTest):
         check = subprocess.run(["qemu-img", "check", os.path.join(folder, "fio.qcow2")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.assertEqual(check.returncode, 0, check.stdout)
+
+    def test_throttle_filter_inserted_and_removed_live_under_fio_verify(self):
+        """blockdev-reopen puts a throttle filter under the exported raw node and takes it out
+        again, 20 times, while fio verifies random writes through the export: no verify or I/O
+        error, and the filter can be deleted once it is out."""
+        folder = self.folder("reopen")
+        qemu_img("create", "-q", "-f", "raw", os.path.join(folder, "fio.img"), "64M")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--object", "iothread,id=io1",
+            "--object", "throttle-group,id=tg,x-iops-total=100000",
+            "--blockdev", "driver=file,node-name=file0,filename=fio.img",
+            "--blockdev", "driver=raw,node-name=fio0,file=file0",
+            "--blockdev", "driver=throttle,node-name=t0,throttle-group=tg,file=file0",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+            "--export", "type=nbd,id=fio,node-name=fio0,writable=on,iothread=io1"])
+        qmp = daemon.monitor()
+        fio = start_verifying_fio(folder, "fio0")
+        try:
+            time.sleep(0.2)  # (fio's connection is not needed for correctness, only for load)
+            for i in range(20):
+                for child in ("t0", "file0"):
+                    reply = qmp.execute("blockdev-reopen", options=[
+                        {"driver": "raw", "node-name": "fio0", "file": child}])
+                    self.assertEqual(reply, {"return": {}}, reply)
+                    time.sleep(0.01)
+            self.assertIsNone(fio.poll(), "fio ended during the changes")
+        finally:
+            output = stop_fio(fio)
+        self.assert_fio_verified(output)
+        self.assertEqual(qmp.execute("blockdev-del", **{"node-name": "t0"}), {"return": {}})
+        self.assertEqual(daemon.stop(), 0, daemon.log_text())
 
     def test_safe_delete_is_refused_with_a_client_and_hard_disconnects_it(self):
         folder = self.folder("del")

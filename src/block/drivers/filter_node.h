@@ -5,20 +5,34 @@
 // BlockBackend's walk for unallocated ranges continues below the child), truncate, close, and
 // the graph's background-work hooks (filters keep none of their own).
 //
-// Thread-safety: `child_` is immutable after construction; every forwarded call has the child's
-// contract (any coroutine, any context, as BlockNode).
+// The child may be replaced (replace_child("file", ...)) inside a drained section: `child_` is a
+// ChildLink.
+//
+// Thread-safety: every forwarded call has the child's contract (any coroutine, any context, as
+// BlockNode); replace_child() as ChildLink::replace().
 #pragma once
 
+#include <cerrno>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "block/block_node.h"
+#include "block/child_link.h"
 
 namespace spindle::block {
 
 class FilterNode : public BlockNode {
  public:
-  const BlockNodeRef& child() const noexcept { return child_; }
+  BlockNode* child() const noexcept { return child_.get(); }
+  BlockNodeRef child_ref() const noexcept { return child_.ref(); }
+  // "file": the filter now passes requests to `child`, which must have the same size.
+  int replace_child(std::string_view role, BlockNodeRef child) override {
+    if (role != "file") return -ENOENT;
+    if (!child || child->size() != child_->size()) return -EINVAL;
+    child_.replace(std::move(child));
+    return 0;
+  }
 
   std::string filename() const override { return child_->filename(); }
   std::uint64_t size() const noexcept override { return child_->size(); }
@@ -55,7 +69,7 @@ class FilterNode : public BlockNode {
  protected:
   explicit FilterNode(BlockNodeRef child) : child_(std::move(child)) {}
 
-  const BlockNodeRef child_;
+  ChildLink child_;
 };
 
 }  // namespace spindle::block

@@ -25,7 +25,7 @@
 //                    `last_refill_ns_`. set_limits()/limits() from any thread.
 //   ThrottleGroupRegistry: `mutex_` protects `groups_` (weak references: a group lives while a
 //                    node or a caller holds it). Any thread.
-//   ThrottleNode:    `child_` and `group_` are immutable after construction.
+//   ThrottleNode:    `group_` is immutable after construction; `child_` a ChildLink (FilterNode).
 #pragma once
 
 #include <array>

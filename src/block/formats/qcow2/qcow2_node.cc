@@ -1907,4 +1907,11 @@ coro::Task<int> Qcow2Node::resize_image(std::uint64_t new_size) {
   co_return result;
 }
 
+int Qcow2Node::replace_child(std::string_view role, BlockNodeRef child) {
+  if (role == "file") return -ENOTSUP;
+  if (role != "backing") return -ENOENT;
+  backing_ = std::move(child);
+  return 0;
+}
+
 }  // namespace spindle::block::qcow2

@@ -15,13 +15,13 @@
 //
 // Writes: a cluster whose entry is a plain data cluster with the COPIED bit (refcount 1) is
 // written in place. Any other cluster is allocated: new host clusters (freed data clusters, see
-// below, or else at the end of the file), counted in cached refcount blocks (new refcount blocks, and a larger refcount table, made as
-// needed); the untouched parts of the cluster are copied from its old content (backing file,
-// zeros, a compressed or shared cluster); the data is written; then the L2 entry (in a new L2
-// table if the L1 entry is empty) points at it, with COPIED. Extended L2: only the subclusters
-// written become allocated (their zero bits cleared, the others' bits kept), partial ones
-// completed from their old content (backing file or zeros); an unallocated or zero cluster
-// gets a new host cluster, and a COPIED data cluster keeps its own, written in place at the
+// below, or else at the end of the file), counted in cached refcount blocks (new refcount blocks,
+// and a larger refcount table, made as needed); the untouched parts of the cluster are copied from
+// its old content (backing file, zeros, a compressed or shared cluster); the data is written; then
+// the L2 entry (in a new L2 table if the L1 entry is empty) points at it, with COPIED. Extended L2:
+// only the subclusters written become allocated (their zero bits cleared, the others' bits kept),
+// partial ones completed from their old content (backing file or zeros); an unallocated or zero
+// cluster gets a new host cluster, and a COPIED data cluster keeps its own, written in place at the
 // new subclusters; a compressed or shared cluster is copied whole, every subcluster
 // allocated. As qemu does, only the subclusters written reach the file, so the file may end
 // inside its last host cluster. Clusters the old entries held are released only after the L2
@@ -51,9 +51,10 @@
 //
 // Locking protocol (thread-safety): the node may be used by coroutines on several contexts
 // at once.
-//   header_ (its immutable parts), file_, backing_, read_only_   immutable after open
+//   header_ (its immutable parts), file_, read_only_   immutable after open
 //                        (l1_ of a read-only node: set once more by view_snapshot(), before
 //                        any request)
+//   backing_             set during open; changed only by replace_child() (drained section)
 //   size_                atomic (size()); changed only by truncate()
 //   meta_mutex_          std::mutex, never held across a suspension. Protects l1_,
 //                        l1_on_disk_, rctable_, their generations, the two TableCaches and
@@ -144,6 +145,10 @@ class Qcow2Node final : public BlockNode {
   BlockLimits limits() const noexcept override;
   bool read_only() const noexcept override { return read_only_; }
   BlockNode* backing_node() const noexcept override { return backing_.get(); }
+  // "backing" (null: none): unallocated clusters read from `child` from now on; the header
+  // still names the backing file it had (as after QEMU's blockdev-reopen). Inside a drained
+  // section only (BlockNode::replace_child); "file" is fixed (-ENOTSUP).
+  int replace_child(std::string_view role, BlockNodeRef child) override;
   // A range inside one host-contiguous run of data clusters whose L2 table is cached, where the
   // file node stores it in a host file. Never waits: with meta_mutex_ busy or the table not
   // cached it says "nowhere". Data moves only when a write to the same guest cluster
@@ -528,7 +533,7 @@ class Qcow2Node final : public BlockNode {
   // Where data clusters live: file_, or the external data file (set once during open). Its
   // host offsets are the guest offsets, and its clusters are not refcounted.
   BlockNodeRef data_;
-  BlockNodeRef backing_;  // set once during open
+  BlockNodeRef backing_;  // set during open; replace_child() inside a drained section
   const bool read_only_;
   std::uint64_t l2_entries_;
   std::uint64_t refcount_entries_;  // per refcount block

@@ -740,4 +740,11 @@ coro::Task<int> QedNode::truncate(std::uint64_t new_size) {
   co_return 0;
 }
 
+int QedNode::replace_child(std::string_view role, BlockNodeRef child) {
+  if (role == "file") return -ENOTSUP;
+  if (role != "backing") return -ENOENT;
+  backing_ = std::move(child);
+  return 0;
+}
+
 }  // namespace spindle::block::qed

@@ -31,7 +31,8 @@
 // each lookup (one binary search per run over the tables' offsets).
 //
 // Thread-safety: the node may be used by coroutines on several contexts at once.
-//   geometry_, backing_, file_, read_only_   immutable after open
+//   geometry_, file_, read_only_   immutable after open
+//   backing_           changed only by replace_child() (inside a drained section)
 //   backing_name_      changed only by change_backing() (no other request in flight)
 //   image_size_                                             atomic (read by size())
 //   allocation_lock_   FIFO; held by the one allocating request for its whole duration (QEMU's
@@ -39,9 +40,10 @@
 //                      Lock order: allocation_lock_ before table_lock_.
 //   table_lock_        protects header_, l1_, l2_cache_, file_size_, the entries of cached
 //                      L2 tables and the corruption bookkeeping (l1_state_, metadata_tables_,
-//                      bad_entries_, corrupt_, corrupt_marked_). Held for lookups (including loading an L2 table on a cache
-//                      miss) and in-memory updates, never across data I/O. Only the holder of
-//                      allocation_lock_ changes l1_, L2 entries, file_size_ or header_.
+//                      bad_entries_, corrupt_, corrupt_marked_). Held for lookups (including
+//                      loading an L2 table on a cache miss) and in-memory updates, never across
+//                      data I/O. Only the holder of allocation_lock_ changes l1_, L2 entries,
+//                      file_size_ or header_.
 //   timer_mutex_       (std::mutex, never held across a suspension) protects timer_,
 //                      timer_context_, closing_, idle_jobs_, jobs_done_ and timer_hook_.
 //                      Lock order: timer_mutex_ before the Context's own timer lock (arm_in).
@@ -161,6 +163,10 @@ class QedNode final : public BlockNode {
   const std::string& backing_filename() const noexcept { return backing_name_; }
   const BlockNodeRef& backing() const noexcept { return backing_; }
   BlockNode* backing_node() const noexcept override { return backing_.get(); }
+  // "backing" (null: none): unallocated clusters read from `child` from now on; the header
+  // still names the backing file it had (as after QEMU's blockdev-reopen). Inside a drained
+  // section only (BlockNode::replace_child); "file" is fixed (-ENOTSUP).
+  int replace_child(std::string_view role, BlockNodeRef child) override;
   const BlockNodeRef& file() const noexcept { return file_; }
   coro::Task<Header> header();
   // The context the need-check timer runs on (null for read-only images and images with a
@@ -226,7 +232,7 @@ class QedNode final : public BlockNode {
                              std::span<const std::byte> data, AllocationMode mode);
 
   const BlockNodeRef file_;
-  BlockNodeRef backing_;  // set once during open
+  BlockNodeRef backing_;  // set during open; replace_child() inside a drained section
   const bool read_only_;
   const Geometry geometry_;
   std::string backing_name_;
