@@ -3,10 +3,13 @@
 #include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <map>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "block/block_node.h"
+#include "block/drivers/blkdebug.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
 #include "block/drivers/flush_mode.h"
@@ -251,6 +254,93 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
     entry.node = std::make_shared<block::ThrottleNode>(file->node, std::move(group));
     entry.filename = file->filename;
     entry.children.emplace_back("file", file->name);
+  } else if (*driver == "blkdebug") {
+    // A filter over `image` that fails the requests its inject-error rules describe. Of
+    // QEMU's events only those of the request itself: read_aio, write_aio, flush_to_disk.
+    NodeEntry* image = nullptr;
+    bool ignored = false;
+    std::optional<QmpError> error =
+        co_await child(args, "image", true, false, read_only, image, ignored);
+    if (error) co_return error;
+    std::vector<block::BlkdebugRule> rules;
+    if (const Json* list = args.raw("inject-error")) {
+      if (!list->is_array()) {
+        co_return generic_error("Invalid parameter type for '" + args.name_of("inject-error") +
+                                "', expected: array");
+      }
+      for (std::size_t i = 0; i < list->size(); ++i) {
+        Arguments rule_args((*list)[i], from_keyval_,
+                            args.name_of("inject-error") + "[" + std::to_string(i) + "]");
+        const std::optional<std::string> event = rule_args.string("event", true);
+        const std::optional<std::int64_t> state = rule_args.integer("state");
+        // (QEMU checks iotype after flattening the rule: its message names no path.)
+        const std::optional<std::string> iotype = rule_args.string("iotype");
+        const std::int64_t error_number = rule_args.integer("errno").value_or(EIO);
+        const std::int64_t sector = rule_args.integer("sector").value_or(-1);
+        const bool once = rule_args.boolean("once").value_or(false);
+        rule_args.boolean("immediately");
+        if (std::optional<QmpError> bad = rule_args.finish()) co_return bad;
+        if (state && *state != 1) {  // without set-state the node stays in its first state
+          co_return generic_error(
+              "blkdebug states other than 1 are not supported by "
+              "spindle-storaged");
+        }
+        block::BlkdebugRule rule;
+        if (*event == "read_aio") {
+          rule.op = block::BlkdebugOp::read;
+        } else if (*event == "write_aio") {
+          rule.op = block::BlkdebugOp::write;
+        } else if (*event == "flush_to_disk") {
+          rule.op = block::BlkdebugOp::flush;
+        } else {
+          co_return generic_error("blkdebug event '" + *event +
+                                  "' is not supported by spindle-storaged");
+        }
+        static const std::set<std::string> kIoTypes = {"read",    "write", "write-zeroes",
+                                                       "discard", "flush", "block-status"};
+        if (iotype && !kIoTypes.contains(*iotype)) {
+          co_return generic_error("Parameter 'iotype' does not accept value '" + *iotype + "'");
+        }
+        if (iotype) {
+          static const std::map<std::string, block::BlkdebugOp> kOps = {
+              {"read", block::BlkdebugOp::read},
+              {"write", block::BlkdebugOp::write},
+              {"write-zeroes", block::BlkdebugOp::write_zeroes},
+              {"discard", block::BlkdebugOp::discard},
+              {"flush", block::BlkdebugOp::flush}};
+          const auto op = kOps.find(*iotype);
+          if (op == kOps.end() || op->second != rule.op) {
+            co_return generic_error("blkdebug iotype '" + *iotype + "' with event '" + *event +
+                                    "' is not supported by spindle-storaged");
+          }
+        }
+        rule.error = static_cast<int>(error_number);
+        if (sector >= 0) {
+          rule.offset = static_cast<std::uint64_t>(sector) * 512;
+          rule.length = 1;  // as QEMU: the request must cover that sector's first byte
+        }
+        rule.once = once;
+        rules.push_back(rule);
+      }
+    }
+    if (args.raw("set-state")) {
+      co_return generic_error("blkdebug 'set-state' is not supported by spindle-storaged");
+    }
+    if (args.string("config")) {
+      co_return generic_error("blkdebug 'config' files are not supported by spindle-storaged");
+    }
+    for (const char* key : {"align", "max-transfer", "opt-write-zero", "max-write-zero",
+                            "opt-discard", "max-discard"}) {
+      args.integer(key);
+    }
+    args.raw("take-child-perms");
+    args.raw("unshare-child-perms");
+    if (std::optional<QmpError> finished = args.finish()) co_return finished;
+    auto debug = std::make_shared<block::BlkdebugNode>(image->node);
+    for (const block::BlkdebugRule& rule : rules) debug->add_rule(rule);
+    entry.node = std::move(debug);
+    entry.filename = image->filename;
+    entry.children.emplace_back("image", image->name);
   } else if (*driver == "nbd") {
     SocketAddress address;
     if (std::optional<Arguments> server = args.object("server", true)) {

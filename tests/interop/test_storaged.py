@@ -336,6 +336,46 @@ class StoragedTest(si.InteropTest):
             with self.subTest(request=request[:120]):
                 self.assertEqual(mask(a.command(request)), mask(b.command(request)))
 
+    def test_blkdebug_fails_the_requests_qemu_storage_daemon_fails(self):
+        rules = [{"event": "read_aio", "sector": 8, "errno": 5},
+                 {"event": "write_aio", "sector": 16, "errno": 28, "once": True},
+                 {"event": "flush_to_disk", "errno": 5, "once": True}]
+        debug = {"driver": "blkdebug", "node-name": "dbg", "image": "f0", "inject-error": rules}
+        args = ["--blockdev", "driver=file,node-name=f0,filename=raw.img",
+                "--blockdev", json.dumps(debug),
+                "--blockdev", "driver=raw,node-name=disk0,file=dbg",
+                "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=disk0,writable=on"]
+        ours, theirs = self.twins(args)
+        outputs = []
+        for daemon in (ours, theirs):
+            # Data everywhere: qemu-storage-daemon answers reads of holes without reading.
+            with open(os.path.join(daemon.folder, "raw.img"), "r+b") as image:
+                image.write(b"\x05" * MiB)
+            uri = f"nbd+unix:///disk0?socket={daemon.folder}/nbd.sock"
+            lines = []
+            for command in ["read 0 4k", "read 4096 512", "read 3584 1k", "read 4608 512",
+                            "write 8192 512", "write 8192 512", "write 8192 512", "flush",
+                            "flush"]:
+                result = subprocess.run(["qemu-io", "-f", "raw", "-c", command, uri],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, timeout=60)
+                first = result.stdout.splitlines()[0] if result.stdout else ""
+                lines.append((command, first if "fail" in first else "ok"))
+            outputs.append(lines)
+        self.assertEqual(outputs[0], outputs[1])
+        self.assertIn(("read 4096 512", "read failed: Input/output error"), outputs[0])
+        a, b = ours.monitor(), theirs.monitor()
+        bad = '{"execute": "blockdev-add", "arguments": %s}'
+        for request in [
+                bad % '{"driver": "blkdebug", "node-name": "d2"}',
+                bad % '{"driver": "blkdebug", "node-name": "d2", "image": "nosuch"}',
+                bad % '{"driver": "blkdebug", "node-name": "d2", "image": "f0", "inject-error": [{"sector": 1}]}',
+                bad % '{"driver": "blkdebug", "node-name": "d2", "image": "f0", "inject-error": [{"event": "read_aio", "iotype": "bogus"}]}',
+                bad % '{"driver": "blkdebug", "node-name": "d2", "image": "f0", "inject-error": [{"event": "read_aio", "bogus": 1}]}']:
+            with self.subTest(request=request[:120]):
+                self.assertEqual(a.command(request), b.command(request))
+
     def test_command_line_errors_match_qemu_storage_daemon(self):
         cases = [
             ["--blockdev", "driver=nosuch,node-name=x"],

@@ -16,7 +16,7 @@
 // Thread-safety: any number of coroutines on any contexts may send requests while any thread
 // adds or removes rules. `mutex_` (a std::mutex, held only to walk the rule list, never across
 // a suspension or while the child runs) protects `rules_`, `next_id_` and `injected_`. The
-// child is immutable after construction.
+// child is a ChildLink (FilterNode).
 #pragma once
 
 #include <cerrno>
