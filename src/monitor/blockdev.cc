@@ -10,6 +10,7 @@
 
 #include "block/block_node.h"
 #include "block/drivers/blkdebug.h"
+#include "block/drivers/detect_zeroes.h"
 #include "block/drivers/direct_file.h"
 #include "block/drivers/file.h"
 #include "block/drivers/flush_mode.h"
@@ -127,9 +128,10 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
   } else if (top) {
     co_return generic_error("'node-name' must be specified for the root node");
   }
-  if (detect_zeroes != "off") {
-    co_return generic_error("detect-zeroes=" + detect_zeroes +
-                            " is not supported by spindle-storaged yet");
+  if (detect_zeroes == "unmap" && discard != "unmap" && discard != "on") {
+    co_return generic_error(
+        "setting detect-zeroes to unmap is not allowed without setting discard operation to "
+        "unmap");
   }
 
   NodeEntry entry;
@@ -364,6 +366,10 @@ coro::Task<std::optional<QmpError>> Request::open(const Json& options, std::stri
     entry.filename = uri;
   } else {
     co_return generic_error("Driver '" + *driver + "' is not supported by spindle-storaged");
+  }
+  if (detect_zeroes != "off") {
+    entry.node =
+        std::make_shared<block::DetectZeroesNode>(std::move(entry.node), detect_zeroes == "unmap");
   }
   entry.name = node_name ? *node_name : nodes_.generate_name();
   entry.generated_name = !node_name;

@@ -9,6 +9,7 @@
 #include <variant>
 
 #include "block/block_backend.h"
+#include "block/drivers/detect_zeroes.h"
 #include "block/drivers/throttle.h"
 #include "block/format_registry.h"
 #include "block/image_chain.h"
@@ -354,7 +355,12 @@ coro::Task<Json> StorageDaemon::describe_image(const NodeEntry& entry, bool flat
   image["format"] = entry.driver;
   block::ImageDescription description;
   const block::ImageFormat* format = entry.format;
-  if (format) description = co_await format->describe(*entry.node);
+  block::BlockNode* image_node = entry.node.get();
+  // (detect-zeroes wraps the node in a filter; the format describes the node under it.)
+  if (auto* detecting = dynamic_cast<block::DetectZeroesNode*>(image_node)) {
+    image_node = detecting->child();
+  }
+  if (format) description = co_await format->describe(*image_node);
   if (format || entry.driver == "file" || entry.driver == "host_device") {
     image["dirty-flag"] = description.dirty;
   }

@@ -376,6 +376,32 @@ class StoragedTest(si.InteropTest):
             with self.subTest(request=request[:120]):
                 self.assertEqual(a.command(request), b.command(request))
 
+    def test_detect_zeroes_unmap_frees_what_qemu_storage_daemon_frees(self):
+        args = ["--blockdev", "driver=file,node-name=f0,filename=raw.img,discard=unmap",
+                "--blockdev", "driver=raw,node-name=disk0,file=f0,discard=unmap,detect-zeroes=unmap",
+                "--nbd-server", "addr.type=unix,addr.path=nbd.sock",
+                "--export", "type=nbd,id=e0,node-name=disk0,writable=on"]
+        ours, theirs = self.twins(args)
+        maps = []
+        for daemon in (ours, theirs):
+            uri = f"nbd+unix:///disk0?socket={daemon.folder}/nbd.sock"
+            # Data, then zeros written as data (not write -z) over part of it.
+            out = si.run_text(["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 1M",
+                               "-c", "write -P 0 128k 512k", uri]).stdout
+            self.assertNotIn("fail", out)
+            image = os.path.join(daemon.folder, "raw.img")
+            maps.append(json.loads(qemu_img("map", "--output=json", "-f", "raw", image).stdout))
+        self.assertEqual(maps[0], maps[1])
+        self.assertIn({"start": 131072, "length": 524288, "depth": 0, "present": True,
+                       "zero": True, "data": False, "offset": 131072}, maps[0])
+        a, b = ours.monitor(), theirs.monitor()
+        for request in [
+                '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r1", "file": "f0", "detect-zeroes": "unmap"}}',
+                '{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r2", "file": "f0", "detect-zeroes": "on"}}',
+                '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}']:
+            with self.subTest(request=request[:120]):
+                self.assertEqual(mask(a.command(request)), mask(b.command(request)))
+
     def test_command_line_errors_match_qemu_storage_daemon(self):
         cases = [
             ["--blockdev", "driver=nosuch,node-name=x"],
