@@ -354,6 +354,34 @@ TEST_F(QedTest, ReadsThreeLevelBackingChainsQemuWrote) {
   }
 }
 
+// replace_child("backing") (blockdev-reopen's backing): unallocated clusters read from the new
+// backing node, or as zeros with none; allocated ones stay the image's own; "file" is fixed.
+TEST_F(QedTest, ReplacedBackingServesUnallocatedClusters) {
+  REQUIRE_QEMU();
+  must_run("qemu-img create -q -f raw '" + path("one.raw") + "' 1M");
+  qemu_io("one.raw", "-c 'write -P 0x11 0 1M'", "raw");
+  must_run("qemu-img create -q -f raw '" + path("two.raw") + "' 1M");
+  qemu_io("two.raw", "-c 'write -P 0x22 0 1M'", "raw");
+  must_run("cd '" + dir_ + "' && qemu-img create -q -f qed -b one.raw -F raw top.qed 1M");
+  qemu_io("top.qed", "-c 'write -P 0x33 512k 64k'");
+  BlockNodeRef top = open_image("top.qed");
+  ASSERT_TRUE(top);
+  base::Result<BlockNodeRef> two = open_file(path("two.raw"), true);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(read_all(*top)[0], std::byte{0x11});
+  EXPECT_EQ(top->replace_child("file", two.value()), -ENOTSUP);
+  ASSERT_EQ(top->replace_child("backing", two.value()), 0);
+  EXPECT_EQ(top->backing_node(), two.value().get());
+  Bytes now = read_all(*top);
+  EXPECT_EQ(now[0], std::byte{0x22});
+  EXPECT_EQ(now[512 * 1024], std::byte{0x33});
+  ASSERT_EQ(top->replace_child("backing", nullptr), 0);
+  now = read_all(*top);
+  EXPECT_EQ(now[0], std::byte{0});
+  EXPECT_EQ(now[512 * 1024], std::byte{0x33});
+  EXPECT_EQ(close(*top), 0);
+}
+
 // --- writing through our driver -------------------------------------------------------------
 
 TEST_F(QedTest, OurWritesPassQemuCheckAndReadBackIdentically) {
