@@ -3,6 +3,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include <gnutls/x509.h>
+
 namespace spindle::io {
 
 namespace {
@@ -84,6 +86,24 @@ coro::Task<int> TlsSession::handshake() {
 std::string TlsSession::psk_username() const {
   const char* name = gnutls_psk_server_get_username(session_);
   return name ? name : "";
+}
+
+std::string TlsSession::peer_certificate_dn() const {
+  unsigned int count = 0;
+  const gnutls_datum_t* certificates = gnutls_certificate_get_peers(session_, &count);
+  if (!certificates || count == 0) return "";
+  gnutls_x509_crt_t certificate;
+  if (gnutls_x509_crt_init(&certificate) < 0) return "";
+  std::string dn;
+  if (gnutls_x509_crt_import(certificate, &certificates[0], GNUTLS_X509_FMT_DER) >= 0) {
+    std::size_t size = 0;
+    gnutls_x509_crt_get_dn(certificate, nullptr, &size);  // learns the size
+    dn.resize(size);
+    if (size == 0 || gnutls_x509_crt_get_dn(certificate, dn.data(), &size) < 0) dn.clear();
+    while (!dn.empty() && dn.back() == '\0') dn.pop_back();
+  }
+  gnutls_x509_crt_deinit(certificate);
+  return dn;
 }
 
 coro::Task<ssize_t> TlsSession::read_some(void* buffer, std::size_t size) {

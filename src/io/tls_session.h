@@ -42,6 +42,9 @@ class TlsSession final : public ByteStream {
   const std::string& error_message() const noexcept { return error_message_; }
   // The PSK username the client authenticated as, or empty.
   std::string psk_username() const;
+  // The distinguished name of the peer's X.509 certificate as GnuTLS writes it
+  // ("O=Spindle,CN=client", the form QEMU's authz objects match), or empty without one.
+  std::string peer_certificate_dn() const;
 
   coro::Task<ssize_t> read_some(void* buffer, std::size_t size) override;
   coro::Task<ssize_t> read_some_or_interrupt(void* buffer, std::size_t size) override;

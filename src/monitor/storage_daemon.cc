@@ -528,6 +528,14 @@ QmpResult StorageDaemon::object_add(const Json& options, bool from_keyval) {
   if (args.error()) return *args.error();
   if (*type == "tls-creds-x509" || *type == "tls-creds-psk") return add_tls_creds(*type, *id, args);
   if (*type == "throttle-group") return add_throttle_group(*id, args);
+  if (*type == "authz-simple") {
+    const std::optional<std::string> identity = args.string("identity", true);
+    if (std::optional<QmpError> error = args.finish()) return *error;
+    if (std::optional<QmpError> error = check_new_object_id(*id)) return *error;
+    std::lock_guard lock(authz_->mutex);
+    authz_->identities[*id] = *identity;
+    return Json::object();
+  }
   if (*type != "iothread") {
     args.finish();
     return generic_error("Invalid parameter 'qom-type': object type '" + *type +
@@ -598,7 +606,12 @@ std::optional<QmpError> StorageDaemon::check_new_object_id(const std::string& id
     error.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
     return error;
   }
-  if (find_iothread(id) || tls_creds_.contains(id) || throttle_groups_.contains(id)) {
+  bool authz = false;
+  {
+    std::lock_guard lock(authz_->mutex);
+    authz = authz_->identities.contains(id);
+  }
+  if (authz || find_iothread(id) || tls_creds_.contains(id) || throttle_groups_.contains(id)) {
     return generic_error("attempt to add duplicate property '" + id +
                          "' to object (type 'container')");
   }
@@ -646,6 +659,11 @@ QmpResult StorageDaemon::object_del(const Json& arguments) {
     }
     throttle_groups_.erase(group);
     return Json::object();
+  }
+  {
+    // As QEMU: deleting it while the NBD server names it leaves clients denied from then on.
+    std::lock_guard lock(authz_->mutex);
+    if (authz_->identities.erase(*id) != 0) return Json::object();
   }
   if (const auto creds = tls_creds_.find(*id); creds != tls_creds_.end()) {
     if (*id == nbd_tls_creds_ && nbd_) {
@@ -707,7 +725,7 @@ QmpResult StorageDaemon::nbd_server_start(const Json& options, bool from_keyval,
     }
     credentials = it->second.credentials;
   }
-  if (tls_authz) return generic_error("tls-authz is not supported by spindle-storaged yet");
+
   if (max_connections < 0) return generic_error("max-connections must be non-negative");
   base::Result<std::unique_ptr<io::Listener>> listener =
       address.type == "unix"
@@ -727,6 +745,13 @@ QmpResult StorageDaemon::nbd_server_start(const Json& options, bool from_keyval,
   if (credentials) {  // as QEMU: with credentials, clients must start TLS
     server_options.tls_mode = exports::nbd::TlsMode::require;
     server_options.tls_credentials = credentials;
+    if (tls_authz) {  // (without credentials QEMU ignores it too)
+      server_options.tls_authorize = [table = authz_, id = *tls_authz](const std::string& who) {
+        std::lock_guard lock(table->mutex);
+        const auto found = table->identities.find(id);
+        return found != table->identities.end() && found->second == who;
+      };
+    }
   }
   nbd_tls_creds_ = tls_creds.value_or("");
   nbd_ = std::make_unique<exports::nbd::Server>(control_, server_options,

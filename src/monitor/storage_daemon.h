@@ -6,7 +6,7 @@
 //
 // Commands: qmp_capabilities (in QmpSession), query-version, query-commands, blockdev-add,
 // blockdev-del, query-named-block-nodes, object-add / object-del (iothread, tls-creds-x509,
-// tls-creds-psk, throttle-group),
+// tls-creds-psk, throttle-group, authz-simple),
 // query-iothreads, x-blockdev-set-iothread, blockdev-reopen (children only), nbd-server-start,
 // nbd-server-stop,
 // block-export-add, block-export-del, query-block-exports. Events: BLOCK_EXPORT_DELETED,
@@ -31,6 +31,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -137,6 +138,13 @@ class StorageDaemon {
   std::vector<IoThreadEntry> iothreads_;
   std::map<std::string, TlsCredsEntry> tls_creds_;
   std::map<std::string, block::ThrottleGroupRef> throttle_groups_;  // throttle nodes share them
+  // authz-simple objects: id -> the one identity each allows. The NBD server's connections
+  // look them up at their TLS handshakes, on IoThreads: the map is shared under its mutex.
+  struct AuthzTable {
+    std::mutex mutex;
+    std::map<std::string, std::string> identities;  // mutex
+  };
+  std::shared_ptr<AuthzTable> authz_ = std::make_shared<AuthzTable>();
   std::string nbd_tls_creds_;  // the running NBD server's tls-creds object
   NodeTable nodes_;
   std::unique_ptr<exports::nbd::Server> nbd_;

@@ -544,6 +544,45 @@ class StoragedTest(si.InteropTest):
             self.assertEqual(reply["error"]["desc"], desc)
         self.assertEqual(daemon.stop(), 0)
 
+    def test_tls_authz_admits_only_the_named_client(self):
+        # authz-simple and nbd-server-start's tls-authz: an X.509 client whose certificate's
+        # DN is the object's identity is served, any other is cut off after the handshake,
+        # as by qemu-storage-daemon (same log line). PSK usernames are checked too (stricter
+        # than qemu-storage-daemon 7.2, which ignores tls-authz for PSK).
+        from test_tls import make_psk, make_x509
+        folder = self.folder("authz")
+        pki = make_x509(os.path.join(folder, "pki"))
+        make_psk(os.path.join(folder, "psk"))
+        x509_uri = f"nbds+unix:///r0?socket={folder}/nbd.sock&tls-certificates={pki}"
+        psk_uri = (f"nbds+unix://alice@/r0?socket={folder}/nbd.sock"
+                   f"&tls-psk-file={folder}/psk/keys.psk")
+        cases = [
+            (f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer=on",
+             "O=Spindle,,CN=client", x509_uri, True, (STORAGED, QSD)),
+            (f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer=on",
+             "CN=other", x509_uri, False, (STORAGED, QSD)),
+            (f"tls-creds-psk,id=tls0,dir={folder}/psk,endpoint=server", "alice", psk_uri, True,
+             (STORAGED,)),
+            (f"tls-creds-psk,id=tls0,dir={folder}/psk,endpoint=server", "bob", psk_uri, False,
+             (STORAGED,)),
+        ]
+        for creds, identity, uri, allowed, binaries in cases:
+            for binary in binaries:
+                with self.subTest(creds=creds.split(",")[0], identity=identity, binary=binary):
+                    daemon = Daemon(self, binary, folder, [
+                        "--object", creds, "--object", f"authz-simple,id=a0,identity={identity}",
+                        "--blockdev", "driver=file,node-name=r0,filename=raw.img",
+                        "--nbd-server", "addr.type=unix,addr.path=nbd.sock,tls-creds=tls0,tls-authz=a0",
+                        "--export", "type=nbd,id=e0,node-name=r0"])
+                    result = si.run_text(["nbdinfo", "--size", uri], check=False)
+                    self.assertEqual(result.returncode == 0, allowed, result.stderr)
+                    if allowed:
+                        self.assertEqual(result.stdout.strip(), str(MiB))
+                    daemon.stop()
+                    if not allowed:
+                        self.assertIn("authz check for", daemon.log_text())
+                        self.assertIn("is denied", daemon.log_text())
+
     def test_exports_come_and_go_while_another_serves_fio(self):
         folder = self.folder("churn")
         qemu_img("create", "-q", "-f", "raw", os.path.join(folder, "fio.img"), "64M")

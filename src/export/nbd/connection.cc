@@ -408,6 +408,15 @@ coro::Task<Connection::Next> Connection::start_tls(std::span<const std::byte> da
       }
       co_return Next::close;  // a failed handshake leaves no usable stream: disconnect
     }
+    if (server_.options_.tls_authorize) {
+      const bool x509 = credentials->kind() == io::TlsCredentials::Kind::x509;
+      const std::string identity = x509 ? session->peer_certificate_dn() : session->psk_username();
+      if (!server_.options_.tls_authorize(identity)) {
+        fmt::print(stderr, "{}: option negotiation failed: TLS {} authz check for {} is denied\n",
+                   program_invocation_short_name, x509 ? "x509" : "psk", identity);
+        co_return Next::close;
+      }
+    }
     tls_ = std::move(session);
     stream_ = tls_.get();
     // Whatever was negotiated in clear text may have been tampered with: forget it.

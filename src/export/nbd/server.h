@@ -74,6 +74,10 @@ struct ServerOptions {
   bool close_exports_on_shutdown = true;
   TlsMode tls_mode = TlsMode::off;
   std::shared_ptr<const io::TlsCredentials> tls_credentials;  // needed unless tls_mode is off
+  // After the TLS handshake: whether the client may go on, given its identity (the X.509
+  // certificate's distinguished name, or the PSK username; empty if it has none). Called on
+  // the connection's thread. Unset: every client that completes the handshake.
+  std::function<bool(const std::string& identity)> tls_authorize;
   ZeroCopyReads zero_copy_reads = ZeroCopyReads::remote;
 };
 
