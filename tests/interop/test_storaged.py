@@ -18,7 +18,8 @@ over QMP, some with a client reading them, while fio verifies another export; a 
 block-export-del is refused while a client is connected and a hard one disconnects it, with
 BLOCK_EXPORT_DELETED; a hostile monitor client (garbage, nesting beyond the limit, an oversized
 value, a client that never reads) does not stop another monitor or the exports; the exported
-node moves live between IoThreads 100 times under fio verify (x-blockdev-set-iothread), and a
+node moves live between IoThreads 100 times under fio verify (x-blockdev-set-iothread; over TLS
+too, with qemu-io as the client), and a
 throttle filter goes in under it and out again (blockdev-reopen, whose replies are compared
 with qemu-storage-daemon's too); --daemonize
 returns once the sockets and the pid file exist, and the pid file is locked.
@@ -167,12 +168,12 @@ def qemu_img(*args):
     return si.run_text(["qemu-img", *args])
 
 
-def start_verifying_fio(folder, export):
+def start_verifying_fio(folder, export, uri=None):
     """fio writing 4 KiB blocks at random into two 16 MiB ranges of `export` (one job each),
     reading each block back soon after and checking it (verify_backlog), until stop_fio()."""
+    uri = uri or f"nbd+unix:///{export}?socket={folder}/nbd.sock"
     return subprocess.Popen(
-        ["fio", "--name=verify", "--ioengine=nbd",
-         f"--uri=nbd+unix:///{export}?socket={folder}/nbd.sock", "--rw=randwrite", "--bs=4k",
+        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
          "--size=16M", "--offset_increment=16M", "--numjobs=2", "--iodepth=16",
          "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
          "--time_based", "--runtime=600"],
@@ -681,6 +682,64 @@ class StoragedTest(si.InteropTest):
         check = subprocess.run(["qemu-img", "check", os.path.join(folder, "fio.qcow2")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.assertEqual(check.returncode, 0, check.stdout)
+
+    def test_live_move_over_tls(self):
+        """TLS connections move too: qemu-io writes patterns over TLS (fio's libnbd refuses
+        certificate paths in URIs), 256 requests in flight, while the node moves 30 times
+        between two IoThreads and the main loop; every write succeeds and the image holds the
+        last pattern."""
+        from test_tls import make_x509
+        folder = self.folder("move-tls")
+        pki = make_x509(os.path.join(folder, "pki"))
+        image = os.path.join(folder, "fio.img")
+        qemu_img("create", "-q", "-f", "raw", image, "16M")
+        daemon = Daemon(self, STORAGED, folder, [
+            "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+            "--object", "iothread,id=io1", "--object", "iothread,id=io2",
+            "--blockdev", "driver=file,node-name=fio0,filename=fio.img",
+            "--nbd-server", "addr.type=unix,addr.path=nbd.sock,tls-creds=tls0",
+            "--export", "type=nbd,id=fio,node-name=fio0,writable=on,iothread=io1"])
+        qmp = daemon.monitor()
+        target = (f"driver=raw,file.driver=nbd,file.server.type=unix,"
+                  f"file.server.path={folder}/nbd.sock,file.export=fio0,file.tls-creds=tls0,"
+                  f"file.tls-hostname=localhost")
+        # 24 passes over the image, each 256 writes of 64 KiB in flight at once.
+        passes = 24
+        commands = "".join(
+            "".join(f"aio_write -P {0xa0 + n} {offset} 64k\n" for offset in range(0, 16 * MiB, 64 * 1024))
+            + "aio_flush\n" for n in range(passes))
+        # Through files: qemu-io's output (a line per write) would fill a pipe nobody reads yet.
+        with open(os.path.join(folder, "commands"), "w") as f:
+            f.write(commands + "quit\n")
+        commands_in = open(os.path.join(folder, "commands"))
+        log_path = os.path.join(folder, "qemu-io.log")
+        log = open(log_path, "w")
+        self.addCleanup(commands_in.close)
+        self.addCleanup(log.close)
+        writer = subprocess.Popen(
+            ["qemu-io", "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=client",
+             "--image-opts", target], stdin=commands_in, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not si.file_extents(image)[0]:  # qemu-io is writing (data allocated)
+                self.assertIsNone(writer.poll(), "qemu-io ended before the moves")
+                self.assertLess(time.monotonic(), deadline, "qemu-io wrote nothing")
+                time.sleep(0.01)
+            for i in range(30):
+                reply = qmp.execute("x-blockdev-set-iothread", **{
+                    "node-name": "fio0", "iothread": ["io2", None, "io1"][i % 3], "force": True})
+                self.assertEqual(reply, {"return": {}}, reply)
+                time.sleep(0.005)
+        finally:
+            writer.wait(timeout=300)
+        with open(log_path) as f:
+            output = f.read()
+        self.assertEqual(writer.returncode, 0, output[-3000:])
+        self.assertNotIn("fail", output)
+        self.assertEqual(output.count("wrote 65536/65536 bytes"), passes * 256, output[-3000:])
+        self.assertEqual(daemon.stop(), 0, daemon.log_text())
+        with open(image, "rb") as f:  # the last pass's pattern everywhere
+            self.assertEqual(f.read(), bytes([0xa0 + passes - 1]) * (16 * MiB))
 
     def test_throttle_filter_inserted_and_removed_live_under_fio_verify(self):
         """blockdev-reopen puts a throttle filter under the exported raw node and takes it out
