@@ -29,14 +29,6 @@ class ChildLink {
   BlockNode* get() const noexcept { return current_.load(std::memory_order_acquire); }
   BlockNode* operator->() const noexcept { return get(); }
   BlockNode& operator*() const noexcept { return *get(); }
-  // The node the link points to now, as an owning reference.
-  BlockNodeRef ref() const noexcept {
-    for (const BlockNodeRef& owned : owned_) {
-      if (owned.get() == get()) return owned;
-    }
-    return nullptr;
-  }
-
   void replace(BlockNodeRef child) {
     BlockNode* next = child.get();
     owned_.push_back(std::move(child));

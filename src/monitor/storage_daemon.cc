@@ -792,8 +792,8 @@ coro::Task<QmpResult> StorageDaemon::block_export_add(const Json& options, bool 
   args.boolean("allocation-depth");
   if (std::optional<QmpError> error = args.finish()) co_return *error;
   if (!is_well_formed_id(*id)) co_return generic_error("Invalid block export id '" + *id + "'");
-  for (const ExportEntry& exp : exports_) {
-    if (exp.id == *id) co_return generic_error("Block export id '" + *id + "' is already in use");
+  if (find_export_entry(*id)) {
+    co_return generic_error("Block export id '" + *id + "' is already in use");
   }
   // QEMU's order: the node, the IoThread, then the NBD server and the export's own options.
   NodeEntry* node = nodes_.find(*node_name);
@@ -861,16 +861,15 @@ coro::Task<QmpResult> StorageDaemon::block_export_del(const Json& arguments) {
   const std::optional<std::string> id = args.string("id", true);
   const std::string mode = args.choice("mode", {"safe", "hard"}).value_or("safe");
   if (std::optional<QmpError> error = args.finish()) co_return *error;
-  const auto it = std::find_if(exports_.begin(), exports_.end(),
-                               [&](const ExportEntry& e) { return e.id == *id; });
-  if (it == exports_.end()) co_return generic_error("Export '" + *id + "' is not found");
-  if (mode == "safe" && nbd_ && nbd_->export_connections(it->name) > 0) {
+  const ExportEntry* found = find_export_entry(*id);
+  if (!found) co_return generic_error("Export '" + *id + "' is not found");
+  if (mode == "safe" && nbd_ && nbd_->export_connections(found->name) > 0) {
     co_return generic_error("export '" + *id + "' still in use");
   }
   // Without clients the export goes at once and BLOCK_EXPORT_DELETED precedes the reply; a
   // hard removal of one with clients finishes after the reply (when their connections have
   // closed), and the event tells when. Both as in QEMU.
-  if (nbd_ && nbd_->export_connections(it->name) > 0) {
+  if (nbd_ && nbd_->export_connections(found->name) > 0) {
     coro::spawn(control_, remove_export(*id));
   } else {
     co_await remove_export(*id);

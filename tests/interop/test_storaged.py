@@ -188,6 +188,14 @@ def stop_fio(fio):
 
 
 class StoragedTest(si.InteropTest):
+    def wait_for_writes(self, proc, has_written, what):
+        """Waits until `has_written()` (the client's writes reach the image), while `proc` runs."""
+        deadline = time.monotonic() + 60
+        while not has_written():
+            self.assertIsNone(proc.poll(), f"{what} ended before the moves")
+            self.assertLess(time.monotonic(), deadline, f"{what} wrote nothing")
+            time.sleep(0.01)
+
     def assert_fio_verified(self, output):
         # fio exits non-zero after SIGINT; its jobs' own status is what counts.
         self.assertEqual(len(re.findall(r"\berr= 0\b", output)), 2, output[-4000:])
@@ -648,11 +656,8 @@ class StoragedTest(si.InteropTest):
         # SIGINT: the load lasts as long as the moves do, however long they take.
         fio = start_verifying_fio(folder, "fio0")
         try:
-            deadline = time.monotonic() + 60
-            while os.path.getsize(image) == empty_size:  # fio is writing (clusters allocated)
-                self.assertIsNone(fio.poll(), "fio ended before the moves")
-                self.assertLess(time.monotonic(), deadline, "fio wrote nothing")
-                time.sleep(0.01)
+            # (clusters allocated: the qcow2 file grows)
+            self.wait_for_writes(fio, lambda: os.path.getsize(image) != empty_size, "fio")
             targets = ["io2", None, "io1"]
             for i in range(100):
                 target = targets[i % 3]
@@ -720,11 +725,7 @@ class StoragedTest(si.InteropTest):
             ["qemu-io", "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=client",
              "--image-opts", target], stdin=commands_in, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while not si.file_extents(image)[0]:  # qemu-io is writing (data allocated)
-                self.assertIsNone(writer.poll(), "qemu-io ended before the moves")
-                self.assertLess(time.monotonic(), deadline, "qemu-io wrote nothing")
-                time.sleep(0.01)
+            self.wait_for_writes(writer, lambda: si.file_extents(image)[0], "qemu-io")
             for i in range(30):
                 reply = qmp.execute("x-blockdev-set-iothread", **{
                     "node-name": "fio0", "iothread": ["io2", None, "io1"][i % 3], "force": True})
@@ -758,7 +759,8 @@ class StoragedTest(si.InteropTest):
         qmp = daemon.monitor()
         fio = start_verifying_fio(folder, "fio0")
         try:
-            time.sleep(0.2)  # (fio's connection is not needed for correctness, only for load)
+            image = os.path.join(folder, "fio.img")
+            self.wait_for_writes(fio, lambda: si.file_extents(image)[0], "fio")
             for i in range(20):
                 for child in ("t0", "file0"):
                     reply = qmp.execute("blockdev-reopen", options=[

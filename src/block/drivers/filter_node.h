@@ -25,7 +25,6 @@ namespace spindle::block {
 class FilterNode : public BlockNode {
  public:
   BlockNode* child() const noexcept { return child_.get(); }
-  BlockNodeRef child_ref() const noexcept { return child_.ref(); }
   // "file": the filter now passes requests to `child`, which must have the same size.
   int replace_child(std::string_view role, BlockNodeRef child) override {
     if (role != "file") return -ENOENT;
